@@ -1,0 +1,163 @@
+"""The ``lifelong`` command line.
+
+Errors caused by the user's input print one line naming the culprit and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.errors import LifelongError, SpecError
+from orchestrator.spec import Pipeline, SourceSpec, load_pipeline
+
+app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+shards_app = typer.Typer(help="Build and inspect domain shards (Parquet + manifest.json).", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
+
+DEFAULT_PIPELINE = "default_pipeline.yaml"
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Working folder for runs, shards and mlflow.db.")]
+DataRootOpt = Annotated[Optional[str], typer.Option(
+    "--data-root", help="Folder of raw datasets [default: $LIFELONG_DATA_ROOT, else ../shared/data beside the checkout].")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: dotted.key=value (repeatable).")]
+
+
+def _fail(err: Exception) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _pipeline_path(pipeline: Optional[Path]) -> Path:
+    if pipeline is not None:
+        return pipeline
+    return Path(str(files("orchestrator") / DEFAULT_PIPELINE))
+
+
+@app.command()
+def run(
+    pipeline: Annotated[Optional[Path], typer.Argument(help="Pipeline YAML [default: the embedded digits demo].")] = None,
+    set_: SetOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the final report as one JSON object on stdout.")] = False,
+    workdir: WorkdirOpt = Path("lifelong-runs"),
+    data_root: DataRootOpt = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="MLflow tracking URI [default: sqlite:///<workdir>/mlflow.db].")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+) -> None:
+    """Run a continual-training pipeline on local Ray (the dry run): one Ray Train stage per domain."""
+    from orchestrator.dag import RunOptions
+    from orchestrator.dag import run as run_pipeline
+    from orchestrator.report import print_report
+
+    path = _pipeline_path(pipeline)
+    console = Console(stderr=True)
+    try:
+        spec = load_pipeline(path, set_ or [])
+        options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri,
+                             search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress)
+        console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {spec.scenario}, "
+                      f"strategy {spec.strategy_label()}, {spec.training.num_workers} worker(s)")
+        report = run_pipeline(spec, options)
+    except LifelongError as e:
+        _fail(e)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print_report(report, console)
+    console.print(f"run folder: {report['run_dir']}\nMLflow: {report['tracking_uri']} run {report['mlflow_run_id']}")
+    if json_out:
+        keys = ("pipeline", "strategy", "scenario", "domains", "R", "b", "acc", "bwt", "fwt", "forgetting",
+                "avg_forgetting", "wall_seconds", "mlflow_run_id", "run_id", "run_dir", "tracking_uri", "stages")
+        typer.echo(json.dumps({k: report[k] for k in keys}))
+
+
+@app.command()
+def validate(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML to check.")],
+    set_: SetOpt = None,
+    workdir: WorkdirOpt = Path("lifelong-runs"),
+) -> None:
+    """Check a pipeline: print every problem with its field path (exit 2 if any)."""
+    from orchestrator.dag import domain_uri
+    from orchestrator.shards import MANIFEST
+    import fsspec
+
+    try:
+        spec = load_pipeline(pipeline, set_ or [])
+    except SpecError as e:
+        console = Console(stderr=True)
+        console.print(f"[bold red]{e.source}: {len(e.problems)} problem(s)[/bold red]")
+        for path, msg in e.problems:
+            console.print(f"  {path or '<top>'}: {msg}", highlight=False)
+        raise typer.Exit(code=2)
+    problems = []
+    for i, d in enumerate(spec.domains):
+        uri = domain_uri(spec, i, workdir.resolve())
+        fs, root = fsspec.core.url_to_fs(uri)
+        if d.source is None and not fs.exists(f"{root.rstrip('/')}/{MANIFEST}"):
+            problems.append(f"domains.{i}.uri: no {MANIFEST} at {uri} and no source to build it from")
+    for p in problems:
+        Console(stderr=True).print(p, highlight=False)
+    if problems:
+        raise typer.Exit(code=2)
+    typer.echo(f"{pipeline}: OK ({len(spec.domains)} domains, {spec.scenario}, strategy {spec.strategy_label()})")
+
+
+@shards_app.command("build")
+def shards_build(
+    out: Annotated[str, typer.Option("--out", help="Output folder or URI; one sub-folder per domain.")],
+    dataset: Annotated[str, typer.Option(help="mnist | fashion_mnist | sklearn_digits")] = "mnist",
+    scenario: Annotated[str, typer.Option(help="split (by classes) | permuted (inputs)")] = "split",
+    tasks: Annotated[int, typer.Option(help="Number of domains.")] = 5,
+    classes_per_task: Annotated[int, typer.Option(help="split: classes per domain.")] = 2,
+    path: Annotated[Optional[str], typer.Option(help="Raw dataset folder, relative to the data root.")] = None,
+    data_root: DataRootOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of train carved out as val.")] = 0.1,
+    rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 8192,
+) -> None:
+    """Write domain shards and manifests (DESIGN §2) for a split-by-classes or permuted-inputs scenario."""
+    from orchestrator import shards
+
+    if scenario not in ("split", "permuted"):
+        _fail(LifelongError(f"--scenario: unknown scenario '{scenario}' (use split or permuted)"))
+    default_path = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}.get(dataset)
+    root = shards.find_data_root(data_root, [Path.cwd()])
+    table = Table(title=f"shards in {out}")
+    for col in ("domain", "labels", "train", "val", "test", "digest"):
+        table.add_column(col)
+    try:
+        for k in range(tasks):
+            common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
+                      "rows_per_shard": rows_per_shard}
+            if scenario == "split":
+                source = SourceSpec(classes=list(range(k * classes_per_task, (k + 1) * classes_per_task)), **common)
+                name = f"classes-{'-'.join(map(str, source.classes or []))}"
+            else:
+                source = SourceSpec(permutation_seed=k, **common)
+                name = f"perm-{k}"
+            m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root)
+            table.add_row(name, ",".join(map(str, m["label_set"])), *(str(m["splits"][s]["rows"]) for s in
+                                                                        ("train", "val", "test")), m["digest"])
+    except (LifelongError, ValueError) as e:
+        _fail(e)
+    Console().print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,411 @@
+"""The pipeline DAG on Ray: ``validate -> stage_0 -> ... -> stage_{T-1} -> report``, with evaluation beside it.
+
+The story of :func:`run`:
+
+1. resolve every domain's URI, build missing shards from their declared ``source`` (cached; digests checked);
+2. ``validate``: a Ray task re-hashes every shard and checks its schema before anything is written;
+3. create the run folder ``<workdir>/<pipeline>/<run_id>`` and the MLflow parent run;
+4. save the initial model (the lineage root) and evaluate it on every domain (``b_j`` for FWT);
+5. for each domain k: one ``TorchTrainer`` fit starting from stage k-1's checkpoint; then send row k of R to the
+   evaluation actors, which compute it while stage k+1 trains;
+6. join the rows into R, compute ACC/BWT/FWT/forgetting, and write the report, the heatmap and the event log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from orchestrator import shards
+from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
+from orchestrator.errors import LifelongError, ShardError, TrainingError
+from orchestrator.evaluation import make_evaluators
+from orchestrator.lineage import Tracker, default_tracking_uri, stage_lineage
+from orchestrator.metrics import cl_metrics
+from orchestrator.models import HeadLayout, build_model
+from orchestrator.report import save_heatmap, save_json
+from orchestrator.spec import Pipeline, SourceSpec, flatten
+from orchestrator.stage import train_loop_per_worker
+from strategies import build_strategies, train_domains_of
+
+
+@dataclass
+class RunOptions:
+    """How to run a pipeline locally.
+
+    Attributes:
+        workdir: working folder for runs, shards (unless ``storage.shards`` is set) and the MLflow database.
+        data_root: folder of raw datasets (``--data-root``); None = ``$LIFELONG_DATA_ROOT`` or ``../shared/data``.
+        tracking_uri: MLflow tracking URI; None = ``sqlite:///<workdir>/mlflow.db``.
+        search_from: folders near which ``shared/data`` is looked for (the pipeline file's folder, the cwd).
+        console: where progress and messages go. show_progress: draw the progress bar.
+    """
+
+    workdir: Path
+    data_root: str | None = None
+    tracking_uri: str | None = None
+    search_from: list[Path] = field(default_factory=lambda: [Path.cwd()])
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    show_progress: bool = True
+
+
+@dataclass
+class Domain:
+    """A resolved domain: its name, shard URI and manifest."""
+
+    name: str
+    uri: str
+    manifest: dict[str, Any]
+
+
+class AddDomainColumn:
+    """Ray Data map: append an int64 column ``t`` (the domain index) to an Arrow batch."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """``[N]`` rows in, the same rows with ``t = index`` out."""
+        return table.append_column("t", pa.array(np.full(table.num_rows, self.index, dtype=np.int64)))
+
+
+def domain_uri(pipeline: Pipeline, index: int, workdir: Path) -> str:
+    """The shard URI of domain ``index``: its ``uri``, else ``<storage.shards>/<pipeline>/<domain>``."""
+    d = pipeline.domains[index]
+    if d.uri:
+        return d.uri if "://" in d.uri or os.path.isabs(d.uri) else str(Path(d.uri).resolve())
+    base = Path(pipeline.storage.shards) if pipeline.storage.shards else workdir / "shards"
+    return str((base / pipeline.name / d.name).resolve())
+
+
+def prepare_domains(pipeline: Pipeline, options: RunOptions, log: Callable[[str], None]) -> list[Domain]:
+    """Resolve each domain's shards, building missing ones from their ``source``.
+
+    Raises:
+        ShardError: a domain has no shards and no source, or its shards were built from another source.
+    """
+    data_root = shards.find_data_root(options.data_root, options.search_from)
+    out = []
+    for i, spec in enumerate(pipeline.domains):
+        uri = domain_uri(pipeline, i, options.workdir)
+        try:
+            manifest = shards.read_manifest(uri)
+        except ShardError as e:
+            if "missing manifest" not in str(e) or spec.source is None:
+                where = f"domains.{i} ({spec.name})"
+                raise ShardError(f"{where}: {e}" + ("" if spec.source else "; the domain declares no source to "
+                                                    "build its shards from")) from None
+            log(f"building shards of domain '{spec.name}' from {spec.source.kind} into {uri}")
+            manifest = shards.build_domain(uri, spec.name, spec.source, data_root)
+        if spec.source is not None and not same_source(manifest, spec.source):
+            raise ShardError(f"domains.{i} ({spec.name}): shards at {uri} were built from another source "
+                             f"({manifest.get('source')}); move them or set domains.{i}.uri")
+        out.append(Domain(spec.name, uri, manifest))
+    return out
+
+
+def same_source(manifest: dict[str, Any], source: SourceSpec) -> bool:
+    """True if the manifest's recorded source is the declared one (defaults of newer fields filled in)."""
+    try:
+        return SourceSpec.model_validate(manifest.get("source") or {}) == source
+    except ValueError:
+        return False
+
+
+@ray.remote(num_cpus=0.25)
+def validate_node(domains: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """The ``validate`` DAG node: re-hash every shard and check its schema (raises ShardError at the first fault)."""
+    for name, uri, manifest in domains:
+        try:
+            shards.verify_domain(uri, manifest)
+        except ShardError as e:
+            raise ShardError(f"domain '{name}': {e}") from None
+
+
+def validate_domains(domains: list[Domain]) -> None:
+    """Run the ``validate`` node on Ray and re-raise its error as a one-line :class:`ShardError`."""
+    try:
+        ray.get(validate_node.remote([(d.name, d.uri, d.manifest) for d in domains]))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.as_instanceof_cause()
+        raise ShardError(str(cause).strip().splitlines()[-1].split("ShardError: ")[-1]) from None
+
+
+def init_ray() -> None:
+    """Start a local Ray instance if none is running: all local CPUs, no dashboard, worker logs kept in Ray's
+    session folder (the driver shows its own progress)."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             configure_logging=True, logging_level="ERROR")
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def check_resources(pipeline: Pipeline) -> None:
+    """Refuse a stage that would starve Ray Data.
+
+    Ray Data's read tasks for Train ingest only get scheduled when the training workers reserve at most half of
+    the cluster's CPUs (measured on Ray 2.60: 0.5 of 2 CPUs runs, 0.75 hangs forever).
+
+    Raises:
+        LifelongError: naming ``training.cpus_per_worker`` and the cluster's CPU count.
+    """
+    total = ray.cluster_resources().get("CPU", 0.0)
+    wanted = pipeline.training.num_workers * pipeline.training.cpus_per_worker
+    if wanted > total / 2:
+        raise LifelongError(f"training.num_workers x training.cpus_per_worker = {wanted:g} CPUs, more than half of "
+                            f"this Ray cluster's {total:g} CPUs; Ray Data's readers would starve and the stage would "
+                            f"hang. Lower training.cpus_per_worker (e.g. --set training.cpus_per_worker="
+                            f"{total / 2 / pipeline.training.num_workers:g})")
+
+
+class EventLog:
+    """Append-only JSON-lines event log (``events.jsonl``) with unix timestamps, for overlap and timing audits."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append ``{"t": <unix seconds>, "event": event, **fields}``."""
+        record = {"t": fields.pop("t", time.time()), "event": event, **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _check_shapes(domains: list[Domain]) -> tuple[tuple[int, ...], float, str, str]:
+    first = domains[0].manifest["schema"]
+    for d in domains[1:]:
+        s = d.manifest["schema"]
+        if s["features"]["shape"] != first["features"]["shape"]:
+            raise ShardError(f"domain '{d.name}': input shape {s['features']['shape']} differs from domain "
+                             f"'{domains[0].name}' ({first['features']['shape']})")
+    return (tuple(first["features"]["shape"]), float(first["features"]["scale"]), first["features"]["column"],
+            first["label"]["column"])
+
+
+def _root_error(e: BaseException) -> str:
+    """The innermost message of a Ray Train failure, on one line."""
+    text = str(e)
+    for marker in ("TrainingError: ", "LifelongError: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[-1].strip().splitlines()[0]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
+    """Run a pipeline end to end on Ray and return the report (see ``report.py`` for its fields).
+
+    Raises:
+        LifelongError: bad shards, unreachable tracking URI, or a diverged stage (message names the culprit).
+    """
+    console, started = options.console, time.time()
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    domains = prepare_domains(pipeline, options, lambda m: console.print(f"[dim]{m}[/dim]"))
+    input_shape, scale, features, label = _check_shapes(domains)
+    layout = HeadLayout.build(pipeline.scenario, [d.manifest["label_set"] for d in domains])
+    strategies = build_strategies([(s.name, s.params()) for s in pipeline.strategy])
+    if pipeline.training.num_workers > 1:
+        for s in strategies:
+            if not s.supports_distributed:
+                raise LifelongError(f"strategy '{s.name}' does not support training.num_workers > 1")
+    init_ray()
+    check_resources(pipeline)
+    validate_domains(domains)
+    tracker = Tracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
+                      pipeline.tracking.experiment or pipeline.name)
+
+    # Everything above only reads; from here on the run writes under its own fresh folder.
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_dir = (options.workdir / pipeline.name / run_id).resolve()
+    run_dir.mkdir(parents=True)
+    events = EventLog(run_dir / "events.jsonl")
+    (run_dir / "pipeline.json").write_text(json.dumps(pipeline.model_dump(mode="json"), indent=1))
+    code = code_version()
+    parent_id = tracker.start_run(f"{pipeline.name}-{run_id}", {
+        "lifelong.run_id": run_id, "lifelong.run_dir": str(run_dir), "lifelong.spec_sha256": pipeline.spec_hash(),
+        "lifelong.strategy": pipeline.strategy_label(), "lifelong.git_commit": code["git_commit"]})
+    tracker.log_params(parent_id, flatten(pipeline.model_dump(mode="json")))
+    events.write("run_start", run_id=run_id, mlflow_run_id=parent_id)
+    ok = False
+    try:
+        report = _run_stages(pipeline, domains, layout, input_shape, scale, features, label, strategies, tracker,
+                             parent_id, run_id, run_dir, events, code, options)
+        report.update(wall_seconds=time.time() - started, run_dir=str(run_dir), run_id=run_id,
+                      mlflow_run_id=parent_id, tracking_uri=tracker.uri)
+        tracker.log_metrics(parent_id, {"ACC": report["acc"], "BWT": report["bwt"], "FWT": report["fwt"],
+                                        "forgetting": report["avg_forgetting"], "wall_seconds": report["wall_seconds"]})
+        save_json(report, run_dir / "report.json")
+        save_json({"R": report["R"], "b": report["b"], "domains": report["domains"]}, run_dir / "accuracy_matrix.json")
+        save_heatmap(report, run_dir / "accuracy_matrix.png")
+        events.write("run_end", run_id=run_id)
+        for name in ("accuracy_matrix.json", "accuracy_matrix.png", "report.json", "events.jsonl"):
+            tracker.log_artifact(parent_id, run_dir / name)
+        (run_dir / "_COMPLETED").write_text(json.dumps({"finished": time.time()}))
+        ok = True
+        return report
+    finally:
+        tracker.end(parent_id, ok)
+
+
+def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, input_shape: tuple[int, ...],
+                scale: float, features: str, label: str, strategies: list[Any], tracker: Tracker, parent_id: str,
+                run_id: str, run_dir: Path, events: EventLog, code: dict[str, str],
+                options: RunOptions) -> dict[str, Any]:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util import ActorPool
+    from ray.util.queue import Queue
+
+    T = len(domains)
+    torch.manual_seed(pipeline.seed)
+    init_model = build_model(pipeline.model, input_shape, layout.num_outputs)
+    parent = write_checkpoint(run_dir / "init", init_model.state_dict(), [s.state_dict() for s in strategies],
+                              {"pipeline": pipeline.name, "run_id": run_id, "stage": -1, "domain": None,
+                               "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []})
+    evaluators = make_evaluators(pipeline.evaluation.num_actors, pipeline.evaluation.cpus_per_actor,
+                                 [(d.uri, d.manifest) for d in domains], pipeline.evaluation.split, layout,
+                                 pipeline.model, input_shape, scale, pipeline.evaluation.batch_size)
+    pool = ActorPool(evaluators)
+    cells: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def submit_row(row: int, checkpoint: str) -> None:
+        events.write("eval_submit", row=row)
+        for j in range(T):
+            pool.submit(lambda a, v: a.evaluate.remote(*v), (checkpoint, row, j))
+
+    def pump_evals(timeout: float) -> None:
+        while pool.has_next():
+            try:
+                cell = pool.get_next_unordered(timeout=timeout)
+            except TimeoutError:
+                return
+            cells[(cell["row"], cell["col"])] = cell
+            events.write("eval_cell", t=cell["end"], row=cell["row"], col=cell["col"], start=cell["start"],
+                         end=cell["end"], acc=cell["acc"])
+
+    submit_row(-1, str(parent))
+    queue = Queue(actor_options={"num_cpus": 0})
+    rows = [sum(domains[j].manifest["splits"]["train"]["rows"] for j in train_domains_of(strategies, k))
+            for k in range(T)]
+    total = sum(rows) * pipeline.training.epochs
+    world = pipeline.training.num_workers
+    stages: list[dict[str, Any]] = []
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=options.console,
+                        disable=not options.show_progress, transient=False)
+    with progress:
+        bar = progress.add_task("starting", total=total, rate="")
+        done_before = 0
+        for k, domain in enumerate(domains):
+            train_idx = train_domains_of(strategies, k)
+            events.write("stage_start", stage=k, domain=domain.name)
+            t_start = time.time()
+            stage_run = tracker.start_run(f"stage-{k}-{domain.name}", {"lifelong.stage": str(k),
+                                          "lifelong.domain": domain.name, "lifelong.run_id": run_id}, parent_id)
+            inputs = []
+            for j in train_idx:
+                d = domains[j]
+                split = d.manifest["splits"]["train"]
+                tracker.log_dataset(stage_run, f"{d.name}/train", d.uri, split["digest"], "training")
+                inputs.append({"domain": d.name, "uri": d.uri, "split": "train", "digest": split["digest"],
+                               "shards": [{k2: s[k2] for k2 in ("path", "sha256", "rows")} for s in split["shards"]]})
+            tracker.log_params(stage_run, {"stage": str(k), "domain": domain.name, "parent_checkpoint": str(parent),
+                                           "train_domains": ",".join(domains[j].name for j in train_idx)})
+            lineage = stage_lineage(pipeline.name, run_id, k, domain.name, str(parent), read_lineage(parent), inputs,
+                                    pipeline.spec_hash(), code)
+            datasets = [ray.data.read_parquet(shards.shard_uris(domains[j].uri, domains[j].manifest, "train"),
+                                              num_cpus=0.25).map_batches(AddDomainColumn(j), batch_format="pyarrow",
+                                                                          num_cpus=0.25, batch_size=None)
+                        for j in train_idx]
+            dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+            if pipeline.training.materialize:
+                progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: reading shards")
+                dataset = dataset.materialize()  # blocks live in the object store; the driver holds references
+            config = {"spec": pipeline.model_dump(mode="json"), "task_id": k, "scenario": layout.scenario,
+                      "label_sets": [list(s) for s in layout.label_sets], "input_shape": list(input_shape),
+                      "scale": scale, "features": features, "label": label, "parent": str(parent),
+                      "lineage": lineage, "progress": queue}
+            trainer = TorchTrainer(
+                train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
+                scaling_config=ScalingConfig(num_workers=world, use_gpu=pipeline.training.use_gpu,
+                                             resources_per_worker={"CPU": pipeline.training.cpus_per_worker}),
+                run_config=RunConfig(name=f"stage-{k}", storage_path=str(run_dir),
+                                     failure_config=FailureConfig(max_failures=pipeline.training.max_failures)))
+            progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: starting workers")
+            outcome: dict[str, Any] = {}
+
+            def fit(trainer: TorchTrainer = trainer, outcome: dict[str, Any] = outcome) -> None:
+                try:
+                    outcome["result"] = trainer.fit()
+                except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                    outcome["error"] = e
+
+            thread = threading.Thread(target=fit, name=f"fit-stage-{k}", daemon=True)
+            thread.start()
+            while thread.is_alive() or not queue.empty():
+                while not queue.empty():
+                    ev = queue.get_nowait()
+                    progress.update(bar, completed=done_before + ev["samples"] * world,
+                                    description=f"stage {k + 1}/{T} {domain.name}: epoch {ev['epoch'] + 1}/"
+                                                f"{pipeline.training.epochs}",
+                                    rate=f"{ev['samples'] * world / max(ev['seconds'], 1e-9):,.0f} samples/s")
+                    if ev["kind"] == "epoch":
+                        tracker.log_metrics(stage_run, {"loss": ev["loss"], "samples_per_second":
+                                            ev["samples"] * world / max(ev["seconds"], 1e-9)}, step=ev["epoch"])
+                pump_evals(timeout=0.2)
+                thread.join(timeout=0.05)
+            t_end = time.time()
+            done_before += rows[k] * pipeline.training.epochs
+            if "error" in outcome:
+                tracker.end(stage_run, False)
+                events.write("stage_failed", stage=k, error=_root_error(outcome["error"]))
+                raise TrainingError(f"stage {k} ({domain.name}) failed: {_root_error(outcome['error'])}")
+            result = outcome["result"]
+            stats = result.return_value or {}
+            checkpoint = Path(result.checkpoint.path)
+            events.write("stage_end", stage=k, domain=domain.name, checkpoint=str(checkpoint))
+            wall = t_end - t_start
+            stage = {"stage": k, "domain": domain.name, "checkpoint": str(checkpoint), "start": t_start, "end": t_end,
+                     "wall_seconds": wall, "train_seconds": stats.get("train_seconds", float("nan")),
+                     "overhead_seconds": wall - stats.get("train_seconds", float("nan")),
+                     "samples_per_second": stats.get("samples_per_second", float("nan")),
+                     "epoch_loss": stats.get("epoch_loss", [float("nan")])}
+            stages.append(stage)
+            (checkpoint.parent / "_COMPLETED").write_text(json.dumps(stage, indent=1))
+            tracker.log_metrics(stage_run, {"stage_wall_seconds": wall, "train_seconds": stage["train_seconds"],
+                                            "overhead_seconds": stage["overhead_seconds"]})
+            tracker.log_artifact(stage_run, checkpoint / "lineage.json")
+            tracker.end(stage_run, True)
+            submit_row(k, str(checkpoint))
+            parent = checkpoint
+        progress.update(bar, description=f"evaluating the last stage ({T}/{T})")
+        while pool.has_next():
+            pump_evals(timeout=5.0)
+    for a in evaluators:
+        ray.kill(a)
+    ray.kill(queue.actor)
+    R = [[cells[(i, j)]["acc"] for j in range(T)] for i in range(T)]
+    b = [cells[(-1, j)]["acc"] for j in range(T)]
+    return {"pipeline": pipeline.name, "strategy": pipeline.strategy_label(), "scenario": pipeline.scenario,
+            "domains": [d.name for d in domains], "R": R, "b": b, **cl_metrics(R, b), "stages": stages}
+

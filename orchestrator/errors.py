@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Every error a user can cause (bad YAML, unknown strategy, missing shard, wrong schema, NaN loss, unreachable
+endpoint) is raised as a :class:`LifelongError` whose message names the culprit: the file, the field path, the shard
+or the URI. The CLI prints it as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class LifelongError(Exception):
+    """An error caused by the user's input; the message names the culprit in one line."""
+
+
+class SpecError(LifelongError):
+    """The pipeline YAML is malformed or fails validation.
+
+    Attributes:
+        problems: ``(field path, message)`` pairs, one per problem found.
+    """
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        joined = "; ".join(f"{path}: {msg}" if path else msg for path, msg in problems)
+        super().__init__(f"{source}: {joined}")
+
+
+class ShardError(LifelongError):
+    """A shard or manifest is missing, corrupt, or does not have the expected schema."""
+
+
+class TrainingError(LifelongError):
+    """Training diverged (for example a NaN loss) in a named stage."""

@@ -1,0 +1,114 @@
+"""Lineage in MLflow: one parent run per pipeline run, one child run per stage.
+
+The driver owns every run and talks to MLflow through an explicit ``MlflowClient`` (no active-run global state):
+
+- params: the flattened spec (secret-looking keys masked);
+- inputs: each stage's training shards as an MLflow dataset whose source is the domain URI and whose digest is the
+  manifest's split digest (context ``training``);
+- metrics: per-epoch loss and samples/s in the stage runs; ACC, BWT, FWT and forgetting in the parent run;
+- artifacts: the accuracy matrix as JSON and PNG, the event log, and each stage's ``lineage.json``.
+
+The default tracking URI is ``sqlite:///<absolute workdir>/mlflow.db``: absolute, because Ray workers change folder.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import LifelongError
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """``sqlite:///<absolute workdir>/mlflow.db``."""
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """Creates and fills the MLflow runs of one pipeline run.
+
+    Args:
+        uri: MLflow tracking URI. experiment: experiment name (created if missing).
+    Raises:
+        LifelongError: if the tracking server cannot be reached (naming the URI).
+    """
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        except Exception as e:  # noqa: BLE001 - any backend failure means the URI is unusable
+            raise LifelongError(f"MLflow tracking URI {uri} is unreachable: {str(e).splitlines()[0][:200]}") from None
+
+    def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        """Create a run (a child of ``parent_id`` if given) and return its id."""
+        if parent_id:
+            tags = {**tags, "mlflow.parentRunId": parent_id}
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """Log string params in batches of 100 (MLflow's limit per call)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Log numeric metrics at ``step`` (the epoch for stage runs)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_dataset(self, run_id: str, name: str, source_uri: str, digest: str, context: str) -> None:
+        """Record a dataset input by reference: its source URI and digest (no data is loaded)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # a file:// URI matches two equivalent local source types
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(source_uri if "://" in source_uri else f"file://{source_uri}")
+        dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a local file as an artifact of the run."""
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end(self, run_id: str, ok: bool) -> None:
+        """Mark a run FINISHED or FAILED."""
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def stage_lineage(pipeline_name: str, run_id: str, stage: int, domain: str, parent_checkpoint: str,
+                  parent_lineage: dict[str, Any], shards: list[dict[str, Any]], spec_hash: str,
+                  code: dict[str, str]) -> dict[str, Any]:
+    """The ``lineage.json`` record of a stage checkpoint.
+
+    Args:
+        parent_checkpoint: the folder of the checkpoint the stage starts from.
+        parent_lineage: that checkpoint's own lineage record (its ``model_sha256`` becomes the parent digest).
+        shards: ``{"domain", "uri", "split", "digest", "shards": [{"path", "sha256", "rows"}]}`` per input split.
+    """
+    return {
+        "pipeline": pipeline_name,
+        "run_id": run_id,
+        "stage": stage,
+        "domain": domain,
+        "parent": {"uri": parent_checkpoint, "model_sha256": parent_lineage.get("model_sha256"),
+                   "stage": parent_lineage.get("stage")},
+        "inputs": shards,
+        "spec_sha256": spec_hash,
+        "code": code,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,345 @@
+"""Domain shards on object storage: building, manifests, validation and reading.
+
+Layout (DESIGN §2)::
+
+    <domain uri>/manifest.json
+    <domain uri>/train/part-00000.parquet ...
+    <domain uri>/val/part-00000.parquet ...
+    <domain uri>/test/part-00000.parquet ...
+
+Each shard has a feature column (``x``: fixed-size list of uint8, the flattened input) and a label column (``y``:
+int64). ``manifest.json`` records the schema (dtype, input shape, the scale that maps stored values to floats), the
+rows and sha256 of every shard, the label set, the source the shards were built from, and a digest per split and
+for the whole domain. Digests are the first 32 hex characters of a sha256 (MLflow limits dataset digests to 36
+characters); they are the lineage keys.
+
+Every read and write goes through fsspec, so ``file://`` paths, plain paths and ``s3://`` URIs work alike. A domain
+is written into a temporary folder and renamed into place only when complete, so no half-written domain is ever
+visible.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.errors import ShardError
+from orchestrator.spec import SourceSpec
+
+MANIFEST = "manifest.json"
+FORMAT = "lifelong-shards/1"
+SPLITS = ("train", "val", "test")
+DATA_ROOT_ENV = "LIFELONG_DATA_ROOT"
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+@dataclass
+class RawSplit:
+    """In-memory samples of one split: ``x`` ``[N, D]`` uint8 (flattened), ``y`` ``[N]`` int64."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class RawDataset:
+    """A raw dataset before splitting into domains.
+
+    Attributes:
+        train, test: the dataset's own splits. shape: input shape, e.g. ``(1, 28, 28)``.
+        scale: multiply stored uint8 values by this to get float inputs (e.g. 1/255).
+    """
+
+    train: RawSplit
+    test: RawSplit
+    shape: tuple[int, ...]
+    scale: float
+
+
+def digest(text: str | bytes) -> str:
+    """First 32 hex characters of sha256 (128 bits): the digest format used in manifests and MLflow."""
+    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:32]
+
+
+def find_data_root(explicit: str | None, near: list[Path]) -> Path | None:
+    """The data root: ``explicit`` (``--data-root``), else ``$LIFELONG_DATA_ROOT``, else a ``shared/data`` folder
+    beside any ancestor of the paths in ``near`` (the pipeline file, the current folder). None if none exists."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    if os.environ.get(DATA_ROOT_ENV):
+        return Path(os.environ[DATA_ROOT_ENV]).expanduser().resolve()
+    for start in near:
+        for folder in [start.resolve(), *start.resolve().parents]:
+            candidate = folder.parent / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+# ---------------------------------------------------------------- raw datasets
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (MNIST format) into a uint8 array.
+
+    Raises:
+        ShardError: if the file is missing or its header is not IDX.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ShardError(f"cannot read IDX file {path}: {e}") from None
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:  # unsigned byte data
+        raise ShardError(f"{path} is not an IDX uint8 file (magic 0x{magic:08x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def resolve_source_dir(source: SourceSpec, data_root: Path | None) -> Path:
+    """The folder of a source's raw files: ``source.path`` itself if absolute, else under the data root.
+
+    Raises:
+        ShardError: if the path is relative and no data root is set.
+    """
+    folder = Path(source.path or "")
+    if folder.is_absolute():
+        return folder
+    if data_root is None:
+        raise ShardError(f"source path '{source.path}' is relative but no data root is set: pass --data-root or "
+                         f"set {DATA_ROOT_ENV}")
+    return data_root / folder
+
+
+def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
+    """Load the raw dataset a source names.
+
+    Raises:
+        ShardError: if the files are missing (naming the folder and the data root in use).
+    """
+    if source.kind == "sklearn_digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = digits.data.astype(np.uint8)  # 8x8 images, values 0..16
+        y = digits.target.astype(np.int64)
+        order = np.random.default_rng(0).permutation(len(y))  # fixed 75/25 train/test split
+        cut = int(len(y) * 0.75)
+        tr, te = order[:cut], order[cut:]
+        return RawDataset(RawSplit(x[tr], y[tr]), RawSplit(x[te], y[te]), (1, 8, 8), 1.0 / 16.0)
+    folder = resolve_source_dir(source, data_root)
+    splits = {}
+    for split, (images, labels) in _IDX_FILES.items():
+        x = _read_idx(folder / images)
+        y = _read_idx(folder / labels).astype(np.int64)
+        splits[split] = RawSplit(x.reshape(len(x), -1), y)
+    return RawDataset(splits["train"], splits["test"], (1, 28, 28), 1.0 / 255.0)
+
+
+def make_domain_splits(raw: RawDataset, source: SourceSpec, name: str) -> dict[str, RawSplit]:
+    """Apply the scenario (class filter, input permutation) and carve a deterministic ``val`` split out of train.
+
+    The val split is ``source.val_fraction`` of train, chosen by a permutation seeded from the domain name.
+    """
+    out = {}
+    perm = None
+    if source.permutation_seed is not None:
+        perm = np.random.default_rng(source.permutation_seed).permutation(raw.train.x.shape[1])
+    for split, part in (("train", raw.train), ("test", raw.test)):
+        keep = np.isin(part.y, source.classes) if source.classes is not None else np.ones(len(part.y), bool)
+        x, y = part.x[keep][: source.max_rows], part.y[keep][: source.max_rows]
+        out[split] = RawSplit(x[:, perm] if perm is not None else x, y)
+    if source.classes is not None and len(out["train"].y) == 0:
+        raise ShardError(f"domain '{name}': no training samples with classes {source.classes}")
+    seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    order = np.random.default_rng(seed).permutation(len(out["train"].y))
+    n_val = int(round(len(order) * source.val_fraction))
+    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    train = out["train"]
+    out["val"] = RawSplit(train.x[val_idx], train.y[val_idx])
+    out["train"] = RawSplit(train.x[train_idx], train.y[train_idx])
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+def _table(split: RawSplit) -> pa.Table:
+    width = split.x.shape[1]
+    x = pa.FixedSizeListArray.from_arrays(pa.array(split.x.reshape(-1), type=pa.uint8()), width)
+    return pa.table({"x": x, "y": pa.array(split.y, type=pa.int64())})
+
+
+def _join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None) -> dict[str, Any]:
+    """Build one domain's shards and manifest under ``uri`` and return the manifest.
+
+    The domain is written to ``<uri>.tmp-<random>`` and renamed to ``uri`` when complete.
+
+    Raises:
+        ShardError: if ``uri`` already holds a domain (nothing is overwritten) or the raw data is missing.
+    """
+    fs, root = fsspec.core.url_to_fs(uri)
+    if fs.exists(_join(root, MANIFEST)):
+        raise ShardError(f"{uri} already holds a domain; refusing to overwrite it")
+    splits = make_domain_splits(load_raw(source, data_root), source, name)
+    tmp = f"{root.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "domain": name,
+        "schema": {
+            "features": {"column": "x", "dtype": "uint8", "shape": list(raw_shape(source)), "scale": raw_scale(source)},
+            "label": {"column": "y", "dtype": "int64"},
+        },
+        "label_set": sorted(int(v) for v in np.unique(splits["train"].y)),
+        "source": source.model_dump(mode="json"),
+        "origin": "sklearn.datasets.load_digits" if source.kind == "sklearn_digits" else str(resolve_source_dir(source, data_root)),
+        "splits": {},
+    }
+    try:
+        for split in SPLITS:
+            shards = []
+            data = splits[split]
+            n_parts = max(1, -(-len(data.y) // source.rows_per_shard))
+            for i in range(n_parts):
+                rows = slice(i * source.rows_per_shard, (i + 1) * source.rows_per_shard)
+                rel = f"{split}/part-{i:05d}.parquet"
+                sink = pa.BufferOutputStream()
+                pq.write_table(_table(RawSplit(data.x[rows], data.y[rows])), sink, compression="zstd")
+                blob = sink.getvalue().to_pybytes()
+                fs.makedirs(_join(tmp, split), exist_ok=True)
+                with fs.open(_join(tmp, rel), "wb") as f:
+                    f.write(blob)
+                shards.append({"path": rel, "rows": len(data.y[rows]), "bytes": len(blob),
+                               "sha256": hashlib.sha256(blob).hexdigest()})
+            manifest["splits"][split] = {"rows": len(data.y), "shards": shards,
+                                         "digest": digest(json.dumps(shards, sort_keys=True))}
+        manifest["digest"] = digest(json.dumps(manifest["splits"], sort_keys=True))
+        with fs.open(_join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        if fs.exists(root):
+            raise ShardError(f"{uri} appeared while building; refusing to overwrite it")
+        fs.mv(tmp, root, recursive=True)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+    return manifest
+
+
+def raw_shape(source: SourceSpec) -> tuple[int, ...]:
+    """Input shape of a source kind's samples, e.g. ``(1, 28, 28)``."""
+    return (1, 8, 8) if source.kind == "sklearn_digits" else (1, 28, 28)
+
+
+def raw_scale(source: SourceSpec) -> float:
+    """Factor that maps a source kind's stored uint8 values to float inputs in [0, 1]."""
+    return 1.0 / 16.0 if source.kind == "sklearn_digits" else 1.0 / 255.0
+
+
+# ---------------------------------------------------------------- reading and validation
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """Read ``<uri>/manifest.json``.
+
+    Raises:
+        ShardError: if it is missing or not a valid manifest.
+    """
+    fs, root = fsspec.core.url_to_fs(uri)
+    path = _join(root, MANIFEST)
+    try:
+        with fs.open(path, "r") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise ShardError(f"missing manifest {_join(uri, MANIFEST)}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShardError(f"corrupt manifest {_join(uri, MANIFEST)}: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{_join(uri, MANIFEST)}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    return manifest
+
+
+def shard_uris(uri: str, manifest: dict[str, Any], split: str) -> list[str]:
+    """Full URIs of the shards of one split, in manifest order."""
+    return [_join(uri, s["path"]) for s in manifest["splits"][split]["shards"]]
+
+
+def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True) -> None:
+    """Check every shard of a domain: it exists, its sha256 and row count match, and its schema has the columns.
+
+    Raises:
+        ShardError: naming the first shard at fault and what is wrong with it.
+    """
+    fs, _ = fsspec.core.url_to_fs(uri)
+    schema = manifest["schema"]
+    want = {schema["features"]["column"], schema["label"]["column"]}
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            full = _join(uri, shard["path"])
+            try:
+                with fs.open(full, "rb") as f:
+                    blob = f.read()
+            except FileNotFoundError:
+                raise ShardError(f"missing shard {full} (listed in {_join(uri, MANIFEST)})") from None
+            if check_hashes and hashlib.sha256(blob).hexdigest() != shard["sha256"]:
+                raise ShardError(f"corrupt shard {full}: sha256 differs from the manifest")
+            try:
+                meta = pq.read_metadata(pa.BufferReader(blob))
+            except pa.ArrowException as e:
+                raise ShardError(f"corrupt shard {full}: not a Parquet file ({e})") from None
+            columns = set(meta.schema.to_arrow_schema().names)
+            missing = sorted(want - columns)
+            if missing:
+                kind = "label" if schema["label"]["column"] in missing else "feature"
+                raise ShardError(f"shard {full}: {kind} column '{missing[0]}' not found "
+                                 f"(columns: {', '.join(sorted(columns))})")
+            if meta.num_rows != shard["rows"]:
+                raise ShardError(f"shard {full}: {meta.num_rows} rows, manifest says {shard['rows']}")
+
+
+def read_split(uri: str, manifest: dict[str, Any], split: str) -> RawSplit:
+    """Read a whole split into memory (used for test/val splits by evaluation actors).
+
+    Returns:
+        ``x`` ``[N, D]`` uint8 and ``y`` ``[N]`` int64.
+    """
+    tables = list(iter_split_tables(uri, manifest, split))
+    table = pa.concat_tables(tables)
+    return table_to_raw(table, manifest)
+
+
+def iter_split_tables(uri: str, manifest: dict[str, Any], split: str) -> Iterator[pa.Table]:
+    """Yield one Arrow table per shard of a split."""
+    fs, _ = fsspec.core.url_to_fs(uri)
+    schema = manifest["schema"]
+    for full in shard_uris(uri, manifest, split):
+        with fs.open(full, "rb") as f:
+            yield pq.read_table(f, columns=[schema["features"]["column"], schema["label"]["column"]])
+
+
+def table_to_raw(table: pa.Table, manifest: dict[str, Any]) -> RawSplit:
+    """Convert an Arrow table with the manifest's columns into ``x`` ``[N, D]`` uint8 and ``y`` ``[N]`` int64."""
+    schema = manifest["schema"]
+    col = table.column(schema["features"]["column"]).combine_chunks()
+    width = int(np.prod(schema["features"]["shape"]))
+    x = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width) if len(col) else np.zeros((0, width), np.uint8)
+    y = table.column(schema["label"]["column"]).to_numpy().astype(np.int64)
+    return RawSplit(x, y)

@@ -1,0 +1,310 @@
+"""The pipeline spec: pydantic v2 models loaded from YAML, with unknown keys rejected.
+
+A pipeline names an ordered list of domains (Parquet shards under a URI, optionally with the raw ``source`` they are
+built from), a model, one or more CL strategies, and the training, evaluation, tracking and storage settings.
+``load_pipeline`` reads the YAML, applies ``--set dotted.key=value`` overrides, and validates; every problem is
+reported with its field path (see :class:`orchestrator.errors.SpecError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import SpecError
+from strategies import resolve_strategy
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_SECRET_KEYS = re.compile(r"(secret|password|token|access_key|key_id|credential)", re.IGNORECASE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSpec(_Strict):
+    """Where a domain's shards are built from when they are missing.
+
+    ``kind`` is the raw dataset; ``path`` is its folder, relative to the data root (``--data-root``,
+    ``LIFELONG_DATA_ROOT``, or ``../shared/data`` beside the checkout). ``classes`` keeps only these labels (split by
+    classes); ``permutation_seed`` permutes the input features with a seeded permutation (permuted inputs).
+    """
+
+    kind: Literal["mnist", "fashion_mnist", "sklearn_digits"]
+    path: str | None = None
+    classes: list[int] | None = None
+    permutation_seed: int | None = None
+    max_rows: int | None = Field(None, ge=1, description="keep the first N rows of each raw split after the class "
+                                 "filter (small subsets for tests and dry runs)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    rows_per_shard: int = Field(8192, gt=0)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> SourceSpec:
+        if self.kind in ("mnist", "fashion_mnist") and not self.path:
+            raise ValueError(f"source kind '{self.kind}' needs a 'path' to its IDX files")
+        return self
+
+
+class DomainSpec(_Strict):
+    """One step of the continual stream: shards under ``uri`` (``<uri>/manifest.json``, ``<uri>/<split>/*.parquet``).
+
+    ``uri`` defaults to ``<storage.shards>/<pipeline name>/<domain name>``.
+    """
+
+    name: str = Field(pattern=_NAME)
+    uri: str | None = None
+    source: SourceSpec | None = None
+
+
+class ModelSpec(_Strict):
+    """The model: built-in ``mlp`` or ``cnn``, or a user factory ``package.module:factory``.
+
+    A user factory is called as ``factory(input_shape=(C, H, W) or (D,), num_outputs=int, **params)`` and must
+    return an ``nn.Module`` mapping ``[B, *input_shape]`` float inputs to ``[B, num_outputs]`` logits.
+    """
+
+    name: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [400, 400])
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in ("mlp", "cnn") and not re.match(r"^[\w.]+:\w+$", v):
+            raise ValueError(f"unknown model '{v}': use 'mlp', 'cnn' or an import path 'package.module:factory'")
+        return v
+
+
+class StrategySpec(BaseModel):
+    """One CL strategy: ``name`` (registry key or ``package.module:Class``) plus that strategy's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @model_validator(mode="after")
+    def _params_valid(self) -> StrategySpec:
+        cls = resolve_strategy(self.name)  # ValueError names the unknown strategy
+        try:
+            cls.Config.model_validate(self.model_extra or {})
+        except ValidationError as e:
+            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """The strategy's parameters (everything but ``name``)."""
+        return dict(self.model_extra or {})
+
+
+class OptimizerSpec(_Strict):
+    """Optimizer settings; a fresh optimizer is built at the start of every stage."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainingSpec(_Strict):
+    """Per-stage training settings. ``batch_size`` counts new-domain samples per worker step."""
+
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; Ray Data needs the rest")
+    shuffle_buffer: int = Field(8192, ge=0, description="rows in each worker's local shuffle buffer; 0 = off")
+    materialize: bool = Field(True, description="keep a stage's training blocks in the Ray object store (spilled to "
+                              "disk when larger) so epochs after the first re-read no shards; false streams every epoch")
+    max_failures: int = Field(0, ge=0)
+    progress_every: int = Field(20, ge=1, description="report progress every N steps")
+
+
+class EvaluationSpec(_Strict):
+    """Evaluation actors: each fills cells R[i][j] of the accuracy matrix beside training."""
+
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(0.25, gt=0)
+    batch_size: int = Field(2048, ge=1)
+    split: Literal["test", "val"] = "test"
+
+
+class TrackingSpec(_Strict):
+    """MLflow tracking. ``uri`` defaults to ``sqlite:///<absolute workdir>/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class StorageSpec(_Strict):
+    """Where runs and shards are written. Relative paths are taken from the current folder."""
+
+    root: str = "lifelong-runs"
+    shards: str | None = None
+
+
+class Pipeline(_Strict):
+    """A continual-training pipeline: domains in order, a model, strategies, and run settings.
+
+    Raises:
+        pydantic.ValidationError: on any invalid field (``load_pipeline`` turns it into a :class:`SpecError`).
+    """
+
+    name: str = Field(pattern=_NAME)
+    seed: int = 0
+    scenario: Literal["class_il", "task_il", "domain_il"] = "class_il"
+    domains: list[DomainSpec] = Field(min_length=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    strategy: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [{"name": v}]
+        if isinstance(v, dict):
+            return [v]
+        return [{"name": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
+
+    @field_validator("domains")
+    @classmethod
+    def _unique(cls, v: list[DomainSpec]) -> list[DomainSpec]:
+        names = [d.name for d in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"domain names must be unique; repeated: {', '.join(dup)}")
+        return v
+
+    def spec_hash(self) -> str:
+        """sha256 (hex, 64 chars) of the canonical JSON of the validated spec."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def strategy_label(self) -> str:
+        """The strategies joined with ``+``, e.g. ``replay+ewc``."""
+        return "+".join(s.name for s in self.strategy)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (torchtune/Hydra style) to a raw spec dict, in place.
+
+    Values are parsed as YAML, so ``3``, ``1e-3``, ``true``, ``[1, 2]`` and ``{name: replay}`` get their types.
+    Integer path parts index into lists (``domains.0.uri=...``).
+
+    Raises:
+        SpecError: for an override without ``=`` or a path through a non-container.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError("--set", [(item, "expected dotted.key=value")])
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        value = yaml.safe_load(text) if text.strip() else None
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SpecError("--set", [(key, f"'{part}' is not an index of a list of {len(node)}")])
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if part == "strategy" and isinstance(node.get(part), list) and len(node[part]) == 1 \
+                            and not parts[i + 1].isdigit():
+                        node[part] = node[part][0]  # strategy.name=... addresses the single strategy
+                    node = node.setdefault(part, {})
+            else:
+                raise SpecError("--set", [(key, f"'{'.'.join(parts[:i])}' is not a mapping")])
+    return raw
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def validate_raw(raw: Any, source: str) -> Pipeline:
+    """Validate a raw spec dict.
+
+    Raises:
+        SpecError: listing every problem with its field path.
+    """
+    if not isinstance(raw, dict):
+        raise SpecError(source, [("", f"expected a YAML mapping at the top level, got {type(raw).__name__}")])
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append((_format_loc(err["loc"]), msg))
+        raise SpecError(source, problems) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a pipeline YAML file into a dict.
+
+    Raises:
+        SpecError: when the file is missing or is not valid YAML (with the line and column).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(str(path), [("", f"cannot read file: {e.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(str(path), [("", f"malformed YAML: {where}{problem}")]) from None
+    return raw if raw is not None else {}
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    """Load, override and validate a pipeline YAML.
+
+    Raises:
+        SpecError: malformed YAML, bad override, or any invalid field (all problems, with field paths).
+    """
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        apply_overrides(raw, overrides or [])
+    return validate_raw(raw, str(path))
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a nested spec into ``{"a.b.c": "value"}`` strings for MLflow params, masking secret-looking keys."""
+    out: dict[str, str] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and any(isinstance(v, (dict, list)) for v in d):
+        for i, v in enumerate(d):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        key = prefix.rstrip(".")
+        if d is not None and _SECRET_KEYS.search(key.rsplit(".", 1)[-1]):
+            out[key] = "***"
+        else:
+            out[key] = json.dumps(d) if isinstance(d, list) else str(d)
+    return out

@@ -1,0 +1,164 @@
+"""The strategy plugin API.
+
+A strategy is a small class with optional hooks, named after Avalanche's. The stage loop calls them in this order,
+for every strategy in the pipeline's list, in list order (see ``orchestrator/stage.py``)::
+
+    before_task(ctx)
+    for each epoch, for each batch of new-domain samples:
+        batch = train_batch(ctx, batch)          # chained: each strategy sees the previous one's batch
+        outputs = model(batch.x)
+        loss = loss(ctx, batch, outputs, loss)   # chained: penalties and distillation terms are added
+        loss.backward()                          # DDP all-reduces gradients here
+        after_backward(ctx)                      # gradient surgery on the all-reduced gradients
+        optimizer.step(); after_step(ctx)
+    after_task(ctx)                              # importance / Fisher / buffer consolidation, all-reduced
+    state_dict()                                 # saved into the stage checkpoint by rank 0
+
+A strategy's state must be identical on every worker after ``after_task`` so that rank 0's ``state_dict()`` is the
+state of the whole worker group; ``load_state_dict`` receives that state at the start of the next stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass
+class Batch:
+    """A training batch.
+
+    Attributes:
+        x: ``[B, *input_shape]`` float32 inputs.
+        y: ``[B]`` int64 output-unit targets (already mapped through the head layout).
+        t: ``[B]`` int64 domain (task) ids.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    t: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def cat(self, other: Batch) -> Batch:
+        """Concatenate two batches along the sample axis."""
+        return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]), torch.cat([self.t, other.t]))
+
+
+@dataclass
+class StageContext:
+    """What a strategy sees during a stage.
+
+    Attributes:
+        model: the unwrapped model (``[B, *input_shape]`` -> ``[B, K]`` logits).
+        train_model: the model used for the training forward pass (DDP-wrapped with several workers).
+        optimizer: the stage's optimizer.
+        task_id: index of the current domain in the stream (0-based). num_tasks: T.
+        head_mask: ``[T, K]`` bool, which output units each domain may predict (see ``HeadLayout``).
+        world_size, rank: Ray Train worker group size and this worker's rank.
+        device: where the model lives.
+        seed: the pipeline seed; strategies derive their RNG seeds from (seed, task_id, rank).
+        iter_task_batches: a fresh pass over this worker's shard of the current domain's training data.
+        log: writes one line to the stage log.
+        epoch, step: the current epoch (0-based) and optimizer step within the stage.
+    """
+
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    task_id: int
+    num_tasks: int
+    head_mask: torch.Tensor
+    world_size: int = 1
+    rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    iter_task_batches: Callable[[], Iterator[Batch]] = lambda: iter(())
+    log: Callable[[str], None] = print
+    epoch: int = 0
+    step: int = 0
+
+    def criterion(self, logits: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of ``logits`` ``[B, K]`` over each sample's own head; ``[B]`` if ``reduction="none"``."""
+        logits = logits.masked_fill(~self.head_mask.to(logits.device)[batch.t], float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, batch.y, reduction=reduction)
+
+    def generator(self, salt: int = 0) -> torch.Generator:
+        """A CPU ``torch.Generator`` seeded from (seed, task_id, rank, salt): reproducible, distinct per worker."""
+        g = torch.Generator()
+        g.manual_seed(hash((self.seed, self.task_id, self.rank, salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return g
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all workers, in place, and return it (a no-op with one worker)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Gather one picklable object from every worker, in rank order (``[obj]`` with one worker)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+class StrategyConfig(BaseModel):
+    """Base class of a strategy's parameters; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Strategy:
+    """Base class of CL strategies. Every hook is optional; the defaults do nothing (plain finetuning).
+
+    Class attributes:
+        name: registry key used in YAML.
+        Config: pydantic model of the strategy's parameters.
+        supports_distributed: True if the strategy is correct under DDP with several workers.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    supports_distributed: ClassVar[bool] = True
+
+    def __init__(self, config: StrategyConfig) -> None:
+        self.config = config
+
+    def train_domains(self, task_id: int) -> list[int]:
+        """Indices of the domains whose training data stage ``task_id`` streams (default: only its own)."""
+        return [task_id]
+
+    def before_task(self, ctx: StageContext) -> None:
+        """Called once at the start of a stage, after the previous state is loaded."""
+
+    def train_batch(self, ctx: StageContext, batch: Batch) -> Batch:
+        """Return the batch to train on (e.g. with replay samples mixed in)."""
+        return batch
+
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Return the loss to minimise; ``outputs`` are the logits ``[B, K]`` of ``batch``."""
+        return loss
+
+    def after_backward(self, ctx: StageContext) -> None:
+        """Called after ``loss.backward()``, when gradients are all-reduced across workers."""
+
+    def after_step(self, ctx: StageContext) -> None:
+        """Called after ``optimizer.step()``."""
+
+    def after_task(self, ctx: StageContext) -> None:
+        """Called once at the end of a stage; must leave identical state on every worker."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state carried to the next stage (tensors on CPU)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by ``state_dict`` at the end of the previous stage."""

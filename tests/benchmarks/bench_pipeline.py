@@ -1,0 +1,128 @@
+"""Benchmark: wall time of ``lifelong run pipelines/split_mnist.yaml`` against a plain PyTorch loop.
+
+Runs, alternating, for finetune and replay(1100):
+- ``lifelong run pipelines/split_mnist.yaml --json`` in a subprocess (local Ray, 2 CPUs here);
+- a plain single-process PyTorch loop doing the same training (Hsu et al. 2018 protocol: MLP 784-400-400-10,
+  Adam 1e-3, batch 128, 4 epochs per task) and per-task evaluation on in-memory tensors.
+
+Reports each wall time (seconds, process start to end, data loading included), the ratio to the plain loop, the
+ACC of both, and the per-stage overhead (stage wall seconds minus the seconds spent in the training loop). Prints a
+table and writes ``tests/benchmarks/results/pipeline.json``. Not a test: run it by hand,
+``.venv/bin/python tests/benchmarks/bench_pipeline.py [--repeats N] [--data-root DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PLAIN = r'''
+import sys, time, json
+t0 = time.time()
+import numpy as np, torch
+from torch import nn
+from orchestrator.shards import load_raw
+from orchestrator.spec import SourceSpec
+from pathlib import Path
+strategy, data_root = sys.argv[1], Path(sys.argv[2])
+torch.manual_seed(0)
+raw = load_raw(SourceSpec(kind="mnist", path="mnist"), data_root)
+def split(part, k):
+    keep = np.isin(part.y, [2 * k, 2 * k + 1])
+    return torch.from_numpy(part.x[keep].astype(np.float32) / 255.0), torch.from_numpy(part.y[keep])
+train = [split(raw.train, k) for k in range(5)]
+test = [split(raw.test, k) for k in range(5)]
+model = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
+bx, by, n_seen, cap = [], [], 0, 1100
+rng = np.random.default_rng(0)
+R = []
+for k in range(5):
+    x, y = train[k]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for epoch in range(4):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 128):
+            idx = perm[i:i + 128]
+            xb, yb = x[idx], y[idx]
+            if strategy == "replay":
+                if bx:
+                    j = torch.randint(0, len(bx), (len(idx),))
+                    xb = torch.cat([xb, torch.stack(bx)[j]]); yb = torch.cat([yb, torch.stack(by)[j]])
+                if epoch == 0:
+                    for r in idx.tolist():
+                        n_seen += 1
+                        if len(bx) < cap:
+                            bx.append(x[r]); by.append(y[r])
+                        else:
+                            s = int(rng.integers(0, n_seen))
+                            if s < cap:
+                                bx[s], by[s] = x[r], y[r]
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad():
+        R.append([float((model(tx).argmax(1) == ty).float().mean()) for tx, ty in test])
+print(json.dumps({"acc": float(np.mean(R[-1])), "R": R, "wall_seconds": time.time() - t0}))
+'''
+
+
+def run_lifelong(strategy: str, data_root: str, workdir: str) -> dict:
+    sets = ["--set", "strategy.name=replay", "--set", "strategy.buffer_size=1100"] if strategy == "replay" else []
+    t0 = time.time()
+    out = subprocess.run([str(REPO / ".venv/bin/lifelong"), "run", str(REPO / "pipelines/split_mnist.yaml"), "--json",
+                          "--no-progress", "--workdir", workdir, "--data-root", data_root, *sets],
+                         capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    report["process_wall_seconds"] = time.time() - t0
+    return report
+
+
+def run_plain(strategy: str, data_root: str) -> dict:
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", PLAIN, strategy, data_root], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    result = json.loads(out.stdout)
+    result["process_wall_seconds"] = time.time() - t0
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results/pipeline.json"))
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for rep in range(args.repeats):
+            for strategy in ("finetune", "replay"):
+                plain = run_plain(strategy, args.data_root)
+                ours = run_lifelong(strategy, args.data_root, f"{work}/w")
+                stages = ours["stages"]
+                rows.append({
+                    "repeat": rep, "strategy": strategy,
+                    "plain_wall_s": plain["process_wall_seconds"], "plain_acc": plain["acc"],
+                    "lifelong_wall_s": ours["process_wall_seconds"], "lifelong_acc": ours["acc"],
+                    "ratio": ours["process_wall_seconds"] / plain["process_wall_seconds"],
+                    "stage_wall_s": [s["wall_seconds"] for s in stages],
+                    "stage_train_s": [s["train_seconds"] for s in stages],
+                    "stage_overhead_s": [s["overhead_seconds"] for s in stages],
+                    "mean_stage_overhead_s": sum(s["overhead_seconds"] for s in stages) / len(stages),
+                })
+                r = rows[-1]
+                print(f"{strategy:9s} plain {r['plain_wall_s']:6.1f}s ACC {r['plain_acc']:.3f} | lifelong "
+                      f"{r['lifelong_wall_s']:6.1f}s ACC {r['lifelong_acc']:.3f} | ratio {r['ratio']:.2f} | "
+                      f"stage overhead {r['mean_stage_overhead_s']:.1f}s/stage "
+                      f"(train {sum(r['stage_train_s']):.1f}s of {sum(r['stage_wall_s']):.1f}s in stages)", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "machine": {"cpus": __import__("os").cpu_count()}}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""End to end on local Ray (2 CPUs) with a subset of real MNIST: forgetting, replay, MLflow lineage, overlap,
+and strategy state with 2 Ray Train workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+
+from orchestrator import shards
+from orchestrator.checkpoint import load_checkpoint, read_lineage
+from orchestrator.dag import RunOptions, run
+from orchestrator.models import HeadLayout, build_model
+from orchestrator.spec import validate_raw
+from strategies import Batch, StageContext
+from strategies.ewc import diagonal_fisher
+
+pytestmark = pytest.mark.e2e
+
+
+def split_mnist(n_domains: int, max_rows: int, **overrides: Any) -> dict[str, Any]:
+    raw = {
+        "name": "mini-split-mnist",
+        "scenario": "class_il",
+        "domains": [{"name": f"digits-{2 * k}-{2 * k + 1}",
+                     "source": {"kind": "mnist", "path": "mnist", "classes": [2 * k, 2 * k + 1], "max_rows": max_rows}}
+                    for k in range(n_domains)],
+        "model": {"name": "mlp", "hidden": [100]},
+        "training": {"epochs": 2, "batch_size": 64},
+        "evaluation": {"num_actors": 2, "cpus_per_actor": 0.2},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def reports(ray_local: None, data_root: Path, workdir: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for label, strategy in (("finetune", {"name": "finetune"}), ("replay", {"name": "replay", "buffer_size": 300})):
+        spec = validate_raw(split_mnist(2, 2000, strategy=strategy), "test")
+        out[label] = run(spec, RunOptions(workdir=workdir, data_root=str(data_root), show_progress=False))
+    return out
+
+
+def test_finetune_forgets_and_replay_remembers(reports: dict[str, dict[str, Any]]) -> None:
+    ft, rp = reports["finetune"]["R"], reports["replay"]["R"]
+    assert ft[0][0] > 0.97 and ft[1][1] > 0.9  # each domain is learned ...
+    assert ft[1][0] < 0.2  # ... and finetuning forgets domain 0 in class-IL
+    assert rp[1][0] > 0.8 and rp[1][1] > 0.8  # replay remembers it
+    assert reports["replay"]["acc"] > reports["finetune"]["acc"] + 0.3
+    assert reports["finetune"]["bwt"] < -0.7 and reports["finetune"]["avg_forgetting"] > 0.7
+
+
+def test_mlflow_records_runs_inputs_and_artifacts(reports: dict[str, dict[str, Any]], workdir: Path) -> None:
+    rep = reports["replay"]
+    mlflow.set_tracking_uri(rep["tracking_uri"])
+    parent = mlflow.get_run(rep["mlflow_run_id"])
+    assert parent.data.tags["lifelong.run_id"] == rep["run_id"]
+    assert parent.data.metrics["ACC"] == pytest.approx(rep["acc"])
+    assert parent.data.params["strategy.0.name"] == "replay" and parent.data.params["strategy.0.buffer_size"] == "300"
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{rep['mlflow_run_id']}'")
+    assert len(children) == 2
+    for child in children:
+        k = int(child.data.tags["lifelong.stage"])
+        uri = str(workdir / "shards" / "mini-split-mnist" / rep["domains"][k])
+        manifest = shards.read_manifest(uri)
+        (ds_input,) = child.inputs.dataset_inputs
+        assert ds_input.dataset.digest == manifest["splits"]["train"]["digest"]
+        assert ds_input.dataset.name == f"{rep['domains'][k]}/train"
+        assert uri in ds_input.dataset.source
+        history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "loss")
+        assert [m.step for m in history] == [0, 1]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(rep["mlflow_run_id"])}
+    assert {"accuracy_matrix.json", "accuracy_matrix.png", "events.jsonl"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=rep["mlflow_run_id"], artifact_path="accuracy_matrix.json")
+    assert json.loads(Path(local).read_text())["R"] == rep["R"]
+
+
+def test_lineage_chains_checkpoints(reports: dict[str, dict[str, Any]]) -> None:
+    rep = reports["replay"]
+    s0, s1 = (Path(s["checkpoint"]) for s in rep["stages"])
+    lin0, lin1 = read_lineage(s0), read_lineage(s1)
+    assert lin1["parent"]["uri"] == str(s0) and lin1["parent"]["model_sha256"] == lin0["model_sha256"]
+    assert lin0["parent"]["uri"].endswith("/init") and lin0["stage"] == 0
+    assert lin1["inputs"][0]["digest"] == shards.read_manifest(lin1["inputs"][0]["uri"])["splits"]["train"]["digest"]
+    assert len(lin1["spec_sha256"]) == 64 and lin1["code"]["lifelong"]
+    _, strategy_states, _ = load_checkpoint(s1)
+    assert len(strategy_states[0]["y"]) == 300  # the replay buffer travels in the checkpoint
+
+
+def test_evaluation_overlaps_the_next_stage(reports: dict[str, dict[str, Any]]) -> None:
+    events = [json.loads(line) for line in (Path(reports["finetune"]["run_dir"]) / "events.jsonl").open()]
+    stage_end = {e["stage"]: e["t"] for e in events if e["event"] == "stage_end"}
+    row0 = [e for e in events if e["event"] == "eval_cell" and e["row"] == 0]
+    assert len(row0) == 2
+    # Row 0 of R is computed after stage 0 ends and before stage 1 ends: while stage 1 trains.
+    assert all(stage_end[0] <= c["start"] and c["end"] < stage_end[1] for c in row0)
+
+
+def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_root: Path, workdir: Path) -> None:
+    raw = split_mnist(1, 1000, strategy=[{"name": "replay", "buffer_size": 64},
+                                         {"name": "ewc", "fisher_samples": None}],
+                      training={"epochs": 1, "batch_size": 50, "num_workers": 2, "cpus_per_worker": 0.5})
+    raw["name"] = "two-workers"
+    rep = run(validate_raw(raw, "test"), RunOptions(workdir=workdir, data_root=str(data_root), show_progress=False))
+    model_state, (replay_state, ewc_state), _ = load_checkpoint(rep["stages"][0]["checkpoint"])
+    uri = str(workdir / "shards" / "two-workers" / "digits-0-1")
+    manifest = shards.read_manifest(uri)
+    train = shards.read_split(uri, manifest, "train")
+    assert manifest["splits"]["train"]["rows"] % 2 == 0  # equal split: every row reaches one worker
+    # The buffer holds 64 distinct training samples gathered from both workers.
+    x = torch.from_numpy(train.x).float() / 255.0
+    rows = {int(((x - b.reshape(-1)).abs().sum(1) < 1e-6).nonzero()[0]) for b in replay_state["x"]}
+    assert len(replay_state["y"]) == 64 and len(rows) == 64 and replay_state["n_seen"] == len(train.y)
+    # Fisher of 2 workers == Fisher computed in one process on the same samples with the same weights.
+    layout = HeadLayout.build("class_il", [manifest["label_set"]])
+    model = build_model(validate_raw(raw, "t").model, (1, 28, 28), layout.num_outputs)
+    model.load_state_dict(model_state)
+    y = layout.target_table()[0, torch.from_numpy(train.y)]
+    batch = Batch(x.reshape(-1, 1, 28, 28), y, torch.zeros(len(y), dtype=torch.long))
+    ctx = StageContext(model=model, train_model=model, optimizer=None, task_id=0, num_tasks=1,
+                       head_mask=layout.head_mask(), iter_task_batches=lambda: iter([batch]))
+    fisher = diagonal_fisher(ctx, chunk=64, max_samples=None)
+    for name, f in fisher.items():
+        torch.testing.assert_close(ewc_state["fishers"][0][name], f, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,93 @@
+"""Pipeline spec: validation with field paths, overrides, and the validate command."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+from orchestrator.errors import SpecError
+from orchestrator.spec import apply_overrides, flatten, load_pipeline, validate_raw
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = {"name": "p", "domains": [{"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}]}
+
+
+def test_shipped_pipelines_validate() -> None:
+    for path in [*(REPO / "pipelines").glob("*.yaml"), REPO / "orchestrator" / "default_pipeline.yaml"]:
+        spec = load_pipeline(path)
+        assert spec.domains and spec.strategy
+
+
+def test_unknown_keys_are_rejected_with_their_path() -> None:
+    raw = {**GOOD, "training": {"epochs": 2, "epoch": 3}, "extra": 1}
+    with pytest.raises(SpecError) as e:
+        validate_raw(raw, "x.yaml")
+    paths = {p for p, _ in e.value.problems}
+    assert paths == {"training.epoch", "extra"}
+    assert all(msg == "unknown key" for _, msg in e.value.problems)
+
+
+def test_every_problem_is_reported() -> None:
+    raw = {"name": "bad name!", "domains": [{"name": "a", "source": {"kind": "mnist"}}],
+           "training": {"epochs": 0}, "strategy": {"name": "nope"}}
+    with pytest.raises(SpecError) as e:
+        validate_raw(raw, "x.yaml")
+    by_path = dict(e.value.problems)
+    assert "name" in by_path and "training.epochs" in by_path
+    assert "needs a 'path'" in by_path["domains.0.source"]
+    assert "unknown strategy 'nope'" in by_path["strategy.0"] and "replay" in by_path["strategy.0"]
+
+
+def test_strategy_parameters_are_checked_against_the_plugin() -> None:
+    with pytest.raises(SpecError, match=r"strategy\.0: buffer_size: Input should be greater than or equal to 1"):
+        validate_raw({**GOOD, "strategy": {"name": "replay", "buffer_size": 0}}, "x")
+    with pytest.raises(SpecError, match="bufer_size: Extra inputs are not permitted"):
+        validate_raw({**GOOD, "strategy": {"name": "replay", "bufer_size": 10}}, "x")
+
+
+def test_overrides_set_any_field_with_yaml_types() -> None:
+    raw = {**GOOD, "strategy": {"name": "finetune"}}
+    apply_overrides(raw, ["strategy.name=replay", "strategy.buffer_size=1100", "training.optimizer.lr=1e-4",
+                          "domains.0.uri=/data/a", "seed=7"])
+    spec = validate_raw(raw, "x")
+    assert spec.strategy[0].name == "replay" and spec.strategy[0].params() == {"buffer_size": 1100}
+    assert spec.training.optimizer.lr == 1e-4 and spec.domains[0].uri == "/data/a" and spec.seed == 7
+
+
+def test_override_replaces_strategy_and_addresses_a_list() -> None:
+    raw = {**GOOD, "strategy": [{"name": "ewc", "ewc_lambda": 5.0}]}
+    apply_overrides(raw, ["strategy=joint"])
+    assert validate_raw(raw, "x").strategy[0].name == "joint"
+    raw = {**GOOD, "strategy": [{"name": "replay"}, {"name": "ewc"}]}
+    apply_overrides(raw, ["strategy.1.ewc_lambda=3"])
+    assert validate_raw(raw, "x").strategy[1].params() == {"ewc_lambda": 3}
+    with pytest.raises(SpecError, match="expected dotted.key=value"):
+        apply_overrides(raw, ["strategy"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndomains: [\n  {name: a\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: malformed YAML: line \d+, column \d+"):
+        load_pipeline(bad)
+
+
+def test_flatten_masks_secrets() -> None:
+    flat = flatten({"a": {"b": 1, "secret_key": "s3cr3t", "list": [1, 2]}})
+    assert flat == {"a.b": "1", "a.secret_key": "***", "a.list": "[1, 2]"}
+
+
+def test_spec_hash_is_stable_and_sensitive() -> None:
+    a, b = validate_raw(dict(GOOD), "x"), validate_raw({**GOOD, "seed": 1}, "x")
+    assert a.spec_hash() == validate_raw(dict(GOOD), "x").spec_hash() != b.spec_hash()
+
+
+def test_validate_command_lists_problems_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: p\ndomains: [{name: a, uri: /nowhere}]\ntraining: {epochs: -1, bogus: 1}\n")
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "training.epochs" in result.output and "training.bogus: unknown key" in result.output
+    ok = CliRunner().invoke(app, ["validate", str(REPO / "pipelines" / "split_mnist.yaml")])
+    assert ok.exit_code == 0 and "OK" in ok.output

@@ -1,0 +1,217 @@
+"""Strategies: their maths on tiny models, state round-trips, and correctness with 2 distributed workers."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from strategies import BUILTIN, Batch, StageContext, build_strategies, resolve_strategy, train_domains_of
+from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
+from strategies.replay import Replay, ReplayConfig, replay_count, reservoir_update
+from orchestrator.stage import fit_task
+
+
+def make_data(n: int = 96, task: int = 0, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed + task)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, 0] > 0).long() + 2 * task
+    return Batch(x, y, torch.full((n,), task))
+
+
+def make_ctx(model: nn.Module, data: Batch, task: int = 0, world: int = 1, rank: int = 0,
+             batch_size: int = 16) -> StageContext:
+    def it() -> Iterator[Batch]:
+        for i in range(0, len(data), batch_size):
+            yield Batch(data.x[i:i + batch_size], data.y[i:i + batch_size], data.t[i:i + batch_size])
+
+    return StageContext(model=model, train_model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+                        task_id=task, num_tasks=2, head_mask=torch.ones(2, 4, dtype=torch.bool),
+                        world_size=world, rank=rank, iter_task_batches=it)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+
+
+# ---------------------------------------------------------------- maths
+
+def test_ewc_penalty_hand_computed() -> None:
+    p = {"w": torch.tensor([1.0, 2.0])}
+    f = {"w": torch.tensor([0.5, 2.0])}
+    a = {"w": torch.tensor([0.0, 1.0])}
+    assert ewc_penalty(p, f, a).item() == pytest.approx(0.5 * (0.5 * 1 + 2.0 * 1))
+
+
+def test_fisher_is_the_mean_squared_per_sample_gradient() -> None:
+    model = tiny_model()
+    data = make_data(20)
+    ctx = make_ctx(model, data)
+    fisher = diagonal_fisher(ctx, chunk=7, max_samples=None)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(len(data)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(data.x[i:i + 1]), data.y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad ** 2 / len(data)
+    for n in expected:
+        torch.testing.assert_close(fisher[n], expected[n], atol=1e-6, rtol=1e-5)
+
+
+def test_online_ewc_decays_and_keeps_one_anchor() -> None:
+    model = tiny_model()
+    ewc = EWC(EWCConfig(mode="online", decay=0.5, fisher_samples=None))
+    ctx = make_ctx(model, make_data(32))
+    ewc.after_task(ctx)
+    f1 = {n: f.clone() for n, f in ewc.fishers[0].items()}
+    ewc.after_task(ctx)  # same model, same data: F <- 0.5 F + F
+    assert len(ewc.fishers) == len(ewc.anchors) == 1
+    for n in f1:
+        torch.testing.assert_close(ewc.fishers[0][n], 1.5 * f1[n])
+
+
+def test_reservoir_keeps_capacity_and_is_uniform() -> None:
+    rng = np.random.default_rng(0)
+    counts = np.zeros(100)
+    for _ in range(2000):
+        slots = np.full(10, -1)
+        n, size = 0, 0
+        for start in range(0, 100, 16):
+            writes, n, size = reservoir_update(n, size, 10, min(16, 100 - start), rng)
+            for slot, i in writes:
+                slots[slot] = start + i
+        assert size == 10 and n == 100
+        counts[slots] += 1
+    # each of the 100 items should be kept with probability 10/100
+    assert np.allclose(counts / 2000, 0.1, atol=0.03)
+
+
+def test_replay_ratio_sets_the_buffer_share_of_each_batch() -> None:
+    assert replay_count(128, 0.5) == 128
+    assert replay_count(96, 0.25) == 32
+    assert replay_count(128, 0.0) == 0
+    replay = Replay(ReplayConfig(buffer_size=50, ratio=0.25))
+    ctx = make_ctx(tiny_model(), make_data())
+    replay.before_task(ctx)
+    first = replay.train_batch(ctx, make_data(24))
+    assert len(first) == 24  # empty buffer: nothing to replay yet
+    mixed = replay.train_batch(ctx, make_data(24, seed=5))
+    assert len(mixed) == 32 and replay.size == 48  # 8 of 32 = 25 % replayed
+
+
+def test_joint_streams_all_domains_so_far() -> None:
+    assert train_domains_of(build_strategies([("joint", {})]), 3) == [0, 1, 2, 3]
+    assert train_domains_of(build_strategies([("finetune", {}), ("replay", {})]), 3) == [3]
+
+
+def test_unknown_strategy_lists_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown strategy 'nope' \\(known: .*ewc.*replay"):
+        resolve_strategy("nope")
+
+
+# ---------------------------------------------------------------- state round-trip
+
+def _roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _assert_same(a: object, b: object) -> None:
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+PARAMS = {"replay": {"buffer_size": 40}, "ewc": {"fisher_samples": None}}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_state_round_trip_across_stages(name: str) -> None:
+    model = tiny_model()
+    (s,) = build_strategies([(name, PARAMS.get(name, {}))])
+    for task in range(2):
+        fit_task(make_ctx(model, make_data(task=task), task=task), [s], epochs=1)
+    state = s.state_dict()
+    (restored,) = build_strategies([(name, PARAMS.get(name, {}))])
+    restored.load_state_dict(_roundtrip(state))
+    _assert_same(restored.state_dict(), state)
+    if name == "ewc":
+        assert len(state["fishers"]) == 2
+        ctx = make_ctx(model, make_data(task=1), task=1)
+        out = model(ctx.iter_task_batches().__next__().x)
+        loss = torch.tensor(1.0)
+        assert s.loss(ctx, make_data(), out, loss).item() == pytest.approx(restored.loss(ctx, make_data(), out, loss).item())
+    if name == "replay":
+        assert len(state["y"]) == 40 and state["n_seen"] == 2 * 96
+        ctx = make_ctx(model, make_data(task=2), task=1)
+        restored.before_task(ctx)
+        assert restored.size == 40 and set(restored.t[:40].tolist()) == {0, 1}
+
+
+# ---------------------------------------------------------------- two workers (gloo on loopback)
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = tiny_model()
+    data = make_data(64)
+    shard = Batch(data.x[rank::world], data.y[rank::world], data.t[rank::world])
+    ctx = make_ctx(model, shard, world=world, rank=rank)
+    ewc = EWC(EWCConfig(fisher_samples=None))
+    ewc.after_task(ctx)
+    replay = Replay(ReplayConfig(buffer_size=20))
+    replay.before_task(ctx)
+    for b in ctx.iter_task_batches():
+        replay.train_batch(ctx, b)
+    replay.after_task(ctx)
+    torch.save({"ewc": ewc.state_dict(), "replay": replay.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_workers_match_one_worker(tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    # Identical state on every worker after after_task.
+    _assert_same(r0, r1)
+    # Fisher of 2 workers == Fisher of 1 worker on the same global samples.
+    model = tiny_model()
+    single = EWC(EWCConfig(fisher_samples=None))
+    single.after_task(make_ctx(model, make_data(64)))
+    for n, f in single.fishers[0].items():
+        torch.testing.assert_close(r0["ewc"]["fishers"][0][n], f, atol=1e-5, rtol=1e-5)
+    # The merged replay buffer holds 20 distinct samples of the stream, half from each worker's shard.
+    buf = r0["replay"]
+    assert len(buf["y"]) == 20 and buf["n_seen"] == 64
+    data = make_data(64)
+    rows = [int(((data.x - x).abs().sum(1) == 0).nonzero()[0]) for x in buf["x"]]
+    assert len(set(rows)) == 20
+    assert sum(r % 2 == 0 for r in rows) == 10
