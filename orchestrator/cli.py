@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import LifelongError, SpecError
-from orchestrator.spec import Pipeline, SourceSpec, load_pipeline
+from orchestrator.spec import SourceSpec, load_pipeline
 
 app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -99,7 +99,7 @@ def validate(
         console.print(f"[bold red]{e.source}: {len(e.problems)} problem(s)[/bold red]")
         for path, msg in e.problems:
             console.print(f"  {path or '<top>'}: {msg}", highlight=False)
-        raise typer.Exit(code=2)
+        raise typer.Exit(code=2) from None
     problems = []
     for i, d in enumerate(spec.domains):
         uri = domain_uri(spec, i, workdir.resolve())
@@ -133,8 +133,9 @@ def shards_build(
     default_path = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}.get(dataset)
     root = shards.find_data_root(data_root, [Path.cwd()])
     table = Table(title=f"shards in {out}")
-    for col in ("domain", "labels", "train", "val", "test", "digest"):
+    for col in ("domain", "labels", "train", "val", "test"):
         table.add_column(col)
+    table.add_column("digest", overflow="fold")
     try:
         for k in range(tasks):
             common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,

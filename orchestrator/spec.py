@@ -95,7 +95,7 @@ class StrategySpec(BaseModel):
         try:
             cls.Config.model_validate(self.model_extra or {})
         except ValidationError as e:
-            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()))
+            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
         return self
 
     def params(self) -> dict[str, Any]:

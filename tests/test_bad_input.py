@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from orchestrator import shards

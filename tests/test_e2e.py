@@ -119,8 +119,8 @@ def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_r
     train = shards.read_split(uri, manifest, "train")
     assert manifest["splits"]["train"]["rows"] % 2 == 0  # equal split: every row reaches one worker
     # The buffer holds 64 distinct training samples gathered from both workers.
-    x = torch.from_numpy(train.x).float() / 255.0
-    rows = {int(((x - b.reshape(-1)).abs().sum(1) < 1e-6).nonzero()[0]) for b in replay_state["x"]}
+    x = torch.from_numpy(train.x.astype("float32")) * manifest["schema"]["features"]["scale"]
+    rows = {int(((x - b.reshape(-1)).abs().max(1).values < 1e-6).nonzero()[0]) for b in replay_state["x"]}
     assert len(replay_state["y"]) == 64 and len(rows) == 64 and replay_state["n_seen"] == len(train.y)
     # Fisher of 2 workers == Fisher computed in one process on the same samples with the same weights.
     layout = HeadLayout.build("class_il", [manifest["label_set"]])

@@ -18,7 +18,9 @@ from torch import nn
 from strategies import BUILTIN, Batch, StageContext, build_strategies, resolve_strategy, train_domains_of
 from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
 from strategies.replay import Replay, ReplayConfig, replay_count, reservoir_update
+from orchestrator.errors import TrainingError
 from orchestrator.stage import fit_task
+from strategies.finetune import Finetune
 
 
 def make_data(n: int = 96, task: int = 0, seed: int = 0) -> Batch:
@@ -215,3 +217,16 @@ def test_two_workers_match_one_worker(tmp_path: Path) -> None:
     rows = [int(((data.x - x).abs().sum(1) == 0).nonzero()[0]) for x in buf["x"]]
     assert len(set(rows)) == 20
     assert sum(r % 2 == 0 for r in rows) == 10
+
+
+class _Diverge(Finetune):
+    """A strategy whose loss turns NaN at the third step (stands in for a diverging run)."""
+
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if ctx.step == 2 else loss
+
+
+def test_nan_loss_names_domain_epoch_and_step() -> None:
+    model = tiny_model()
+    with pytest.raises(TrainingError, match=r"domain 1: loss is nan at epoch 0, step 2"):
+        fit_task(make_ctx(model, make_data(task=1), task=1), [_Diverge(Finetune.Config())], epochs=1)
