@@ -212,7 +212,8 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
         },
         "label_set": sorted(int(v) for v in np.unique(splits["train"].y)),
         "source": source.model_dump(mode="json"),
-        "origin": "sklearn.datasets.load_digits" if source.kind == "sklearn_digits" else str(resolve_source_dir(source, data_root)),
+        "origin": ("sklearn.datasets.load_digits" if source.kind == "sklearn_digits"
+                   else str(resolve_source_dir(source, data_root))),
         "splits": {},
     }
     try:

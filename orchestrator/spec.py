@@ -95,7 +95,8 @@ class StrategySpec(BaseModel):
         try:
             cls.Config.model_validate(self.model_extra or {})
         except ValidationError as e:
-            raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+            problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise ValueError("; ".join(problems)) from None
         return self
 
     def params(self) -> dict[str, Any]:

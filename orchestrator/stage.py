@@ -44,7 +44,8 @@ class ToBatch(ArrowBatchCollateFn):
     def __init__(self, features: str, label: str, input_shape: tuple[int, ...], scale: float,
                  targets: torch.Tensor) -> None:
         super().__init__()
-        self.features, self.label, self.input_shape, self.scale, self.targets = features, label, input_shape, scale, targets
+        self.features, self.label, self.input_shape = features, label, input_shape
+        self.scale, self.targets = scale, targets
 
     def __call__(self, table: pa.Table) -> Batch:
         """Arrow table with the feature, label and ``t`` columns -> :class:`Batch`."""

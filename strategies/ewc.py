@@ -32,7 +32,8 @@ class EWCConfig(StrategyConfig):
     ewc_lambda: float = Field(100.0, ge=0.0, description="penalty strength lambda")
     mode: Literal["separate", "online"] = "separate"
     decay: float = Field(1.0, ge=0.0, le=1.0, description="online EWC: Fisher decay gamma")
-    fisher_samples: int | None = Field(1024, ge=1, description="samples (all workers together) for the Fisher; None = all")
+    fisher_samples: int | None = Field(1024, ge=1,
+                                       description="samples (all workers together) for the Fisher; None = all")
     chunk: int = Field(16, ge=1, description="per-sample-gradient chunk size (memory: chunk x #params floats)")
 
 
@@ -82,7 +83,8 @@ def diagonal_fisher(ctx: StageContext, chunk: int, max_samples: int | None) -> d
     count = 0
     for batch in ctx.iter_task_batches():
         if max_samples is not None:
-            batch = Batch(batch.x[: max_samples - count], batch.y[: max_samples - count], batch.t[: max_samples - count])
+            keep = max_samples - count
+            batch = Batch(batch.x[:keep], batch.y[:keep], batch.t[:keep])
         for start in range(0, len(batch), chunk):
             part = Batch(batch.x[start:start + chunk], batch.y[start:start + chunk], batch.t[start:start + chunk])
             for n, g in per_sample_sq_grads(model, ctx, part).items():

@@ -92,7 +92,8 @@ class Replay(Strategy):
             x, y, t = g["x"][part], g["y"][part], g["t"][part]
             self._allocate(x.shape[1:], x.dtype)
             self.size = min(len(y), self.capacity)
-            self.x[: self.size], self.y[: self.size], self.t[: self.size] = x[: self.size], y[: self.size], t[: self.size]
+            n = self.size
+            self.x[:n], self.y[:n], self.t[:n] = x[:n], y[:n], t[:n]
             self.n_seen = g["n_seen"] // ctx.world_size
 
     def _allocate(self, shape: torch.Size, dtype: torch.dtype) -> None:
