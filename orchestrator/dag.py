@@ -29,7 +29,7 @@ import pyarrow as pa
 import ray
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import shards
 from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
@@ -311,10 +311,18 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     world = pipeline.training.num_workers
     stages: list[dict[str, Any]] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=options.console,
+                        TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=options.console,
                         disable=not options.show_progress, transient=False)
+
+    def eta(k: int, t_start: float) -> str:
+        """Remaining seconds from the mean wall time of finished stages (start-up dominates small stages)."""
+        if not stages:
+            return "?"
+        mean = sum(s["wall_seconds"] for s in stages) / len(stages)
+        return f"{max(0.0, mean * (T - k) - (time.time() - t_start)):.0f}s"
+
     with progress:
-        bar = progress.add_task("starting", total=total, rate="")
+        bar = progress.add_task("starting", total=total, rate="", eta="?")
         done_before = 0
         for k, domain in enumerate(domains):
             train_idx = train_domains_of(strategies, k)
@@ -372,6 +380,7 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                     if ev["kind"] == "epoch":
                         tracker.log_metrics(stage_run, {"loss": ev["loss"], "samples_per_second":
                                             ev["samples"] * world / max(ev["seconds"], 1e-9)}, step=ev["epoch"])
+                progress.update(bar, eta=eta(k, t_start))
                 pump_evals(timeout=0.2)
                 thread.join(timeout=0.05)
             t_end = time.time()

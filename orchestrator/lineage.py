@@ -13,6 +13,7 @@ The default tracking URI is ``sqlite:///<absolute workdir>/mlflow.db``: absolute
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -40,6 +41,7 @@ class Tracker:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow import MlflowClient
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..." lines
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         try:
