@@ -219,7 +219,6 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
         LifelongError: bad shards, unreachable tracking URI, or a diverged stage (message names the culprit).
     """
     console, started = options.console, time.time()
-    options.workdir.mkdir(parents=True, exist_ok=True)
     domains = prepare_domains(pipeline, options, lambda m: console.print(f"[dim]{m}[/dim]"))
     input_shape, scale, features, label = _check_shapes(domains)
     layout = HeadLayout.build(pipeline.scenario, [d.manifest["label_set"] for d in domains])
@@ -231,6 +230,7 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     init_ray()
     check_resources(pipeline)
     validate_domains(domains)
+    options.workdir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
                       pipeline.tracking.experiment or pipeline.name)
 

@@ -19,6 +19,12 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "joint": "strategies.joint:Joint",
     "replay": "strategies.replay:Replay",
     "ewc": "strategies.ewc:EWC",
+    "si": "strategies.si:SI",
+    "mas": "strategies.mas:MAS",
+    "lwf": "strategies.lwf:LwF",
+    "derpp": "strategies.derpp:DERPP",
+    "agem": "strategies.agem:AGEM",
+    "spg": "strategies.spg:SPG",
 })
 
 

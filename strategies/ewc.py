@@ -9,7 +9,7 @@ Fisher ``F <- gamma * F + F_k`` and one anchor (the latest optimum), so the stat
 tasks.
 
 The Fisher diagonal is the empirical Fisher: the mean over the task's training samples of the squared per-sample
-gradient of the log-likelihood, computed exactly with ``torch.func`` (``vmap`` over ``grad``). Distributed: each
+gradient of the log-likelihood, computed exactly with ``torch.func`` (see ``strategies/importance.py``). Distributed: each
 worker sums squared per-sample gradients over its shard; the sums and sample counts are all-reduced, so W workers
 give the Fisher of the union of their shards, the same as one worker on the same samples.
 """
@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from torch.func import functional_call, grad, vmap
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.importance import mean_grad_stat, nll_objective, quadratic_penalty
 
 
 class EWCConfig(StrategyConfig):
@@ -46,55 +46,17 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
     Returns:
         scalar tensor (differentiable in ``params``).
     """
-    total = torch.zeros(())
-    for name, f in fisher.items():
-        p = params[name]
-        total = total + (f.to(p.device) * (p - anchor[name].to(p.device)) ** 2).sum()
-    return 0.5 * total
-
-
-def per_sample_sq_grads(model: torch.nn.Module, ctx: StageContext, batch: Batch) -> dict[str, torch.Tensor]:
-    """Sum over the batch of squared per-sample gradients of the cross-entropy loss.
-
-    Returns:
-        name -> tensor shaped like the parameter: ``sum_n (d loss_n / d theta)^2``.
-    """
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def loss_one(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
-        return ctx.criterion(logits, Batch(x.unsqueeze(0), y.unsqueeze(0), t.unsqueeze(0)))
-
-    grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(params, batch.x, batch.y, batch.t)
-    return {n: (g ** 2).sum(0) for n, g in grads.items()}
+    return 0.5 * quadratic_penalty(params, fisher, anchor)
 
 
 def diagonal_fisher(ctx: StageContext, chunk: int, max_samples: int | None) -> dict[str, torch.Tensor]:
-    """Empirical diagonal Fisher of ``ctx.model`` on the current domain's training data, averaged over all workers.
+    """Empirical diagonal Fisher of ``ctx.model`` on the current domain's training data, averaged over all workers:
+    the mean over samples of the squared per-sample gradient of the negative log-likelihood.
 
     Returns:
-        name -> tensor shaped like the parameter (mean squared per-sample gradient).
+        name -> tensor shaped like the parameter.
     """
-    model = ctx.model
-    was_training = model.training
-    model.eval()
-    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
-    count = 0
-    for batch in ctx.iter_task_batches():
-        if max_samples is not None:
-            keep = max_samples - count
-            batch = Batch(batch.x[:keep], batch.y[:keep], batch.t[:keep])
-        for start in range(0, len(batch), chunk):
-            part = Batch(batch.x[start:start + chunk], batch.y[start:start + chunk], batch.t[start:start + chunk])
-            for n, g in per_sample_sq_grads(model, ctx, part).items():
-                sums[n] += g
-        count += len(batch)
-        if max_samples is not None and count >= max_samples:
-            break
-    model.train(was_training)
-    n_total = ctx.all_reduce_sum(torch.tensor([float(count)]))
-    return {n: ctx.all_reduce_sum(s) / n_total.clamp(min=1.0) for n, s in sums.items()}
+    return mean_grad_stat(ctx, nll_objective(ctx.model, ctx), torch.square, chunk, max_samples)
 
 
 class EWC(Strategy):

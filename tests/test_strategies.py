@@ -17,7 +17,8 @@ from torch import nn
 
 from strategies import BUILTIN, Batch, StageContext, build_strategies, resolve_strategy, train_domains_of
 from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
-from strategies.replay import Replay, ReplayConfig, replay_count, reservoir_update
+from strategies.buffer import reservoir_update
+from strategies.replay import Replay, ReplayConfig, replay_count
 from orchestrator.errors import TrainingError
 from orchestrator.stage import fit_task
 from strategies.finetune import Finetune
@@ -168,7 +169,7 @@ def test_state_round_trip_across_stages(name: str) -> None:
         assert len(state["y"]) == 40 and state["n_seen"] == 2 * 96
         ctx = make_ctx(model, make_data(task=2), task=1)
         restored.before_task(ctx)
-        assert restored.size == 40 and set(restored.t[:40].tolist()) == {0, 1}
+        assert restored.size == 40 and set(restored.buffer.fields["t"][:40].tolist()) == {0, 1}
 
 
 # ---------------------------------------------------------------- two workers (gloo on loopback)
@@ -194,7 +195,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for b in ctx.iter_task_batches():
         replay.train_batch(ctx, b)
     replay.after_task(ctx)
-    torch.save({"ewc": ewc.state_dict(), "replay": replay.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
+    spg, mas = build_strategies([("spg", {}), ("mas", {"importance_samples": None})])
+    spg.after_task(ctx)
+    mas.after_task(ctx)
+    torch.save({"ewc": ewc.state_dict(), "replay": replay.state_dict(), "spg": spg.state_dict(),
+                "mas": mas.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -210,6 +215,14 @@ def test_two_workers_match_one_worker(tmp_path: Path) -> None:
     single.after_task(make_ctx(model, make_data(64)))
     for n, f in single.fishers[0].items():
         torch.testing.assert_close(r0["ewc"]["fishers"][0][n], f, atol=1e-5, rtol=1e-5)
+    # SPG importance and MAS Omega of 2 workers == 1 worker on the same samples.
+    spg, mas = build_strategies([("spg", {}), ("mas", {"importance_samples": None})])
+    spg.after_task(make_ctx(model, make_data(64)))
+    mas.after_task(make_ctx(model, make_data(64)))
+    for n, v in spg.a_max.items():
+        torch.testing.assert_close(r0["spg"]["a_max"][n], v, atol=1e-5, rtol=1e-5)
+    for n, v in mas.omega.items():
+        torch.testing.assert_close(r0["mas"]["omega"][n], v, atol=1e-5, rtol=1e-5)
     # The merged replay buffer holds 20 distinct samples of the stream, half from each worker's shard.
     buf = r0["replay"]
     assert len(buf["y"]) == 20 and buf["n_seen"] == 64

@@ -1,0 +1,100 @@
+"""Dark Experience Replay++ (DER++).
+
+Buzzega et al., "Dark Experience for General Continual Learning: a Strong, Simple Baseline", NeurIPS 2020, §3,
+Eq. 6: a reservoir buffer keeps each seen sample with its label *and* the logits the model produced for it; every
+step adds, for two independent buffer batches,
+
+    alpha * MSE(f(x'), z')  +  beta * CE(f(x''), y'')
+
+to the cross-entropy on the new batch. Samples are offered to the reservoir at every step with the logits of that
+step (as in the authors' code, Mammoth ``models/derpp.py``).
+
+Hook use: ``train_batch`` appends the two buffer batches to the new batch so one forward pass (one DDP forward)
+serves all three terms; ``loss`` replaces the stage's cross-entropy over the whole batch by the DER++ objective on
+the three slices, keeping whatever earlier strategies added. Distributed: as replay (``strategies/buffer.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.buffer import Reservoir, local_capacity, merge
+
+
+class DERPPConfig(StrategyConfig):
+    """Parameters of :class:`DERPP`."""
+
+    buffer_size: int = Field(1100, ge=1, description="samples (with their logits) kept in the buffer")
+    alpha: float = Field(0.5, ge=0.0, description="weight of the logit MSE term")
+    beta: float = Field(0.5, ge=0.0, description="weight of the buffer cross-entropy term")
+    replay_batch: int | None = Field(None, ge=1, description="samples per buffer batch (default: the batch size)")
+
+
+def derpp_terms(outputs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``MSE(outputs, logits)`` averaged over all elements (``[m, K]`` each); the dark-knowledge term of Eq. 6."""
+    return torch.nn.functional.mse_loss(outputs, logits)
+
+
+class DERPP(Strategy):
+    """DER++: replay of labels and stored logits."""
+
+    name = "derpp"
+    Config = DERPPConfig
+
+    def __init__(self, config: DERPPConfig) -> None:
+        super().__init__(config)
+        self.config: DERPPConfig = config
+        self.global_state: dict[str, Any] | None = None
+        self.buffer = Reservoir(config.buffer_size, np.random.default_rng(0))
+        self.n_new = 0
+        self.drawn: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+
+    def before_task(self, ctx: StageContext) -> None:
+        """Take this worker's part of the global buffer and seed the RNGs."""
+        rng = np.random.default_rng([ctx.seed, ctx.task_id, ctx.rank, 29])
+        self.buffer = Reservoir.from_global(self.global_state, ctx.rank, ctx.world_size,
+                                            local_capacity(self.config.buffer_size, ctx.world_size), rng)
+        self.torch_rng = ctx.generator(salt=29)
+
+    def train_batch(self, ctx: StageContext, batch: Batch) -> Batch:
+        """Append two independent buffer batches (for the MSE and the CE terms) after the current batch."""
+        self.n_new = len(batch)
+        m = self.config.replay_batch or len(batch)
+        self.drawn = (self.buffer.sample(m, self.torch_rng), self.buffer.sample(m, self.torch_rng))
+        out = batch
+        for d in self.drawn:
+            if d:
+                dev = batch.x.device
+                out = out.cat(Batch(d["x"].to(dev), d["y"].to(dev), d["t"].to(dev)))
+        return out
+
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """``loss - CE(all) + CE(new) + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')``; stores new samples."""
+        n = self.n_new
+        head = Batch(batch.x[:n], batch.y[:n], batch.t[:n])
+        total = loss - ctx.criterion(outputs, batch) + ctx.criterion(outputs[:n], head)
+        first, second = self.drawn
+        if first:
+            m = len(first["y"])
+            total = total + self.config.alpha * derpp_terms(outputs[n:n + m], first["logits"].to(outputs.device))
+            sl = slice(n + m, n + 2 * m)
+            total = total + self.config.beta * ctx.criterion(outputs[sl], Batch(batch.x[sl], batch.y[sl], batch.t[sl]))
+        self.buffer.insert({"x": head.x, "y": head.y, "t": head.t, "logits": outputs[:n].detach()})
+        return total
+
+    def after_task(self, ctx: StageContext) -> None:
+        """Merge the workers' reservoirs into one global buffer of at most ``buffer_size`` samples."""
+        self.global_state = merge(ctx.all_gather_object(self.buffer.local()), self.config.buffer_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global buffer with ``logits`` ``[N, K]`` beside ``x``, ``y``, ``t`` and ``n_seen``."""
+        return dict(self.global_state) if self.global_state else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the global buffer saved by the previous stage."""
+        self.global_state = dict(state) if state else None

@@ -1,0 +1,210 @@
+"""The maths of the CL methods, checked by hand on tiny tensors and models (issue 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from strategies import Batch, StageContext, build_strategies
+from strategies.agem import AGEM, AGEMConfig, agem_project, balance_memory
+from strategies.derpp import DERPP, DERPPConfig
+from strategies.lwf import kd_loss, old_units
+from strategies.mas import mas_importance
+from strategies.si import SI, SIConfig, si_importance
+from strategies.spg import (SPG, SPGConfig, accumulate_importance, head_names, soft_mask,
+                            standardized_importance)
+
+
+def ctx_for(model: nn.Module, batches: list[Batch], task: int = 0, tasks: int = 2, width: int = 4) -> StageContext:
+    return StageContext(model=model, train_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        task_id=task, num_tasks=tasks, head_mask=torch.ones(tasks, width, dtype=torch.bool),
+                        iter_task_batches=lambda: iter(batches))
+
+
+# ---------------------------------------------------------------- A-GEM
+
+def test_agem_projection_has_non_negative_dot_with_reference() -> None:
+    g, g_ref = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 1.0])
+    assert torch.dot(g, g_ref) < 0
+    proj = agem_project(g, g_ref)
+    assert torch.dot(proj, g_ref).item() == pytest.approx(0.0, abs=1e-6)
+    # hand computation: g - (g.g_ref / g_ref.g_ref) g_ref = g - (-1.5 / 2) g_ref
+    torch.testing.assert_close(proj, torch.tensor([1.0, -1.25, 1.25]))
+
+
+def test_agem_leaves_non_conflicting_gradients_unchanged() -> None:
+    g, g_ref = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.1])
+    assert agem_project(g, g_ref) is g
+
+
+def test_agem_memory_is_balanced_across_tasks() -> None:
+    old = {"x": torch.zeros(6, 2), "y": torch.zeros(6, dtype=torch.long), "t": torch.zeros(6, dtype=torch.long),
+           "n_seen": 100}
+    new = {"x": torch.ones(4, 2), "y": torch.ones(4, dtype=torch.long), "t": torch.ones(4, dtype=torch.long),
+           "n_seen": 50}
+    mem = balance_memory(old, new, capacity=6)
+    assert mem["t"].tolist() == [0, 0, 0, 1, 1, 1] and mem["n_seen"] == 150
+
+
+def test_agem_step_projects_against_memory() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    agem = AGEM(AGEMConfig(buffer_size=8, sample_size=8))
+    mem = Batch(torch.randn(8, 3), torch.randint(0, 4, (8,)), torch.zeros(8, dtype=torch.long))
+    agem.memory = {"x": mem.x, "y": mem.y, "t": mem.t, "n_seen": 8}
+    ctx = ctx_for(model, [])
+    ref = torch.cat([g.flatten() for g in torch.autograd.grad(ctx.criterion(model(mem.x), mem), model.parameters())])
+    for p in model.parameters():  # a gradient that points against the memory's gradient
+        p.grad = torch.zeros_like(p)
+    offset = 0
+    for p in model.parameters():
+        p.grad.copy_(-ref[offset:offset + p.numel()].view_as(p) + 0.01)
+        offset += p.numel()
+    agem.after_backward(ctx)
+    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.dot(g, ref).item() >= -1e-5 and agem.projected == 1
+
+
+# ---------------------------------------------------------------- SPG
+
+def test_spg_importance_is_standardised_tanh() -> None:
+    g = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    z = (g - g.mean()) / g.std()
+    torch.testing.assert_close(standardized_importance(g), torch.tanh(z).abs())
+    assert standardized_importance(torch.zeros(3)).sum() == 0
+    imp = standardized_importance(torch.randn(100))
+    assert bool(((imp >= 0) & (imp < 1)).all())
+
+
+def test_spg_masked_gradient_and_max_accumulation() -> None:
+    g, imp = torch.tensor([2.0, -4.0, 1.0]), torch.tensor([0.0, 0.75, 0.5])
+    torch.testing.assert_close(soft_mask(g, imp), torch.tensor([2.0, -1.0, 0.5]))
+    a = accumulate_importance({"w": torch.tensor([0.1, 0.9])}, {"w": torch.tensor([0.5, 0.2])})
+    torch.testing.assert_close(a["w"], torch.tensor([0.5, 0.9]))
+
+
+def test_spg_masks_body_by_importance_and_head_by_mean() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+    spg = SPG(SPGConfig())
+    assert head_names(model, None) == {"2.weight", "2.bias"}
+    spg.a_max = {"0.weight": torch.full((5, 3), 0.25), "0.bias": torch.full((5,), 0.75)}
+    ctx = ctx_for(model, [])
+    spg.before_task(ctx)
+    assert spg.head_factor == pytest.approx(1 - (15 * 0.25 + 5 * 0.75) / 20)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    spg.after_backward(ctx)
+    torch.testing.assert_close(model[0].weight.grad, torch.full((5, 3), 0.75))
+    torch.testing.assert_close(model[0].bias.grad, torch.full((5,), 0.25))
+    torch.testing.assert_close(model[2].weight.grad, torch.full((4, 5), spg.head_factor))
+
+
+def test_spg_after_task_accumulates_by_max() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+    data = [Batch(torch.randn(16, 3), torch.randint(0, 4, (16,)), torch.zeros(16, dtype=torch.long))]
+    spg = SPG(SPGConfig())
+    spg.before_task(ctx_for(model, data))
+    spg.after_task(ctx_for(model, data))
+    first = {n: v.clone() for n, v in spg.a_max.items()}
+    assert set(first) == {"0.weight", "0.bias"}
+    data2 = [Batch(torch.randn(16, 3), torch.randint(0, 4, (16,)), torch.ones(16, dtype=torch.long))]
+    spg.after_task(ctx_for(model, data2, task=1))
+    for n in first:
+        assert bool((spg.a_max[n] >= first[n]).all())
+
+
+# ---------------------------------------------------------------- LwF / KD
+
+def test_kd_loss_equals_hand_computation() -> None:
+    student = torch.tensor([[1.0, 0.0]])
+    teacher = torch.tensor([[0.0, 1.0]])
+    T = 2.0
+    p = [math.exp(0) / (math.exp(0) + math.exp(0.5)), math.exp(0.5) / (math.exp(0) + math.exp(0.5))]
+    q = [math.exp(0.5) / (math.exp(0.5) + math.exp(0)), math.exp(0) / (math.exp(0.5) + math.exp(0))]
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert kd_loss(student, teacher, T).item() == pytest.approx(T * T * kl, rel=1e-5)
+    assert kd_loss(teacher, teacher, T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_lwf_old_units_follow_the_heads() -> None:
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert old_units(mask, 0).tolist() == [False] * 4
+    assert old_units(mask, 1).tolist() == [True, True, False, False]
+
+
+def test_lwf_adds_distillation_only_after_the_first_task() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    (lwf,) = build_strategies([("lwf", {"alpha": 2.0, "temperature": 1.0})])
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    ctx = ctx_for(model, [], task=1)
+    ctx.head_mask = mask
+    lwf.before_task(ctx)
+    with torch.no_grad():
+        model.weight.add_(0.5)  # the student drifts from the teacher
+    x = torch.randn(5, 3)
+    batch = Batch(x, torch.full((5,), 2), torch.ones(5, dtype=torch.long))
+    out = model(x)
+    expected = 1.0 + 2.0 * kd_loss(out[:, :2], lwf.teacher(x)[:, :2], 1.0)
+    assert lwf.loss(ctx, batch, out, torch.tensor(1.0)).item() == pytest.approx(expected.item())
+
+
+# ---------------------------------------------------------------- SI and MAS
+
+def test_si_importance_hand_computed() -> None:
+    omega = {"w": torch.tensor([0.2, 0.0, 0.3])}
+    delta = {"w": torch.tensor([0.1, 0.5, 0.0])}
+    torch.testing.assert_close(si_importance(omega, delta, 0.1)["w"], torch.tensor([0.2 / 0.11, 0.0, 3.0]))
+
+
+def test_si_path_integral_tracks_minus_grad_times_step() -> None:
+    model = nn.Linear(2, 1, bias=False)
+    si = SI(SIConfig())
+    ctx = ctx_for(model, [], width=1)
+    si.before_task(ctx)
+    model.weight.grad = torch.tensor([[1.0, -2.0]])
+    si.after_backward(ctx)
+    ctx.optimizer.step()  # SGD lr 0.1: delta = -0.1 * grad
+    si.after_step(ctx)
+    torch.testing.assert_close(si.path["weight"], torch.tensor([[0.1, 0.4]]))  # -g * delta = 0.1 * g^2
+
+
+def test_mas_importance_is_mean_abs_gradient_of_output_norm() -> None:
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    x = torch.tensor([[1.0, 1.0], [2.0, 0.0]])
+    batch = Batch(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    omega = mas_importance(ctx_for(model, [batch], tasks=1, width=2), chunk=1, max_samples=None)
+    # d ||Wx||^2 / dW = 2 (Wx) x^T; mean of |.| over the two samples
+    expected = sum((2 * torch.outer(model.weight @ xi, xi)).abs() for xi in x) / 2
+    torch.testing.assert_close(omega["weight"], expected.detach())
+
+
+# ---------------------------------------------------------------- DER++
+
+def test_derpp_loss_hand_computed() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    der = DERPP(DERPPConfig(buffer_size=10, alpha=0.3, beta=0.7, replay_batch=2))
+    ctx = ctx_for(model, [], tasks=1)
+    der.before_task(ctx)
+    stored = Batch(torch.randn(10, 3), torch.randint(0, 4, (10,)), torch.zeros(10, dtype=torch.long))
+    der.buffer.insert({"x": stored.x, "y": stored.y, "t": stored.t, "logits": torch.randn(10, 4)})
+    new = Batch(torch.randn(5, 3), torch.randint(0, 4, (5,)), torch.zeros(5, dtype=torch.long))
+    batch = der.train_batch(ctx, new)
+    assert len(batch) == 5 + 2 + 2
+    out = model(batch.x)
+    base = ctx.criterion(out, batch)
+    total = der.loss(ctx, batch, out, base)
+    first, second = der.drawn
+    expected = (nn.functional.cross_entropy(out[:5], new.y)
+                + 0.3 * nn.functional.mse_loss(out[5:7], first["logits"])
+                + 0.7 * nn.functional.cross_entropy(out[7:9], second["y"]))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert der.buffer.n_seen == 15  # the new samples were offered with their logits
