@@ -24,6 +24,7 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "lwf": "strategies.lwf:LwF",
     "derpp": "strategies.derpp:DERPP",
     "agem": "strategies.agem:AGEM",
+    "gem": "strategies.gem:GEM",
     "spg": "strategies.spg:SPG",
 })
 

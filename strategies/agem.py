@@ -45,6 +45,14 @@ def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
     return g - dot / torch.dot(g_ref, g_ref).clamp_min(1e-12) * g_ref
 
 
+def write_flat_grad(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy a flat gradient ``[sum of numels]`` back into the ``.grad`` of ``params``, in order."""
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
 def balance_memory(old: dict[str, Any] | None, new: dict[str, Any] | None, capacity: int) -> dict[str, Any] | None:
     """Memory of ``old`` plus ``new`` with an equal share (``capacity // tasks``) for every task id in ``t``."""
     parts = [p for p in (old, new) if p]
@@ -100,10 +108,7 @@ class AGEM(Strategy):
         new = agem_project(flat, g_ref)
         if new is not flat:
             self.projected += 1
-            offset = 0
-            for p in params:
-                p.grad.copy_(new[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            write_flat_grad(params, new)
 
     def after_task(self, ctx: StageContext) -> None:
         """Add this task's samples (gathered from all workers) to the memory, rebalancing the per-task quotas."""

@@ -11,6 +11,7 @@ from torch import nn
 from strategies import Batch, StageContext, build_strategies
 from strategies.agem import AGEM, AGEMConfig, agem_project, balance_memory
 from strategies.derpp import DERPP, DERPPConfig
+from strategies.gem import gem_project
 from strategies.lwf import kd_loss, old_units
 from strategies.mas import mas_importance
 from strategies.si import SI, SIConfig, si_importance
@@ -208,3 +209,23 @@ def test_derpp_loss_hand_computed() -> None:
                 + 0.7 * nn.functional.cross_entropy(out[7:9], second["y"]))
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert der.buffer.n_seen == 15  # the new samples were offered with their logits
+
+
+# ---------------------------------------------------------------- GEM
+
+def test_gem_with_one_constraint_equals_agem_projection() -> None:
+    g, g_ref = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 1.0])
+    torch.testing.assert_close(gem_project(g, g_ref[None], margin=0.0, eps=0.0), agem_project(g, g_ref))
+
+
+def test_gem_projection_satisfies_every_constraint() -> None:
+    torch.manual_seed(0)
+    G = torch.randn(4, 10)
+    g = -G.sum(0) + 0.1 * torch.randn(10)  # conflicts with the earlier tasks
+    assert bool((G @ g < 0).any())
+    for margin in (0.0, 0.5):
+        proj = gem_project(g, G, margin=margin, eps=0.0)
+        assert bool((G @ proj >= -1e-5).all())
+    rows = torch.eye(10)[:4]  # orthonormal task gradients; a gradient with non-negative dots is left alone
+    feasible = torch.linspace(0.1, 1.0, 10)
+    assert gem_project(feasible, rows, 0.5, 1e-3) is feasible
