@@ -284,7 +284,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                                "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []})
     evaluators = make_evaluators(pipeline.evaluation.num_actors, pipeline.evaluation.cpus_per_actor,
                                  [(d.uri, d.manifest) for d in domains], pipeline.evaluation.split, layout,
-                                 pipeline.model, input_shape, scale, pipeline.evaluation.batch_size)
+                                 pipeline.model, input_shape, scale, pipeline.evaluation.batch_size,
+                                 [(s.name, s.params()) for s in pipeline.strategy])
     pool = ActorPool(evaluators)
     cells: dict[tuple[int, int], dict[str, Any]] = {}
 
@@ -299,6 +300,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                 cell = pool.get_next_unordered(timeout=timeout)
             except TimeoutError:
                 return
+            except ray.exceptions.RayError as e:
+                raise LifelongError(f"an evaluation actor failed: {_root_error(e)}") from None
             cells[(cell["row"], cell["col"])] = cell
             events.write("eval_cell", t=cell["end"], row=cell["row"], col=cell["col"], start=cell["start"],
                          end=cell["end"], acc=cell["acc"])

@@ -18,6 +18,7 @@ from orchestrator.checkpoint import load_checkpoint
 from orchestrator.models import HeadLayout, build_model, masked_logits
 from orchestrator.shards import read_split
 from orchestrator.spec import ModelSpec
+from strategies import build_strategies
 
 
 class Evaluator:
@@ -28,11 +29,15 @@ class Evaluator:
         split: ``"test"`` or ``"val"``. layout: the pipeline's head layout.
         model: the model spec. input_shape: ``(C, H, W)`` or ``(D,)``. scale: uint8 -> float factor.
         batch_size: evaluation batch size in samples.
+        strategies: ``(name, params)`` of the pipeline's strategies; their state is loaded from each checkpoint and
+            their ``inference_model`` hook picks the model that scores each domain.
     """
 
     def __init__(self, domains: list[tuple[str, dict[str, Any]]], split: str, layout: HeadLayout, model: ModelSpec,
-                 input_shape: tuple[int, ...], scale: float, batch_size: int) -> None:
+                 input_shape: tuple[int, ...], scale: float, batch_size: int,
+                 strategies: list[tuple[str, dict[str, Any]]]) -> None:
         torch.set_num_threads(1)
+        self.strategies = build_strategies(strategies)
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
         self.input_shape, self.scale = input_shape, scale
         self.model = build_model(model, input_shape, layout.num_outputs).eval()
@@ -57,13 +62,19 @@ class Evaluator:
         """
         start = time.time()
         if self.loaded != checkpoint:
-            self.model.load_state_dict(load_checkpoint(checkpoint)[0])
+            model_state, strategy_states, _ = load_checkpoint(checkpoint)
+            self.model.load_state_dict(model_state)
+            for s, state in zip(self.strategies, strategy_states):
+                s.load_state_dict(state)
             self.loaded = checkpoint
+        model = self.model
+        for s in self.strategies:
+            model = s.inference_model(model, j)
         x, y, t = self._domain(j)
         correct = 0
         with torch.no_grad():
             for i in range(0, len(y), self.batch_size):
-                logits = masked_logits(self.model(x[i:i + self.batch_size]), t[i:i + self.batch_size], self.mask)
+                logits = masked_logits(model(x[i:i + self.batch_size]), t[i:i + self.batch_size], self.mask)
                 correct += int((logits.argmax(1) == y[i:i + self.batch_size]).sum())
         return {"row": row, "col": j, "acc": correct / max(len(y), 1), "n": len(y), "start": start, "end": time.time()}
 

@@ -26,6 +26,7 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "agem": "strategies.agem:AGEM",
     "gem": "strategies.gem:GEM",
     "spg": "strategies.spg:SPG",
+    "packnet": "strategies.packnet:PackNet",
 })
 
 

@@ -14,6 +14,8 @@ for every strategy in the pipeline's list, in list order (see ``orchestrator/sta
     after_task(ctx)                              # importance / Fisher / buffer consolidation, all-reduced
     state_dict()                                 # saved into the stage checkpoint by rank 0
 
+and, when an evaluation actor scores domain j: ``model = inference_model(model, j)`` for each strategy in order.
+
 A strategy's state must be identical on every worker after ``after_task`` so that rank 0's ``state_dict()`` is the
 state of the whole worker group; ``load_state_dict`` receives that state at the start of the next stage.
 """
@@ -155,6 +157,14 @@ class Strategy:
 
     def after_task(self, ctx: StageContext) -> None:
         """Called once at the end of a stage; must leave identical state on every worker."""
+
+    def inference_model(self, model: torch.nn.Module, task_id: int) -> torch.nn.Module:
+        """The model that evaluates domain ``task_id`` (default: ``model`` itself).
+
+        Parameter-allocation methods (PackNet, HAT) return a view of the model restricted to what that domain's
+        task owns. Must not modify ``model``.
+        """
+        return model
 
     def state_dict(self) -> dict[str, Any]:
         """The state carried to the next stage (tensors on CPU)."""

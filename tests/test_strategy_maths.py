@@ -12,6 +12,8 @@ from strategies import Batch, StageContext, build_strategies
 from strategies.agem import AGEM, AGEMConfig, agem_project, balance_memory
 from strategies.derpp import DERPP, DERPPConfig
 from strategies.gem import gem_project
+from strategies.packnet import prune_free
+from orchestrator.stage import fit_task
 from strategies.lwf import kd_loss, old_units
 from strategies.mas import mas_importance
 from strategies.si import SI, SIConfig, si_importance
@@ -229,3 +231,44 @@ def test_gem_projection_satisfies_every_constraint() -> None:
     rows = torch.eye(10)[:4]  # orthonormal task gradients; a gradient with non-negative dots is left alone
     feasible = torch.linspace(0.1, 1.0, 10)
     assert gem_project(feasible, rows, 0.5, 1e-3) is feasible
+
+
+# ---------------------------------------------------------------- PackNet
+
+def test_packnet_prunes_the_smallest_free_weights() -> None:
+    w = torch.tensor([0.1, -0.5, 0.2, 0.9, -0.05, 0.3])
+    owner = torch.tensor([0, -1, -1, -1, -1, -1], dtype=torch.int16)
+    new = prune_free(w, owner, task_id=1, ratio=0.4)  # 5 free weights, 2 released: |-0.05| and |0.2|
+    assert new.tolist() == [0, 1, -1, 1, -1, 1]
+
+
+def test_packnet_never_changes_a_weight_an_earlier_task_owns() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    head_mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    (pack,) = build_strategies([("packnet", {"prune_ratio": 0.5, "retrain_epochs": 1})])
+
+    def data(task: int) -> list[Batch]:
+        g = torch.Generator().manual_seed(task)
+        x = torch.randn(64, 6, generator=g)
+        y = (x[:, task] > 0).long() + 2 * task
+        return [Batch(x[i:i + 16], y[i:i + 16], torch.full((16,), task)) for i in range(0, 64, 16)]
+
+    def ctx(task: int) -> StageContext:
+        c = ctx_for(model, data(task), task=task)
+        c.head_mask = head_mask
+        c.optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        return c
+
+    fit_task(ctx(0), [pack], epochs=2)
+    owned0 = pack.owner["0.weight"] == 0
+    assert 0 < int(owned0.sum()) < owned0.numel()
+    before = model[0].weight.detach().clone()
+    probe = data(0)[0]
+    out0 = pack.inference_model(model, 0)(probe.x)[:, :2].detach()
+    fit_task(ctx(1), [pack], epochs=2)
+    after = model[0].weight.detach()
+    assert torch.equal(after[owned0], before[owned0])  # bit-for-bit
+    assert not torch.equal(after, before)  # task 1 did train the free weights
+    assert bool(((pack.owner["0.weight"] == 1) & owned0).sum() == 0)
+    torch.testing.assert_close(pack.inference_model(model, 0)(probe.x)[:, :2], out0)  # task 0 is fully remembered
