@@ -14,6 +14,7 @@ The story of a stage, on every worker:
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -134,7 +135,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     ``config`` holds: ``spec`` (the pipeline as JSON), ``task_id``, ``scenario``, ``label_sets``, ``input_shape``,
     ``scale``, ``features``/``label`` column names, ``parent`` (the previous checkpoint folder), ``lineage`` (the
-    driver's lineage record for this stage) and ``progress`` (a ``ray.util.queue.Queue`` or None).
+    driver's lineage record for this stage), ``train_rows`` (rows streamed per epoch, all workers) and
+    ``progress`` (a ``ray.util.queue.Queue`` or None).
 
     Returns:
         rank 0's fit statistics (see :func:`fit_task`) plus ``setup_seconds``.
@@ -179,7 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ctx = StageContext(model=model, train_model=train_model, optimizer=make_optimizer(pipeline, train_model),
                        task_id=config["task_id"], num_tasks=len(layout.label_sets), head_mask=layout.head_mask(),
                        world_size=world, rank=rank, device=device, seed=pipeline.seed,
-                       iter_task_batches=iter_task_batches, log=print)
+                       iter_task_batches=iter_task_batches, log=print,
+                       steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size))
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds

@@ -27,6 +27,8 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "gem": "strategies.gem:GEM",
     "spg": "strategies.spg:SPG",
     "packnet": "strategies.packnet:PackNet",
+    "das": "strategies.das:DAS",
+    "hat": "strategies.hat:HAT",
 })
 
 

@@ -69,6 +69,7 @@ class StageContext:
         iter_task_batches: a fresh pass over this worker's shard of the current domain's training data.
         log: writes one line to the stage log.
         epoch, step: the current epoch (0-based) and optimizer step within the stage.
+        steps_per_epoch: optimizer steps per epoch on this worker (0 if unknown).
     """
 
     model: torch.nn.Module
@@ -85,6 +86,7 @@ class StageContext:
     log: Callable[[str], None] = print
     epoch: int = 0
     step: int = 0
+    steps_per_epoch: int = 0
 
     def criterion(self, logits: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of ``logits`` ``[B, K]`` over each sample's own head; ``[B]`` if ``reduction="none"``."""

@@ -13,6 +13,8 @@ from strategies.agem import AGEM, AGEMConfig, agem_project, balance_memory
 from strategies.derpp import DERPP, DERPPConfig
 from strategies.gem import gem_project
 from strategies.packnet import prune_free
+from strategies.das import gate_importance, loss_objective
+from strategies.hat import anneal
 from orchestrator.stage import fit_task
 from strategies.lwf import kd_loss, old_units
 from strategies.mas import mas_importance
@@ -272,3 +274,85 @@ def test_packnet_never_changes_a_weight_an_earlier_task_owns() -> None:
     assert not torch.equal(after, before)  # task 1 did train the free weights
     assert bool(((pack.owner["0.weight"] == 1) & owned0).sum() == 0)
     torch.testing.assert_close(pack.inference_model(model, 0)(probe.x)[:, :2], out0)  # task 0 is fully remembered
+
+
+# ---------------------------------------------------------------- DAS (units)
+
+def test_das_importance_is_normalised_gate_gradient_per_unit() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    batch = Batch(x, y, torch.zeros(8, dtype=torch.long))
+    ctx = ctx_for(model, [batch], tasks=1, width=2)
+    imp = gate_importance(ctx, loss_objective(ctx), None)
+    assert set(imp) == {"0"} and imp["0"].shape == (4,)  # the hidden layer's 4 units; the head is not a unit layer
+    gate = torch.ones(4, requires_grad=True)
+    loss = nn.functional.cross_entropy(model[2](torch.relu(model[0](x) * gate)), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, gate)
+    torch.testing.assert_close(imp["0"], standardized_importance(g.abs()))
+    assert bool(((imp["0"] >= 0) & (imp["0"] < 1)).all())
+
+
+def test_das_masks_the_parameters_of_each_unit() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    (das,) = build_strategies([("das", {"protect_initial": False})])
+    das.importance = {"0": torch.tensor([0.0, 0.5, 1.0, 0.25])}
+    das.after_backward(ctx_for(model, [], tasks=1, width=2))
+    factor = torch.tensor([1.0, 0.5, 0.0, 0.75])
+    torch.testing.assert_close(model[0].weight.grad, factor[:, None].expand(4, 3))
+    torch.testing.assert_close(model[0].bias.grad, factor)
+    torch.testing.assert_close(model[2].weight.grad, torch.ones(2, 4))  # the head is not masked
+
+
+def test_das_protects_the_initial_model_and_accumulates_by_max() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    data = [Batch(torch.randn(16, 3), torch.randint(0, 2, (16,)), torch.zeros(16, dtype=torch.long))]
+    (das,) = build_strategies([("das", {"importance_samples": None})])
+    das.before_task(ctx_for(model, data, tasks=1, width=2))  # proxy KL of two dropout passes
+    proxy = das.importance["0"].clone()
+    assert proxy.shape == (6,) and bool((proxy > 0).any())
+    das.after_task(ctx_for(model, data, tasks=1, width=2))
+    assert bool((das.importance["0"] >= proxy).all())
+
+
+# ---------------------------------------------------------------- HAT
+
+def test_hat_anneals_s_over_each_epoch() -> None:
+    assert anneal(0, 10, 400.0) == pytest.approx(1 / 400)
+    assert anneal(9, 10, 400.0) == pytest.approx(400.0)
+    assert anneal(0, 10, 400.0) < anneal(4, 10, 400.0) < anneal(9, 10, 400.0)
+
+
+def test_hat_masks_are_near_binary_and_protect_earlier_tasks() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    head_mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    (hat,) = build_strategies([("hat", {})])
+
+    def data(task: int) -> list[Batch]:
+        g = torch.Generator().manual_seed(task)
+        x = torch.randn(96, 6, generator=g)
+        y = (x[:, task] > 0).long() + 2 * task
+        return [Batch(x[i:i + 16], y[i:i + 16], torch.full((16,), task)) for i in range(0, 96, 16)]
+
+    def ctx(task: int) -> StageContext:
+        c = ctx_for(model, data(task), task=task)
+        c.head_mask, c.steps_per_epoch = head_mask, 6
+        # HAT's optimizer is SGD (Serra et al. 2018, §4): Adam would normalise the masked gradients back up.
+        c.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return c
+
+    fit_task(ctx(0), [hat], epochs=3)
+    masks = torch.cat([m.flatten() for m in hat.masks(0).values()])
+    assert float(((masks < 0.01) | (masks > 0.99)).float().mean()) >= 0.99  # near-binary after annealing
+    assert 0.0 < float(masks.mean()) < 1.0  # some units used, some kept free
+    probe = data(0)[0].x
+    before = hat.inference_model(model, 0)(probe)[:, :2].detach()
+    fit_task(ctx(1), [hat], epochs=3)
+    after = hat.inference_model(model, 0)(probe)[:, :2].detach()
+    # Only units whose mask is not exactly 0 or 1 drift a little (unprotected SGD moves these outputs by ~1).
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.0)
+    assert set(hat.embeddings) == {0, 1}

@@ -1,0 +1,138 @@
+"""DAS: soft-masking of units for continual domain-adaptive (pre-)training.
+
+Ke et al., "Continual Pre-training of Language Models", ICLR 2023, §3 (and ContinualLM ``networks/baselines/
+softmask.py``). A unit (neuron, channel or attention head, see ``strategies/units.py``) is gated by a virtual gate
+fixed at 1; the importance of a unit is the accumulated ``|d L / d gate|`` over a domain's data, standardised within
+its layer and mapped to [0, 1) by ``|tanh(.)|``.
+
+- Before the first domain, the importance of the starting model's units (its general knowledge) comes from a proxy
+  loss that needs no labels: the KL divergence between the outputs of two forward passes with independent dropout on
+  the units (``protect_initial``; meant for pre-trained models).
+- After each domain, importance comes from the gradient of that domain's loss.
+- Importances accumulate by element-wise max; while a domain trains, the gradients of the parameters producing each
+  unit are multiplied by ``(1 - importance)``.
+
+The contrastive term of the paper is not implemented. Distributed: gate gradients are summed on each worker and
+all-reduced, so every worker holds the same importance; masking runs after DDP's all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.spg import standardized_importance
+from strategies.units import gated, model_units, scale_unit_grads
+
+GateObjective = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class DASConfig(StrategyConfig):
+    """Parameters of :class:`DAS`."""
+
+    protect_initial: bool = Field(True, description="before the first domain, protect the starting model's units "
+                                                     "with the proxy-KL importance")
+    dropout: float = Field(0.1, gt=0.0, lt=1.0, description="unit dropout of the two proxy forward passes")
+    importance_samples: int | None = Field(1024, ge=1, description="samples (all workers) per importance pass")
+
+
+def normalize(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per layer: ``|tanh(standardise(raw))|`` in [0, 1) (name -> ``[n_units]``)."""
+    return {n: standardized_importance(v) for n, v in raw.items()}
+
+
+def gate_importance(ctx: StageContext, objective: GateObjective, max_samples: int | None) -> dict[str, torch.Tensor]:
+    """Normalised unit importance: accumulated ``|d objective / d gate|`` over the current domain (all workers)."""
+    units = model_units(ctx.model)
+    raw = {u.name: torch.zeros(u.size) for u in units}
+    was_training = ctx.model.training
+    ctx.model.eval()
+    count = 0
+    for batch in ctx.iter_task_batches():
+        if max_samples is not None:
+            batch = Batch(batch.x[: max_samples - count], batch.y[: max_samples - count], batch.t[: max_samples - count])
+        batch = Batch(batch.x.to(ctx.device), batch.y.to(ctx.device), batch.t.to(ctx.device))
+        gates = {u.name: torch.ones(u.size, device=ctx.device, requires_grad=True) for u in units}
+        grads = torch.autograd.grad(objective(batch, gates), list(gates.values()), allow_unused=True,
+                                    materialize_grads=True)
+        for n, g in zip(gates, grads):
+            raw[n] += g.abs().cpu()
+        count += len(batch)
+        if max_samples is not None and count >= max_samples:
+            break
+    ctx.model.train(was_training)
+    return normalize({n: ctx.all_reduce_sum(v) for n, v in raw.items()})
+
+
+def loss_objective(ctx: StageContext) -> GateObjective:
+    """The domain's cross-entropy (summed over the batch) with the gates applied."""
+    units = model_units(ctx.model)
+
+    def objective(batch: Batch, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        with gated(units, gates):
+            return ctx.criterion(ctx.model(batch.x), batch, reduction="none").sum()
+
+    return objective
+
+
+def proxy_kl_objective(ctx: StageContext, dropout: float) -> GateObjective:
+    """KL between the softmax outputs of two passes with independent unit dropout (no labels needed)."""
+    units = model_units(ctx.model)
+    rng = ctx.generator(salt=53)
+
+    def dropped(gates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: g * (torch.rand(g.shape, generator=rng) >= dropout).to(g) / (1 - dropout) for n, g in gates.items()}
+
+    def objective(batch: Batch, gates: dict[str, torch.Tensor]) -> torch.Tensor:
+        with gated(units, dropped(gates)):
+            first = torch.log_softmax(ctx.model(batch.x), dim=1)
+        with gated(units, dropped(gates)):
+            second = torch.log_softmax(ctx.model(batch.x), dim=1)
+        return torch.nn.functional.kl_div(second, first, log_target=True, reduction="sum")
+
+    return objective
+
+
+class DAS(Strategy):
+    """DAS: unit-level soft-masking by accumulated importance."""
+
+    name = "das"
+    Config = DASConfig
+
+    def __init__(self, config: DASConfig) -> None:
+        super().__init__(config)
+        self.config: DASConfig = config
+        self.importance: dict[str, torch.Tensor] = {}
+
+    def _cap(self, ctx: StageContext) -> int | None:
+        cap = self.config.importance_samples
+        return None if cap is None else math.ceil(cap / ctx.world_size)
+
+    def before_task(self, ctx: StageContext) -> None:
+        """Before the first domain: protect the starting model's units with the proxy-KL importance."""
+        if ctx.task_id == 0 and not self.importance and self.config.protect_initial:
+            self.importance = gate_importance(ctx, proxy_kl_objective(ctx, self.config.dropout), self._cap(ctx))
+
+    def after_backward(self, ctx: StageContext) -> None:
+        """Scale each unit's parameter gradients by ``1 - importance``."""
+        if self.importance:
+            scale_unit_grads(model_units(ctx.model), {n: 1.0 - v for n, v in self.importance.items()})
+
+    def after_task(self, ctx: StageContext) -> None:
+        """Fold this domain's loss-gradient importance into the accumulated importance (element-wise max)."""
+        new = gate_importance(ctx, loss_objective(ctx), self._cap(ctx))
+        self.importance = {n: torch.maximum(self.importance[n], v) if n in self.importance else v
+                           for n, v in new.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"importance": layer name -> [n_units] in [0, 1)}``."""
+        return {"importance": self.importance}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the accumulated unit importance."""
+        self.importance = dict(state.get("importance", {}))
