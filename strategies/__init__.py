@@ -29,6 +29,7 @@ BUILTIN: Mapping[str, str] = MappingProxyType({
     "packnet": "strategies.packnet:PackNet",
     "das": "strategies.das:DAS",
     "hat": "strategies.hat:HAT",
+    "ncl": "strategies.ncl:NCL",
 })
 
 

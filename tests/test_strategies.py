@@ -138,8 +138,8 @@ def _assert_same(a: object, b: object) -> None:
         assert a.keys() == b.keys()
         for k in a:
             _assert_same(a[k], b[k])
-    elif isinstance(a, list):
-        assert len(a) == len(b)
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
         for x, y in zip(a, b):
             _assert_same(x, y)
     else:

@@ -8,19 +8,26 @@ import pytest
 import torch
 from torch import nn
 
+from orchestrator.stage import fit_task
 from strategies import Batch, StageContext, build_strategies
 from strategies.agem import AGEM, AGEMConfig, agem_project, balance_memory
+from strategies.das import gate_importance, loss_objective
 from strategies.derpp import DERPP, DERPPConfig
 from strategies.gem import gem_project
-from strategies.packnet import prune_free
-from strategies.das import gate_importance, loss_objective
 from strategies.hat import anneal
-from orchestrator.stage import fit_task
 from strategies.lwf import kd_loss, old_units
 from strategies.mas import mas_importance
+from strategies.ncl import NCLConfig, kron_inverse_apply, trust_region
+from strategies.packnet import prune_free
 from strategies.si import SI, SIConfig, si_importance
-from strategies.spg import (SPG, SPGConfig, accumulate_importance, head_names, soft_mask,
-                            standardized_importance)
+from strategies.spg import (
+    SPG,
+    SPGConfig,
+    accumulate_importance,
+    head_names,
+    soft_mask,
+    standardized_importance,
+)
 
 
 def ctx_for(model: nn.Module, batches: list[Batch], task: int = 0, tasks: int = 2, width: int = 4) -> StageContext:
@@ -356,3 +363,48 @@ def test_hat_masks_are_near_binary_and_protect_earlier_tasks() -> None:
     # Only units whose mask is not exactly 0 or 1 drift a little (unprotected SGD moves these outputs by ~1).
     torch.testing.assert_close(after, before, atol=0.05, rtol=0.0)
     assert set(hat.embeddings) == {0, 1}
+
+
+# ---------------------------------------------------------------- NCL
+
+def test_ncl_kronecker_inverse_matches_a_dense_solve() -> None:
+    torch.manual_seed(0)
+    a, g = torch.randn(3, 3), torch.randn(2, 2)
+    A, G = a @ a.T, g @ g.T
+    V = torch.randn(2, 3)
+    dense = 0.7 * torch.kron(A, G) + 0.3 * torch.eye(6)  # acts on column-stacked vec(V)
+    expected = torch.linalg.solve(dense, V.T.reshape(-1)).reshape(3, 2).T
+    torch.testing.assert_close(kron_inverse_apply(V, A, G, 0.7, 0.3), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_ncl_trust_region_caps_the_step_length() -> None:
+    small = [torch.tensor([0.1, 0.2])]
+    assert trust_region(small, 1.0) is small
+    capped = trust_region([torch.tensor([3.0, 4.0]), torch.tensor([12.0])], 2.0)
+    assert math.sqrt(sum(float((c ** 2).sum()) for c in capped)) == pytest.approx(2.0)
+
+
+def test_ncl_step_respects_the_radius_and_pulls_toward_mu() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    data = [Batch(torch.randn(32, 3), torch.randint(0, 2, (32,)), torch.zeros(32, dtype=torch.long))]
+    (ncl,) = build_strategies([("ncl", {"radius": 0.05, "fisher_samples": None})])
+    ctx = ctx_for(model, data, tasks=1, width=2)
+    ncl.after_task(ctx)  # precision from task 0; mu = current parameters
+    assert set(ncl.kron) == {"0", "2"} and ncl.tasks == 1
+    lr = ctx.optimizer.param_groups[0]["lr"]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)  # a huge gradient
+    ncl.after_backward(ctx)
+    step = math.sqrt(sum(float(((lr * p.grad) ** 2).sum()) for p in model.parameters()))
+    assert step == pytest.approx(0.05, rel=1e-4)
+    # With no task gradient, the update moves the parameters straight back toward mu.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    ncl.config = NCLConfig(radius=10.0, fisher_samples=None)
+    ncl.after_backward(ctx)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, torch.full_like(p, 0.01), atol=1e-6, rtol=1e-5)
