@@ -182,7 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        task_id=config["task_id"], num_tasks=len(layout.label_sets), head_mask=layout.head_mask(),
                        world_size=world, rank=rank, device=device, seed=pipeline.seed,
                        iter_task_batches=iter_task_batches, log=print,
-                       steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size))
+                       steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size),
+                       rows_per_epoch=config["train_rows"])
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds

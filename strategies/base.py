@@ -70,6 +70,7 @@ class StageContext:
         log: writes one line to the stage log.
         epoch, step: the current epoch (0-based) and optimizer step within the stage.
         steps_per_epoch: optimizer steps per epoch on this worker (0 if unknown).
+        rows_per_epoch: training samples per epoch, all workers together (0 if unknown).
     """
 
     model: torch.nn.Module
@@ -87,6 +88,7 @@ class StageContext:
     epoch: int = 0
     step: int = 0
     steps_per_epoch: int = 0
+    rows_per_epoch: int = 0
 
     def criterion(self, logits: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of ``logits`` ``[B, K]`` over each sample's own head; ``[B]`` if ``reduction="none"``."""

@@ -8,6 +8,10 @@ Replay ratio: ``ratio`` is the fraction of each training batch drawn from the bu
 step, ``m = round(B * ratio / (1 - ratio))`` buffer samples are appended, so a batch of ``B + m`` samples holds
 ``m / (B + m) = ratio`` replayed samples and the number of steps per epoch stays that of finetuning.
 
+Replay by fraction: with ``fraction`` (e.g. 0.01, the 1% rehearsal of Scialom et al., "Fine-tuned Language Models
+are Continual Learners", EMNLP 2022, §3), each domain leaves a reservoir sample of ``fraction`` of its training samples
+in the buffer, which therefore grows with the stream; replayed samples are drawn from all of it.
+
 Distributed: see ``strategies/buffer.py``; every worker ends the stage with the same global buffer.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
@@ -23,10 +28,17 @@ from strategies.buffer import Reservoir, local_capacity, merge
 
 
 class ReplayConfig(StrategyConfig):
-    """Parameters of :class:`Replay`."""
+    """Parameters of :class:`Replay`: a fixed ``buffer_size``, or a ``fraction`` of every domain's samples."""
 
     buffer_size: int = Field(1100, ge=1, description="samples kept in the replay buffer")
+    fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep this share of every domain's training "
+                                   "samples instead (the buffer grows with the stream); overrides buffer_size")
     ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of each batch drawn from the buffer")
+
+
+def fraction_quota(rows: int, fraction: float) -> int:
+    """Samples a domain of ``rows`` training samples contributes to a ``fraction`` buffer (at least 1)."""
+    return max(1, round(rows * fraction))
 
 
 def replay_count(batch_size: int, ratio: float) -> int:
@@ -45,6 +57,8 @@ class Replay(Strategy):
         self.config: ReplayConfig = config
         self.global_state: dict[str, Any] | None = None  # the merged buffer from the previous stage
         self.buffer = Reservoir(config.buffer_size, np.random.default_rng(0))
+        self.kept = Reservoir(0, np.random.default_rng(0))  # fraction mode: the earlier domains' samples
+        self.quota = 0
 
     @property
     def size(self) -> int:
@@ -52,15 +66,28 @@ class Replay(Strategy):
         return self.buffer.size
 
     def before_task(self, ctx: StageContext) -> None:
-        """Take this worker's part (``rank::world_size``) of the global buffer and seed the RNGs."""
+        """Take this worker's part (``rank::world_size``) of the global buffer and seed the RNGs.
+
+        With ``fraction``, the earlier domains' samples stay whole (``self.kept``) and a fresh reservoir collects
+        ``fraction`` of this domain's samples.
+        """
         rng = np.random.default_rng([ctx.seed, ctx.task_id, ctx.rank, 17])
-        self.buffer = Reservoir.from_global(self.global_state, ctx.rank, ctx.world_size,
-                                            local_capacity(self.config.buffer_size, ctx.world_size), rng)
         self.torch_rng = ctx.generator(salt=17)
+        if self.config.fraction is None:
+            self.buffer = Reservoir.from_global(self.global_state, ctx.rank, ctx.world_size,
+                                                local_capacity(self.config.buffer_size, ctx.world_size), rng)
+            return
+        if not ctx.rows_per_epoch:
+            raise ValueError("replay.fraction needs the stage's row count (StageContext.rows_per_epoch)")
+        self.quota = fraction_quota(ctx.rows_per_epoch, self.config.fraction)
+        old = self.global_state
+        self.kept = Reservoir.from_global(old, ctx.rank, ctx.world_size, len(old["y"]) if old else 0, rng)
+        self.buffer = Reservoir(local_capacity(self.quota, ctx.world_size), rng)
 
     def train_batch(self, ctx: StageContext, batch: Batch) -> Batch:
         """Append ``replay_count(B, ratio)`` buffer samples, then (first epoch only) offer the new samples."""
-        drawn = self.buffer.sample(replay_count(len(batch), self.config.ratio), self.torch_rng)
+        m = replay_count(len(batch), self.config.ratio)
+        drawn = self.buffer.sample(m, self.torch_rng) if self.config.fraction is None else self._sample_all(m)
         mixed = batch
         if drawn:
             dev = batch.x.device
@@ -69,9 +96,27 @@ class Replay(Strategy):
             self.buffer.insert({"x": batch.x, "y": batch.y, "t": batch.t})
         return mixed
 
+    def _sample_all(self, m: int) -> dict[str, Any]:
+        """Draw from the earlier domains' samples and this domain's reservoir, in proportion to their sizes."""
+        total = self.kept.size + self.buffer.size
+        if total == 0 or m <= 0:
+            return {}
+        from_old = int(torch.binomial(torch.tensor(float(m)), torch.tensor(self.kept.size / total),
+                                      generator=self.torch_rng))
+        parts = [p for p in (self.kept.sample(from_old, self.torch_rng), self.buffer.sample(m - from_old,
+                                                                                             self.torch_rng)) if p]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     def after_task(self, ctx: StageContext) -> None:
-        """Merge the workers' reservoirs into one global buffer of at most ``buffer_size`` samples."""
-        self.global_state = merge(ctx.all_gather_object(self.buffer.local()), self.config.buffer_size)
+        """Merge the workers' reservoirs into one global buffer: at most ``buffer_size`` samples, or (``fraction``)
+        the earlier domains' samples plus ``fraction`` of this domain's."""
+        if self.config.fraction is None:
+            self.global_state = merge(ctx.all_gather_object(self.buffer.local()), self.config.buffer_size)
+            return
+        new = merge(ctx.all_gather_object(self.buffer.local()), self.quota)
+        parts = [p for p in (self.global_state, new) if p]
+        self.global_state = {**{k: torch.cat([p[k] for p in parts]) for k in ("x", "y", "t")},
+                             "n_seen": sum(p["n_seen"] for p in parts)} if parts else None
 
     def state_dict(self) -> dict[str, Any]:
         """The global buffer: ``x`` ``[N, *input_shape]`` float32, ``y`` ``[N]``, ``t`` ``[N]``, ``n_seen`` (int)."""

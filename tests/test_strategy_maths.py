@@ -408,3 +408,24 @@ def test_ncl_step_respects_the_radius_and_pulls_toward_mu() -> None:
     ncl.after_backward(ctx)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, torch.full_like(p, 0.01), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- replay by fraction
+
+def test_replay_fraction_keeps_a_share_of_every_domain() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    (replay,) = build_strategies([("replay", {"fraction": 0.25, "ratio": 0.5})])
+    for task in range(3):
+        x = torch.randn(96, 6)
+        data = [Batch(x[i:i + 16], torch.full((16,), task % 4), torch.full((16,), task)) for i in range(0, 96, 16)]
+        ctx = ctx_for(model, data, task=task, tasks=3)
+        ctx.rows_per_epoch = 96
+        stats = fit_task(ctx, [replay], epochs=2)
+        assert stats["samples"] == 2 * 96
+    state = replay.state_dict()
+    assert state["t"].tolist().count(0) == state["t"].tolist().count(1) == state["t"].tolist().count(2) == 24
+    assert state["n_seen"] == 3 * 96
+    # in the last domain, replayed samples came from both the kept domains and the current one
+    mixed = replay.train_batch(ctx, data[0])
+    assert len(mixed) == 32 and set(mixed.t[16:].tolist()) <= {0, 1, 2}

@@ -1,0 +1,194 @@
+"""Benchmark: every strategy on the Hsu et al. 2018 protocol, against the published numbers.
+
+Scenarios: Split-MNIST task-IL and class-IL (5 x 2 digits), Permuted-MNIST domain-IL (10 permutations) and
+Split-Fashion-MNIST class-IL. Protocol (Hsu et al. 2018): MLP 784-400-400, 4 epochs, batch 128, Adam lr 1e-3,
+except where a method's paper requires otherwise (SPG, HAT and NCL: SGD, see ``OPTIMIZER``). Memory-based methods
+run at budgets of 1100 and 4400 samples.
+
+The runs use the stage loop (``orchestrator.stage.fit_task``) and the strategy code that Ray Train workers run, on
+in-memory tensors built by the shard builder's own functions (train minus the carved-out val split; test split for
+R), so a table of many runs fits on a 2-core machine; the distributed path is covered by the tests.
+
+Writes ``tests/benchmarks/results/strategies.json`` (one row per run: ACC, BWT, FWT, forgetting, seconds and
+milliseconds per optimizer step) and ``strategies.md`` (mean ± std over seeds beside the reference, and each
+strategy's per-step time relative to finetune). Not a test:
+
+    .venv/bin/python tests/benchmarks/strategies.py [--scenarios split_mnist_class ...] [--strategies ewc ...]
+                                                    [--seeds 0 1 2] [--data-root DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a file, this script's folder comes first on sys.path and its name would shadow the `strategies` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from orchestrator.metrics import cl_metrics  # noqa: E402
+from orchestrator.models import HeadLayout, build_model, masked_logits  # noqa: E402
+from orchestrator.shards import load_raw, make_domain_splits  # noqa: E402
+from orchestrator.spec import ModelSpec, SourceSpec  # noqa: E402
+from orchestrator.stage import fit_task  # noqa: E402
+from strategies import Batch, StageContext, build_strategies, train_domains_of  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIOS = {
+    "split_mnist_task": ("mnist", "split", "task_il", 5),
+    "split_mnist_class": ("mnist", "split", "class_il", 5),
+    "permuted_mnist_domain": ("mnist", "permuted", "domain_il", 10),
+    "split_fashion_class": ("fashion-mnist", "split", "class_il", 5),
+}
+# Hsu et al. 2018, Table 2 (Split-MNIST); rehearsal "a / b" = the two naive-rehearsal variants.
+REFERENCE = {
+    "split_mnist_class": {"ewc": 19.80, "ewc_online": 19.77, "si": 19.67, "mas": 19.52, "lwf": 24.17, "gem": 92.20,
+                          "replay": "90.78 / 95.59", "joint": 97.53, "finetune": 19.71},
+    "split_mnist_task": {"ewc": 97.70, "ewc_online": 98.04, "si": 98.56, "mas": 99.22, "lwf": 99.60, "gem": 98.42,
+                         "replay": "99.40 / 99.57", "joint": 99.52, "finetune": 93.46},
+    "permuted_mnist_domain": {},
+    "split_fashion_class": {},
+}
+MEMORY = {"replay", "derpp", "agem", "gem"}
+STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "finetune": ("finetune", {}), "joint": ("joint", {}), "replay": ("replay", {}), "ewc": ("ewc", {}),
+    "ewc_online": ("ewc", {"mode": "online"}), "si": ("si", {}), "mas": ("mas", {}), "lwf": ("lwf", {}),
+    "derpp": ("derpp", {}), "agem": ("agem", {}), "gem": ("gem", {}), "spg": ("spg", {}), "das": ("das", {}),
+    "hat": ("hat", {}), "packnet": ("packnet", {}), "ncl": ("ncl", {}),
+}
+OPTIMIZER = {"spg": ("sgd", 0.05), "hat": ("sgd", 0.05), "ncl": ("sgd", 0.05)}
+TASK_IL_ONLY = {"hat", "packnet"}
+
+
+def build_domains(dataset: str, kind: str, n: int, data_root: Path) -> list[dict[str, Any]]:
+    """The scenario's domains as raw splits, via the shard builder's functions (same val carving as shards)."""
+    source_kind = "mnist" if dataset == "mnist" else "fashion_mnist"
+    raw = load_raw(SourceSpec(kind=source_kind, path=dataset), data_root)
+    out = []
+    for k in range(n):
+        spec = (SourceSpec(kind=source_kind, path=dataset, classes=[2 * k, 2 * k + 1]) if kind == "split"
+                else SourceSpec(kind=source_kind, path=dataset, permutation_seed=k))
+        out.append(make_domain_splits(raw, spec, f"{dataset}-{kind}-{k}"))
+    return out
+
+
+def tensors(split: Any, k: int, targets: torch.Tensor) -> Batch:
+    """A raw split of domain k as a Batch of floats in [0, 1] with mapped targets."""
+    x = torch.from_numpy(split.x.astype(np.float32)) / 255.0
+    t = torch.full((len(split.y),), k, dtype=torch.long)
+    return Batch(x.view(-1, 1, 28, 28), targets[t, torch.from_numpy(split.y)], t)
+
+
+def run_one(domains: list[dict[str, Any]], scenario: str, key: str, budget: int | None, seed: int) -> dict[str, Any]:
+    """Train one strategy over the stream and return its metrics and timings."""
+    torch.manual_seed(seed)
+    name, params = STRATEGIES[key]
+    params = {**params, **({"buffer_size": budget} if budget else {})}
+    layout = HeadLayout.build(scenario, [sorted(set(d["train"].y.tolist())) for d in domains])
+    targets, mask = layout.target_table(), layout.head_mask()
+    train = [tensors(d["train"], k, targets) for k, d in enumerate(domains)]
+    test = [tensors(d["test"], k, targets) for k, d in enumerate(domains)]
+    model = build_model(ModelSpec(hidden=[400, 400]), (1, 28, 28), layout.num_outputs)
+    strategies = build_strategies([(name, params)])
+    opt_name, lr = OPTIMIZER.get(key, ("adam", 1e-3))
+
+    def evaluate() -> list[float]:
+        row = []
+        with torch.no_grad():
+            for j, b in enumerate(test):
+                m = model
+                for s in strategies:
+                    m = s.inference_model(m, j)
+                row.append(float((masked_logits(m(b.x), b.t, mask).argmax(1) == b.y).float().mean()))
+        return row
+
+    base = evaluate()
+    R, seconds, steps = [], 0.0, 0
+    for k in range(len(domains)):
+        parts = [train[j] for j in train_domains_of(strategies, k)]
+        data = Batch(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), torch.cat([p.t for p in parts]))
+        g = torch.Generator().manual_seed(seed * 100 + k)
+
+        def batches(data: Batch = data, g: torch.Generator = g) -> Any:
+            order = torch.randperm(len(data), generator=g)
+            for i in range(0, len(order), 128):
+                idx = order[i:i + 128]
+                yield Batch(data.x[idx], data.y[idx], data.t[idx])
+
+        opt = (torch.optim.SGD(model.parameters(), lr=lr) if opt_name == "sgd"
+               else torch.optim.Adam(model.parameters(), lr=lr))
+        ctx = StageContext(model=model, train_model=model, optimizer=opt, task_id=k, num_tasks=len(domains),
+                           head_mask=mask, seed=seed, iter_task_batches=batches,
+                           steps_per_epoch=-(-len(data) // 128))
+        stats = fit_task(ctx, strategies, epochs=4)
+        seconds += stats["train_seconds"]
+        steps += ctx.step
+        model.eval()
+        R.append(evaluate())
+        model.train()
+    m = cl_metrics(R, base)
+    return {"scenario": scenario, "strategy": key, "budget": budget, "seed": seed, "acc": m["acc"], "bwt": m["bwt"],
+            "fwt": m["fwt"], "forgetting": m["avg_forgetting"], "R": R, "train_seconds": seconds,
+            "ms_per_step": 1000 * seconds / max(steps, 1)}
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """Mean ± std of ACC (%) per scenario, strategy and budget, beside the reference, plus per-step cost."""
+    lines = ["| scenario | strategy | budget | ACC % (mean ± std) | seeds | reference (Hsu et al. 2018) | "
+             "ms/step | × finetune |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["scenario"], r["strategy"], r["budget"]), []).append(r)
+    for (scenario, strategy, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+        accs = [100 * r["acc"] for r in rs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        ms = statistics.mean(r["ms_per_step"] for r in rs)
+        ft = [r["ms_per_step"] for r in rows if r["scenario"] == scenario and r["strategy"] == "finetune"]
+        rel = f"{ms / statistics.mean(ft):.2f}" if ft else "–"
+        ref = REFERENCE.get(scenario, {}).get(strategy, "–")
+        lines.append(f"| {scenario} | {strategy} | {budget or '–'} | {statistics.mean(accs):.2f} ± {std:.2f} | "
+                     f"{len(rs)} | {ref} | {ms:.1f} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for scenario_key in args.scenarios:
+        dataset, kind, scenario, n = SCENARIOS[scenario_key]
+        domains = build_domains(dataset, kind, n, Path(args.data_root))
+        for key in args.strategies:
+            if key in TASK_IL_ONLY and scenario != "task_il":
+                continue
+            for budget in ((1100, 4400) if key in MEMORY else (None,)):
+                for seed in args.seeds:
+                    t0 = time.time()
+                    row = run_one(domains, scenario, key, budget, seed)
+                    row["scenario"] = scenario_key
+                    rows.append(row)
+                    print(f"{scenario_key:22s} {key:10s} budget={budget or '-':>5} seed={seed} "
+                          f"ACC {100 * row['acc']:6.2f}  {row['ms_per_step']:.1f} ms/step  ({time.time() - t0:.0f}s)",
+                          flush=True)
+                    (out / "strategies.json").write_text(json.dumps(rows, indent=1))
+                    (out / "strategies.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
