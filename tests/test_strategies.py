@@ -195,11 +195,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for b in ctx.iter_task_batches():
         replay.train_batch(ctx, b)
     replay.after_task(ctx)
-    spg, mas = build_strategies([("spg", {}), ("mas", {"importance_samples": None})])
-    spg.after_task(ctx)
-    mas.after_task(ctx)
+    spg, mas, ncl = build_strategies([("spg", {}), ("mas", {"importance_samples": None}),
+                                      ("ncl", {"fisher_samples": None})])
+    for s in (spg, mas, ncl):
+        s.after_task(ctx)
     torch.save({"ewc": ewc.state_dict(), "replay": replay.state_dict(), "spg": spg.state_dict(),
-                "mas": mas.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
+                "mas": mas.state_dict(), "ncl": ncl.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -215,10 +216,14 @@ def test_two_workers_match_one_worker(tmp_path: Path) -> None:
     single.after_task(make_ctx(model, make_data(64)))
     for n, f in single.fishers[0].items():
         torch.testing.assert_close(r0["ewc"]["fishers"][0][n], f, atol=1e-5, rtol=1e-5)
-    # SPG importance and MAS Omega of 2 workers == 1 worker on the same samples.
-    spg, mas = build_strategies([("spg", {}), ("mas", {"importance_samples": None})])
-    spg.after_task(make_ctx(model, make_data(64)))
-    mas.after_task(make_ctx(model, make_data(64)))
+    # SPG importance, MAS Omega and NCL precision of 2 workers == 1 worker on the same samples.
+    spg, mas, ncl = build_strategies([("spg", {}), ("mas", {"importance_samples": None}),
+                                      ("ncl", {"fisher_samples": None})])
+    for s in (spg, mas, ncl):
+        s.after_task(make_ctx(model, make_data(64)))
+    for name, (A, G) in ncl.kron.items():
+        torch.testing.assert_close(r0["ncl"]["kron"][name][0], A, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r0["ncl"]["kron"][name][1], G, atol=1e-5, rtol=1e-5)
     for n, v in spg.a_max.items():
         torch.testing.assert_close(r0["spg"]["a_max"][n], v, atol=1e-5, rtol=1e-5)
     for n, v in mas.omega.items():
