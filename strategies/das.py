@@ -18,7 +18,6 @@ all-reduced, so every worker holds the same importance; masking runs after DDP's
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.importance import capped_batches, per_worker
 from strategies.spg import standardized_importance
 from strategies.units import gated, model_units, scale_unit_grads
 
@@ -52,19 +52,13 @@ def gate_importance(ctx: StageContext, objective: GateObjective, max_samples: in
     raw = {u.name: torch.zeros(u.size) for u in units}
     was_training = ctx.model.training
     ctx.model.eval()
-    count = 0
-    for batch in ctx.iter_task_batches():
-        if max_samples is not None:
-            batch = Batch(batch.x[: max_samples - count], batch.y[: max_samples - count], batch.t[: max_samples - count])
+    for batch in capped_batches(ctx, max_samples):
         batch = Batch(batch.x.to(ctx.device), batch.y.to(ctx.device), batch.t.to(ctx.device))
         gates = {u.name: torch.ones(u.size, device=ctx.device, requires_grad=True) for u in units}
         grads = torch.autograd.grad(objective(batch, gates), list(gates.values()), allow_unused=True,
                                     materialize_grads=True)
         for n, g in zip(gates, grads):
             raw[n] += g.abs().cpu()
-        count += len(batch)
-        if max_samples is not None and count >= max_samples:
-            break
     ctx.model.train(was_training)
     return normalize({n: ctx.all_reduce_sum(v) for n, v in raw.items()})
 
@@ -110,8 +104,7 @@ class DAS(Strategy):
         self.importance: dict[str, torch.Tensor] = {}
 
     def _cap(self, ctx: StageContext) -> int | None:
-        cap = self.config.importance_samples
-        return None if cap is None else math.ceil(cap / ctx.world_size)
+        return per_worker(self.config.importance_samples, ctx.world_size)
 
     def before_task(self, ctx: StageContext) -> None:
         """Before the first domain: protect the starting model's units with the proxy-KL importance."""

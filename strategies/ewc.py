@@ -16,14 +16,13 @@ give the Fisher of the union of their shards, the same as one worker on the same
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
-from strategies.importance import mean_grad_stat, nll_objective, quadratic_penalty
+from strategies.importance import mean_grad_stat, nll_objective, per_worker, quadratic_penalty
 
 
 class EWCConfig(StrategyConfig):
@@ -81,9 +80,7 @@ class EWC(Strategy):
 
     def after_task(self, ctx: StageContext) -> None:
         """Compute the task's Fisher (all-reduced) and store the anchor ``theta*``."""
-        cap = self.config.fisher_samples
-        per_worker = None if cap is None else math.ceil(cap / ctx.world_size)
-        fisher = diagonal_fisher(ctx, self.config.chunk, per_worker)
+        fisher = diagonal_fisher(ctx, self.config.chunk, per_worker(self.config.fisher_samples, ctx.world_size))
         anchor = {n: p.detach().cpu().clone() for n, p in ctx.model.named_parameters() if n in fisher}
         fisher = {n: f.cpu() for n, f in fisher.items()}
         if self.config.mode == "online":

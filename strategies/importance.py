@@ -8,7 +8,8 @@ shards: the same as one worker on the same samples.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -18,6 +19,25 @@ from strategies.base import Batch, StageContext
 # (params, buffers, x [1, ...], y [1], t [1]) -> scalar objective of one sample
 SampleObjective = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor,
                             torch.Tensor], torch.Tensor]
+
+
+def per_worker(cap: int | None, world_size: int) -> int | None:
+    """This worker's share ``ceil(cap / W)`` of a sample cap meant for all workers together (None: no cap)."""
+    return None if cap is None else math.ceil(cap / world_size)
+
+
+def capped_batches(ctx: StageContext, max_samples: int | None) -> Iterator[Batch]:
+    """One pass over this worker's shard of the current domain, stopping after ``max_samples`` samples (the last
+    batch truncated); the whole pass if ``max_samples`` is None."""
+    count = 0
+    for batch in ctx.iter_task_batches():
+        if max_samples is not None:
+            keep = max_samples - count
+            batch = Batch(batch.x[:keep], batch.y[:keep], batch.t[:keep])
+        count += len(batch)
+        yield batch
+        if max_samples is not None and count >= max_samples:
+            return
 
 
 def quadratic_penalty(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
@@ -71,17 +91,12 @@ def mean_grad_stat(ctx: StageContext, objective: SampleObjective, stat: Callable
     model.eval()
     sums = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
     count = 0
-    for batch in ctx.iter_task_batches():
-        if max_samples is not None:
-            keep = max_samples - count
-            batch = Batch(batch.x[:keep], batch.y[:keep], batch.t[:keep])
+    for batch in capped_batches(ctx, max_samples):
         for start in range(0, len(batch), chunk):
             part = Batch(batch.x[start:start + chunk], batch.y[start:start + chunk], batch.t[start:start + chunk])
             for n, g in per_sample_grad_stat(model, objective, part, stat).items():
                 sums[n] += g
         count += len(batch)
-        if max_samples is not None and count >= max_samples:
-            break
     model.train(was_training)
     n_total = ctx.all_reduce_sum(torch.tensor([float(count)]))
     return {n: ctx.all_reduce_sum(s) / n_total.clamp(min=1.0) for n, s in sums.items()}

@@ -11,14 +11,13 @@ Distributed: per-sample absolute gradients are summed on each worker and all-red
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
-from strategies.importance import mean_grad_stat, output_norm_objective, quadratic_penalty
+from strategies.importance import mean_grad_stat, output_norm_objective, per_worker, quadratic_penalty
 
 
 class MASConfig(StrategyConfig):
@@ -59,9 +58,8 @@ class MAS(Strategy):
 
     def after_task(self, ctx: StageContext) -> None:
         """Accumulate this task's importance and move the anchor to the current parameters."""
-        cap = self.config.importance_samples
-        per_worker = None if cap is None else math.ceil(cap / ctx.world_size)
-        new = {n: o.cpu() for n, o in mas_importance(ctx, self.config.chunk, per_worker).items()}
+        cap = per_worker(self.config.importance_samples, ctx.world_size)
+        new = {n: o.cpu() for n, o in mas_importance(ctx, self.config.chunk, cap).items()}
         self.omega = {n: self.omega.get(n, torch.zeros_like(o)) + o for n, o in new.items()}
         self.anchor = {n: p.detach().cpu().clone() for n, p in ctx.model.named_parameters() if n in new}
 

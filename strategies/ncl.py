@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
-from strategies.importance import mean_grad_stat, nll_objective
+from strategies.base import StageContext, Strategy, StrategyConfig
+from strategies.importance import capped_batches, mean_grad_stat, nll_objective, per_worker
 
 
 class NCLConfig(StrategyConfig):
@@ -84,10 +84,7 @@ def kfac_factors(ctx: StageContext, max_samples: int | None) -> dict[str, tuple[
     was_training = model.training
     model.eval()
     try:
-        for batch in ctx.iter_task_batches():
-            if max_samples is not None:
-                batch = Batch(batch.x[: max_samples - count], batch.y[: max_samples - count],
-                              batch.t[: max_samples - count])
+        for batch in capped_batches(ctx, max_samples):
             loss = ctx.criterion(model(batch.x.to(ctx.device)), batch, reduction="none").sum()
             loss.backward()
             for n in linears:
@@ -98,8 +95,6 @@ def kfac_factors(ctx: StageContext, max_samples: int | None) -> dict[str, tuple[
                 sums[n][1].add_(g.T @ g)
             model.zero_grad(set_to_none=True)
             count += len(batch)
-            if max_samples is not None and count >= max_samples:
-                break
     finally:
         for h in handles:
             h.remove()
@@ -156,11 +151,10 @@ class NCL(Strategy):
 
     def after_task(self, ctx: StageContext) -> None:
         """Add this task's Fisher to the precision and set ``mu`` to the current parameters."""
-        cap = self.config.fisher_samples
-        per_worker = None if cap is None else math.ceil(cap / ctx.world_size)
+        cap = per_worker(self.config.fisher_samples, ctx.world_size)
         kron_modules = set()
         if self.config.kfac:
-            factors = kfac_factors(ctx, per_worker)
+            factors = kfac_factors(ctx, cap)
             k = self.tasks + 1
             for n, (A, G) in factors.items():
                 if n in self.kron:
@@ -169,7 +163,7 @@ class NCL(Strategy):
                 else:
                     self.kron[n] = (A, G)
                 kron_modules.update({f"{n}.weight" if n else "weight", f"{n}.bias" if n else "bias"})
-        diag = mean_grad_stat(ctx, nll_objective(ctx.model, ctx), torch.square, 16, per_worker)
+        diag = mean_grad_stat(ctx, nll_objective(ctx.model, ctx), torch.square, 16, cap)
         for n, f in diag.items():
             if n not in kron_modules:
                 self.diag[n] = self.diag.get(n, torch.zeros_like(f.cpu())) + f.cpu()

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from strategies.base import StageContext, Strategy, StrategyConfig
+from strategies.importance import capped_batches
 
 
 class SPGConfig(StrategyConfig):
@@ -69,11 +70,7 @@ def task_importance(ctx: StageContext, head: set[str], max_samples: int | None) 
     body = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in head}
     k = ctx.task_id
     sums = [{n: torch.zeros_like(p) for n, p in body.items()} for _ in range(k + 1)]
-    count = 0
-    for batch in ctx.iter_task_batches():
-        if max_samples is not None:
-            batch = type(batch)(batch.x[: max_samples - count], batch.y[: max_samples - count],
-                                batch.t[: max_samples - count])
+    for batch in capped_batches(ctx, max_samples):
         out = model(batch.x.to(ctx.device))
         mask = ctx.head_mask.to(out.device)
         for t in range(k + 1):
@@ -85,9 +82,6 @@ def task_importance(ctx: StageContext, head: set[str], max_samples: int | None) 
                                         materialize_grads=True)
             for n, g in zip(body, grads):
                 sums[t][n] += g
-        count += len(batch)
-        if max_samples is not None and count >= max_samples:
-            break
     model.train(was_training)
     importance: dict[str, torch.Tensor] = {}
     for per_t in sums:
