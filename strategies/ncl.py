@@ -50,10 +50,23 @@ def kron_inverse_apply(grad: torch.Tensor, A: torch.Tensor, G: torch.Tensor, str
     Args:
         grad: ``[out, in]``; A: ``[in, in]`` input factor; G: ``[out, out]`` output-gradient factor.
     """
+    return kron_inverse_apply_eig(grad, eigen(A, G), strength, damping)
+
+
+Eigen = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def eigen(A: torch.Tensor, G: torch.Tensor) -> Eigen:
+    """``(dA, QA, dG, QG)``: eigenvalues (clamped at 0) and eigenvectors of the two symmetric factors."""
     dA, QA = torch.linalg.eigh(A)
     dG, QG = torch.linalg.eigh(G)
-    rotated = QG.T @ grad @ QA
-    return QG @ (rotated / (strength * torch.outer(dG.clamp_min(0), dA.clamp_min(0)) + damping)) @ QA.T
+    return dA.clamp_min(0), QA, dG.clamp_min(0), QG
+
+
+def kron_inverse_apply_eig(grad: torch.Tensor, eig: Eigen, strength: float, damping: float) -> torch.Tensor:
+    """:func:`kron_inverse_apply` from precomputed eigendecompositions (cached once per stage)."""
+    dA, QA, dG, QG = eig
+    return QG @ ((QG.T @ grad @ QA) / (strength * torch.outer(dG, dA) + damping)) @ QA.T
 
 
 def trust_region(step: list[torch.Tensor], radius: float) -> list[torch.Tensor]:
@@ -117,6 +130,7 @@ class NCL(Strategy):
         self.diag: dict[str, torch.Tensor] = {}  # summed diagonal Fisher of non-KFAC parameters
         self.kron: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # Linear module -> (sum A, mean G)
         self.tasks = 0
+        self.eig: dict[str, Eigen] = {}  # eigendecompositions of the Kronecker factors, computed once per stage
 
     def _lr(self, ctx: StageContext) -> float:
         return float(ctx.optimizer.param_groups[0]["lr"])
@@ -134,7 +148,9 @@ class NCL(Strategy):
                     continue
                 full = torch.cat([params[w].grad, params[b].grad[:, None] if b in params else
                                   torch.zeros(len(params[w].grad), 1, device=params[w].grad.device)], dim=1)
-                pre = kron_inverse_apply(full.cpu(), A, G, s, d).to(full.device)
+                if mod_name not in self.eig:
+                    self.eig[mod_name] = eigen(A, G)
+                pre = kron_inverse_apply_eig(full.cpu(), self.eig[mod_name], s, d).to(full.device)
                 direction[w] = pre[:, :-1]
                 done.add(w)
                 if b in params:
@@ -169,6 +185,7 @@ class NCL(Strategy):
                 self.diag[n] = self.diag.get(n, torch.zeros_like(f.cpu())) + f.cpu()
         self.mu = {n: p.detach().cpu().clone() for n, p in ctx.model.named_parameters()}
         self.tasks += 1
+        self.eig = {}
 
     def state_dict(self) -> dict[str, Any]:
         """``mu``, the diagonal Fisher sums, the Kronecker factors per Linear module, and the task count."""
@@ -180,3 +197,4 @@ class NCL(Strategy):
         self.diag = dict(state.get("diag", {}))
         self.kron = dict(state.get("kron", {}))
         self.tasks = int(state.get("tasks", 0))
+        self.eig = {}
