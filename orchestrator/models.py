@@ -79,6 +79,17 @@ class HeadLayout:
                 mask[j, self.offsets[j]:self.offsets[j] + len(labels)] = True
         return mask
 
+    def domain_units(self) -> torch.Tensor:
+        """Bool tensor ``[T, num_outputs]``: the output units of domain j's own labels (its classes in class-IL,
+        its head in task-IL, every unit in domain-IL)."""
+        if self.scenario != "class_il":
+            return self.head_mask()
+        table = self.target_table()
+        units = torch.zeros(len(self.label_sets), self.num_outputs, dtype=torch.bool)
+        for j, labels in enumerate(self.label_sets):
+            units[j, table[j, list(labels)]] = True
+        return units
+
 
 def masked_logits(logits: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor) -> torch.Tensor:
     """Mask logits ``[B, K]`` outside each sample's head (task ids ``t``: ``[B]``) with -inf; a no-op if all True."""

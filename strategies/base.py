@@ -63,6 +63,8 @@ class StageContext:
         optimizer: the stage's optimizer.
         task_id: index of the current domain in the stream (0-based). num_tasks: T.
         head_mask: ``[T, K]`` bool, which output units each domain may predict (see ``HeadLayout``).
+        domain_units: ``[T, K]`` bool, the units of each domain's own labels (class-IL: its classes); None means
+            ``head_mask``. Use :meth:`units_of`.
         world_size, rank: Ray Train worker group size and this worker's rank.
         device: where the model lives.
         seed: the pipeline seed; strategies derive their RNG seeds from (seed, task_id, rank).
@@ -89,6 +91,11 @@ class StageContext:
     step: int = 0
     steps_per_epoch: int = 0
     rows_per_epoch: int = 0
+    domain_units: torch.Tensor | None = None
+
+    def units_of(self) -> torch.Tensor:
+        """``[T, K]`` bool: the output units that belong to each domain's labels."""
+        return self.head_mask if self.domain_units is None else self.domain_units
 
     def criterion(self, logits: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of ``logits`` ``[B, K]`` over each sample's own head; ``[B]`` if ``reduction="none"``."""

@@ -6,8 +6,8 @@ the *old* units through a temperature-T distillation term, while the new units l
 
     loss = beta * CE(new) + alpha * T^2 * KL( softmax(z_teacher / T) || softmax(z_student / T) )   on old units
 
-Old units are the output units of the heads of domains seen before the current one (task-IL: earlier heads;
-class-IL: earlier classes; domain-IL: the shared head). ``T^2`` keeps gradient magnitudes comparable across
+Old units are the output units of the labels of domains seen before the current one (task-IL: earlier heads;
+class-IL: earlier classes; domain-IL: the shared head), from ``StageContext.units_of()``. ``T^2`` keeps gradient magnitudes comparable across
 temperatures (Hinton et al. 2015, §2).
 
 Distributed: the teacher is a frozen copy of the model on each worker; the loss is per batch, so DDP averages it like
@@ -48,11 +48,12 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return temperature ** 2 * kl.mean()
 
 
-def old_units(head_mask: torch.Tensor, task_id: int) -> torch.Tensor:
-    """Bool ``[K]``: output units that belong to the heads of domains ``0..task_id-1``."""
+def old_units(domain_units: torch.Tensor, task_id: int) -> torch.Tensor:
+    """Bool ``[K]``: output units that belong to the labels of domains ``0..task_id-1`` (``domain_units``:
+    ``[T, K]``)."""
     if task_id == 0:
-        return torch.zeros(head_mask.shape[1], dtype=torch.bool)
-    return head_mask[:task_id].any(0)
+        return torch.zeros(domain_units.shape[1], dtype=torch.bool)
+    return domain_units[:task_id].any(0)
 
 
 class LwF(Strategy):
@@ -69,7 +70,7 @@ class LwF(Strategy):
 
     def before_task(self, ctx: StageContext) -> None:
         """Freeze a copy of the model as it starts this stage (the previous stage's model) as the teacher."""
-        self.units = old_units(ctx.head_mask, ctx.task_id).to(ctx.device)
+        self.units = old_units(ctx.units_of(), ctx.task_id).to(ctx.device)
         self.teacher = None
         if bool(self.units.any()):
             self.teacher = copy.deepcopy(ctx.model).eval()

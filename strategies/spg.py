@@ -11,8 +11,8 @@ UIC-Liu-Lab/SPG ``approaches/spg``):
 4. While later tasks train, each feature-extractor gradient is multiplied by ``(1 - a_max)``; the classification
    head, shared across tasks, is scaled by ``(1 - mean(a_max over the feature extractor))``.
 
-The head is the model's last ``nn.Linear`` (or the parameters named by ``head``). In class-IL and domain-IL every
-domain shares the whole output layer, so the old-task terms use all output units.
+The head is the model's last ``nn.Linear`` (or the parameters named by ``head``). Task t's outputs are the units of
+its labels (``StageContext.units_of()``: its head in task-IL, its classes in class-IL, all units in domain-IL).
 
 Distributed: the objectives are sums over samples, so summing the per-worker gradients (all-reduce) gives the
 gradient of one worker on the same samples; standardisation makes the importance independent of the scale.
@@ -72,7 +72,7 @@ def task_importance(ctx: StageContext, head: set[str], max_samples: int | None) 
     sums = [{n: torch.zeros_like(p) for n, p in body.items()} for _ in range(k + 1)]
     for batch in capped_batches(ctx, max_samples):
         out = model(batch.x.to(ctx.device))
-        mask = ctx.head_mask.to(out.device)
+        mask = ctx.units_of().to(out.device)
         for t in range(k + 1):
             if t == k:
                 objective = ctx.criterion(out, batch, reduction="none").sum()

@@ -429,3 +429,12 @@ def test_replay_fraction_keeps_a_share_of_every_domain() -> None:
     # in the last domain, replayed samples came from both the kept domains and the current one
     mixed = replay.train_batch(ctx, data[0])
     assert len(mixed) == 32 and set(mixed.t[16:].tolist()) <= {0, 1, 2}
+
+
+def test_lwf_distils_only_earlier_classes_in_class_il() -> None:
+    from orchestrator.models import HeadLayout
+
+    layout = HeadLayout.build("class_il", [[0, 1], [2, 3], [4, 5]])
+    assert bool(layout.head_mask().all())  # class-IL may predict every class ...
+    assert old_units(layout.domain_units(), 2).tolist() == [True] * 4 + [False] * 2  # ... but distils old ones only
+    assert old_units(HeadLayout.build("domain_il", [[0, 1], [0, 1]]).domain_units(), 1).tolist() == [True, True]

@@ -126,7 +126,8 @@ def run_one(domains: list[dict[str, Any]], scenario: str, key: str, budget: int 
                else torch.optim.Adam(model.parameters(), lr=lr))
         ctx = StageContext(model=model, train_model=model, optimizer=opt, task_id=k, num_tasks=len(domains),
                            head_mask=mask, seed=seed, iter_task_batches=batches,
-                           steps_per_epoch=-(-len(data) // 128))
+                           steps_per_epoch=-(-len(data) // 128), rows_per_epoch=len(data),
+                           domain_units=layout.domain_units())
         stats = fit_task(ctx, strategies, epochs=4)
         seconds += stats["train_seconds"]
         steps += ctx.step
