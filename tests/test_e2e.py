@@ -16,7 +16,7 @@ from orchestrator.checkpoint import load_checkpoint, read_lineage
 from orchestrator.dag import RunOptions, run
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.spec import validate_raw
-from strategies import Batch, StageContext
+from strategies import Batch, StageContext, build_strategies
 from strategies.ewc import diagonal_fisher
 
 pytestmark = pytest.mark.e2e
@@ -109,11 +109,12 @@ def test_evaluation_overlaps_the_next_stage(reports: dict[str, dict[str, Any]]) 
 
 def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_root: Path, workdir: Path) -> None:
     raw = split_mnist(1, 1000, strategy=[{"name": "replay", "buffer_size": 64},
-                                         {"name": "ewc", "fisher_samples": None}],
+                                         {"name": "ewc", "fisher_samples": None}, {"name": "spg"},
+                                         {"name": "ncl", "fisher_samples": None}],
                       training={"epochs": 1, "batch_size": 50, "num_workers": 2, "cpus_per_worker": 0.5})
     raw["name"] = "two-workers"
     rep = run(validate_raw(raw, "test"), RunOptions(workdir=workdir, data_root=str(data_root), show_progress=False))
-    model_state, (replay_state, ewc_state), _ = load_checkpoint(rep["stages"][0]["checkpoint"])
+    model_state, (replay_state, ewc_state, spg_state, ncl_state), _ = load_checkpoint(rep["stages"][0]["checkpoint"])
     uri = str(workdir / "shards" / "two-workers" / "digits-0-1")
     manifest = shards.read_manifest(uri)
     train = shards.read_split(uri, manifest, "train")
@@ -132,4 +133,15 @@ def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_r
                        head_mask=layout.head_mask(), iter_task_batches=lambda: iter([batch]))
     fisher = diagonal_fisher(ctx, chunk=64, max_samples=None)
     for name, f in fisher.items():
-        torch.testing.assert_close(ewc_state["fishers"][0][name], f, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ewc_state["fishers"][0][name], f, atol=1e-5, rtol=0.0)
+    # SPG importance and NCL precision (Kronecker factors) of 2 workers == 1 process on the same samples.
+    spg, ncl = build_strategies([("spg", {}), ("ncl", {"fisher_samples": None})])
+    spg.before_task(ctx)
+    spg.after_task(ctx)
+    ncl.after_task(ctx)
+    assert set(spg_state["a_max"]) == set(spg.a_max) and set(ncl_state["kron"]) == set(ncl.kron)
+    for name, imp in spg.a_max.items():
+        torch.testing.assert_close(spg_state["a_max"][name], imp, atol=1e-5, rtol=0.0)
+    for name, (A, G) in ncl.kron.items():
+        torch.testing.assert_close(ncl_state["kron"][name][0], A, atol=1e-5, rtol=0.0)
+        torch.testing.assert_close(ncl_state["kron"][name][1], G, atol=1e-5, rtol=0.0)
