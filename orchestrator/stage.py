@@ -94,7 +94,7 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
         total, count = 0.0, 0
         for batch in ctx.iter_task_batches():
             new = len(batch)
-            batch = Batch(batch.x.to(ctx.device), batch.y.to(ctx.device), batch.t.to(ctx.device))
+            batch = batch.to(ctx.device)
             for s in strategies:
                 batch = s.train_batch(ctx, batch)
             outputs = ctx.train_model(batch.x)

@@ -98,8 +98,7 @@ class AGEM(Strategy):
             return
         g = torch.Generator().manual_seed(hash((ctx.seed, ctx.task_id, ctx.step, 41)) & 0x7FFF_FFFF)
         idx = torch.randperm(len(self.memory["y"]), generator=g)[: self.config.sample_size]  # a random subset
-        dev = ctx.device
-        ref = Batch(self.memory["x"][idx].to(dev), self.memory["y"][idx].to(dev), self.memory["t"][idx].to(dev))
+        ref = Batch.from_fields(self.memory).select(idx).to(ctx.device)
         params = [p for p in ctx.model.parameters() if p.requires_grad and p.grad is not None]
         ref_loss = ctx.criterion(ctx.model(ref.x), ref)
         g_ref = torch.cat([r.flatten() for r in torch.autograd.grad(ref_loss, params, allow_unused=True,

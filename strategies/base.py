@@ -52,6 +52,19 @@ class Batch:
         """Concatenate two batches along the sample axis."""
         return Batch(torch.cat([self.x, other.x]), torch.cat([self.y, other.y]), torch.cat([self.t, other.t]))
 
+    def select(self, index: slice | torch.Tensor) -> Batch:
+        """The samples at ``index`` (a slice or an index tensor)."""
+        return Batch(self.x[index], self.y[index], self.t[index])
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``."""
+        return Batch(self.x.to(device), self.y.to(device), self.t.to(device))
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> Batch:
+        """A batch from a buffer's ``{"x", "y", "t", ...}`` tensors (other fields are ignored)."""
+        return cls(fields["x"], fields["y"], fields["t"])
+
 
 @dataclass
 class StageContext:

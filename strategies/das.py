@@ -53,7 +53,7 @@ def gate_importance(ctx: StageContext, objective: GateObjective, max_samples: in
     was_training = ctx.model.training
     ctx.model.eval()
     for batch in capped_batches(ctx, max_samples):
-        batch = Batch(batch.x.to(ctx.device), batch.y.to(ctx.device), batch.t.to(ctx.device))
+        batch = batch.to(ctx.device)
         gates = {u.name: torch.ones(u.size, device=ctx.device, requires_grad=True) for u in units}
         grads = torch.autograd.grad(objective(batch, gates), list(gates.values()), allow_unused=True,
                                     materialize_grads=True)

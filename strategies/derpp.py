@@ -69,21 +69,20 @@ class DERPP(Strategy):
         out = batch
         for d in self.drawn:
             if d:
-                dev = batch.x.device
-                out = out.cat(Batch(d["x"].to(dev), d["y"].to(dev), d["t"].to(dev)))
+                out = out.cat(Batch.from_fields(d).to(batch.x.device))
         return out
 
     def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """``loss - CE(all) + CE(new) + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')``; stores new samples."""
         n = self.n_new
-        head = Batch(batch.x[:n], batch.y[:n], batch.t[:n])
+        head = batch.select(slice(0, n))
         total = loss - ctx.criterion(outputs, batch) + ctx.criterion(outputs[:n], head)
         first, second = self.drawn
         if first:
             m = len(first["y"])
             total = total + self.config.alpha * derpp_terms(outputs[n:n + m], first["logits"].to(outputs.device))
             sl = slice(n + m, n + 2 * m)
-            total = total + self.config.beta * ctx.criterion(outputs[sl], Batch(batch.x[sl], batch.y[sl], batch.t[sl]))
+            total = total + self.config.beta * ctx.criterion(outputs[sl], batch.select(sl))
         self.buffer.insert({"x": head.x, "y": head.y, "t": head.t, "logits": outputs[:n].detach()})
         return total
 

@@ -62,8 +62,7 @@ class GEM(AGEM):
         rows = []
         for task in sorted(set(self.memory["t"].tolist())):
             idx = (self.memory["t"] == task).nonzero().flatten()
-            ref = Batch(self.memory["x"][idx].to(ctx.device), self.memory["y"][idx].to(ctx.device),
-                        self.memory["t"][idx].to(ctx.device))
+            ref = Batch.from_fields(self.memory).select(idx).to(ctx.device)
             grads = torch.autograd.grad(ctx.criterion(ctx.model(ref.x), ref), params, allow_unused=True,
                                         materialize_grads=True)
             rows.append(torch.cat([r.flatten() for r in grads]))

@@ -33,7 +33,7 @@ def capped_batches(ctx: StageContext, max_samples: int | None) -> Iterator[Batch
     for batch in ctx.iter_task_batches():
         if max_samples is not None:
             keep = max_samples - count
-            batch = Batch(batch.x[:keep], batch.y[:keep], batch.t[:keep])
+            batch = batch.select(slice(0, keep))
         count += len(batch)
         yield batch
         if max_samples is not None and count >= max_samples:
@@ -93,7 +93,7 @@ def mean_grad_stat(ctx: StageContext, objective: SampleObjective, stat: Callable
     count = 0
     for batch in capped_batches(ctx, max_samples):
         for start in range(0, len(batch), chunk):
-            part = Batch(batch.x[start:start + chunk], batch.y[start:start + chunk], batch.t[start:start + chunk])
+            part = batch.select(slice(start, start + chunk))
             for n, g in per_sample_grad_stat(model, objective, part, stat).items():
                 sums[n] += g
         count += len(batch)

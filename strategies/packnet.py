@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import StageContext, Strategy, StrategyConfig
+from strategies.units import head_name
 
 FREE = -1
 
@@ -39,8 +40,7 @@ class PackNetConfig(StrategyConfig):
 
 def prunable(model: torch.nn.Module) -> list[str]:
     """Names of the prunable weight tensors: Linear/Conv2d weights except the last Linear (the head)."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    head = linears[-1] if linears else None
+    head = head_name(model)
     return [f"{name}.weight" for name, m in model.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name != head]
 
@@ -124,7 +124,7 @@ class PackNet(Strategy):
         self.trainable_task = ctx.task_id
         for _ in range(self.config.retrain_epochs):
             for batch in ctx.iter_task_batches():
-                batch = Batch(batch.x.to(ctx.device), batch.y.to(ctx.device), batch.t.to(ctx.device))
+                batch = batch.to(ctx.device)
                 loss = ctx.criterion(ctx.train_model(batch.x), batch)
                 ctx.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

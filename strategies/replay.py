@@ -90,8 +90,7 @@ class Replay(Strategy):
         drawn = self.buffer.sample(m, self.torch_rng) if self.config.fraction is None else self._sample_all(m)
         mixed = batch
         if drawn:
-            dev = batch.x.device
-            mixed = batch.cat(Batch(drawn["x"].to(dev), drawn["y"].to(dev), drawn["t"].to(dev)))
+            mixed = batch.cat(Batch.from_fields(drawn).to(batch.x.device))
         if ctx.epoch == 0:
             self.buffer.insert({"x": batch.x, "y": batch.y, "t": batch.t})
         return mixed
@@ -115,8 +114,7 @@ class Replay(Strategy):
             return
         new = merge(ctx.all_gather_object(self.buffer.local()), self.quota)
         parts = [p for p in (self.global_state, new) if p]
-        self.global_state = {**{k: torch.cat([p[k] for p in parts]) for k in ("x", "y", "t")},
-                             "n_seen": sum(p["n_seen"] for p in parts)} if parts else None
+        self.global_state = merge(parts, sum(len(p["y"]) for p in parts))  # keep every part whole
 
     def state_dict(self) -> dict[str, Any]:
         """The global buffer: ``x`` ``[N, *input_shape]`` float32, ``y`` ``[N]``, ``t`` ``[N]``, ``n_seen`` (int)."""

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from strategies.base import StageContext, Strategy, StrategyConfig
 from strategies.importance import capped_batches
+from strategies.units import head_name
 
 
 class SPGConfig(StrategyConfig):
@@ -58,7 +59,9 @@ def head_names(model: torch.nn.Module, prefix: str | None) -> set[str]:
     """Names of the head's parameters: those starting with ``prefix``, else the last ``nn.Linear``'s."""
     if prefix is not None:
         return {n for n, _ in model.named_parameters() if n.startswith(prefix)}
-    last = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    last = head_name(model)
+    if last is None:
+        raise ValueError("spg: the model has no nn.Linear head; name the head's parameters with spg.head")
     return {f"{last}.{n}" if last else n for n, _ in model.get_submodule(last).named_parameters()}
 
 

@@ -35,12 +35,17 @@ class Unit:
     size: int
 
 
+def head_name(model: torch.nn.Module) -> str | None:
+    """Name of the classification head: the model's last ``nn.Linear`` (None if it has none)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return linears[-1] if linears else None
+
+
 def model_units(model: torch.nn.Module) -> list[Unit]:
     """The model's unit layers: ``model.cl_units()`` if defined, else every Linear/Conv2d but the last Linear."""
     if hasattr(model, "cl_units"):
         return list(model.cl_units())
-    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    head = linears[-1] if linears else None
+    head = head_name(model)
     return [Unit(name, m, m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels)
             for name, m in model.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name != head]

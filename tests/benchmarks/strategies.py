@@ -120,7 +120,7 @@ def run_one(domains: list[dict[str, Any]], scenario: str, key: str, budget: int 
             order = torch.randperm(len(data), generator=g)
             for i in range(0, len(order), 128):
                 idx = order[i:i + 128]
-                yield Batch(data.x[idx], data.y[idx], data.t[idx])
+                yield data.select(idx)
 
         opt = (torch.optim.SGD(model.parameters(), lr=lr) if opt_name == "sgd"
                else torch.optim.Adam(model.parameters(), lr=lr))
