@@ -88,8 +88,7 @@ def validate(
     workdir: WorkdirOpt = Path("lifelong-runs"),
 ) -> None:
     """Check a pipeline: print every problem with its field path (exit 2 if any)."""
-    from orchestrator.dag import domain_uri
-    from orchestrator.shards import MANIFEST
+    from orchestrator.shards import MANIFEST, domain_uri
     import fsspec
 
     try:

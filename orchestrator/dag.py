@@ -84,15 +84,6 @@ class AddDomainColumn:
         return table.append_column("t", pa.array(np.full(table.num_rows, self.index, dtype=np.int64)))
 
 
-def domain_uri(pipeline: Pipeline, index: int, workdir: Path) -> str:
-    """The shard URI of domain ``index``: its ``uri``, else ``<storage.shards>/<pipeline>/<domain>``."""
-    d = pipeline.domains[index]
-    if d.uri:
-        return d.uri if "://" in d.uri or os.path.isabs(d.uri) else str(Path(d.uri).resolve())
-    base = Path(pipeline.storage.shards) if pipeline.storage.shards else workdir / "shards"
-    return str((base / pipeline.name / d.name).resolve())
-
-
 def prepare_domains(pipeline: Pipeline, options: RunOptions, log: Callable[[str], None]) -> list[Domain]:
     """Resolve each domain's shards, building missing ones from their ``source``.
 
@@ -102,7 +93,7 @@ def prepare_domains(pipeline: Pipeline, options: RunOptions, log: Callable[[str]
     data_root = shards.find_data_root(options.data_root, options.search_from)
     out = []
     for i, spec in enumerate(pipeline.domains):
-        uri = domain_uri(pipeline, i, options.workdir)
+        uri = shards.domain_uri(pipeline, i, options.workdir)
         try:
             manifest = shards.read_manifest(uri)
         except ShardError as e:

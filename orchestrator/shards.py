@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import ShardError
-from orchestrator.spec import SourceSpec
+from orchestrator.spec import Pipeline, SourceSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "lifelong-shards/1"
@@ -90,6 +90,15 @@ def find_data_root(explicit: str | None, near: list[Path]) -> Path | None:
             if candidate.is_dir():
                 return candidate
     return None
+
+
+def domain_uri(pipeline: Pipeline, index: int, workdir: Path) -> str:
+    """The shard URI of domain ``index``: its ``uri``, else ``<storage.shards>/<pipeline>/<domain>``."""
+    d = pipeline.domains[index]
+    if d.uri:
+        return d.uri if "://" in d.uri or os.path.isabs(d.uri) else str(Path(d.uri).resolve())
+    base = Path(pipeline.storage.shards) if pipeline.storage.shards else workdir / "shards"
+    return str((base / pipeline.name / d.name).resolve())
 
 
 # ---------------------------------------------------------------- raw datasets
