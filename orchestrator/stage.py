@@ -183,7 +183,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        world_size=world, rank=rank, device=device, seed=pipeline.seed,
                        iter_task_batches=iter_task_batches, log=print,
                        steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size),
-                       rows_per_epoch=config["train_rows"], domain_units=layout.domain_units())
+                       rows_per_epoch=config["train_rows"], domain_units=layout.domain_units(),
+                       target_table=layout.target_table())
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds

@@ -86,6 +86,8 @@ class StageContext:
         epoch, step: the current epoch (0-based) and optimizer step within the stage.
         steps_per_epoch: optimizer steps per epoch on this worker (0 if unknown).
         rows_per_epoch: training samples per epoch, all workers together (0 if unknown).
+        target_table: ``[T, max_label + 1]`` long, the output unit of each raw label in each domain (-1 where the
+            domain has no such label), from ``HeadLayout.target_table``; None if unknown.
     """
 
     model: torch.nn.Module
@@ -105,6 +107,7 @@ class StageContext:
     steps_per_epoch: int = 0
     rows_per_epoch: int = 0
     domain_units: torch.Tensor | None = None
+    target_table: torch.Tensor | None = None
 
     def units_of(self) -> torch.Tensor:
         """``[T, K]`` bool: the output units that belong to each domain's labels."""

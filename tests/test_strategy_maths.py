@@ -15,7 +15,7 @@ from strategies.das import gate_importance, loss_objective
 from strategies.derpp import DERPP, DERPPConfig
 from strategies.gem import gem_project
 from strategies.hat import anneal
-from strategies.lwf import kd_loss, old_units
+from strategies.lwf import add_kd_loss, extend_loss, kd_loss, merge_heads, old_units
 from strategies.mas import mas_importance
 from strategies.ncl import NCLConfig, kron_inverse_apply, trust_region
 from strategies.packnet import prune_free
@@ -164,6 +164,109 @@ def test_lwf_adds_distillation_only_after_the_first_task() -> None:
     out = model(x)
     expected = 1.0 + 2.0 * kd_loss(out[:, :2], lwf.teacher(x)[:, :2], 1.0)
     assert lwf.loss(ctx, batch, out, torch.tensor(1.0)).item() == pytest.approx(expected.item())
+
+
+def lwf_ctx(model: nn.Module, scenario: str, label_sets: list[list[int]], task: int) -> StageContext:
+    from orchestrator.models import HeadLayout
+
+    layout = HeadLayout.build(scenario, label_sets)
+    return StageContext(model=model, train_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        task_id=task, num_tasks=len(label_sets), head_mask=layout.head_mask(),
+                        domain_units=layout.domain_units(), target_table=layout.target_table())
+
+
+def test_lwf_extend_routes_old_and_other_samples_to_kd_and_new_ones_to_ce() -> None:
+    # Label 0 is "O" in every domain; class-IL units = labels. Domain 1 brings class 2; class 3 comes later.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    (lwf,) = build_strategies([("lwf", {"head": "extend", "other_label": 0, "temperature": 2.0})])
+    ctx = lwf_ctx(model, "class_il", [[0, 1], [0, 2], [0, 3]], task=1)
+    lwf.before_task(ctx)
+    assert lwf.units.tolist() == [True, True, False, False] and lwf.active.tolist() == [True, True, True, False]
+    with torch.no_grad():
+        model.weight.add_(0.3)
+    x = torch.randn(3, 3)
+    y = torch.tensor([0, 2, 1])  # O, new class, old class
+    batch = Batch(x, y, torch.ones(3, dtype=torch.long))
+    out = model(x)
+    teacher = lwf.teacher(x)
+    # by hand: CE of sample 1 over units {0, 1, 2}; KL of samples 0 and 2 over units {0, 1}; both per-sample means
+    ce_1 = -torch.log_softmax(out[1, :3], 0)[2]
+    pt = torch.softmax(teacher[[0, 2]][:, :2] / 2, 1)
+    kl = (pt * (pt.log() - torch.log_softmax(out[[0, 2]][:, :2] / 2, 1))).sum(1)
+    expected = ce_1 / 3 + 4.0 * kl.sum() / 3
+    total = lwf.loss(ctx, batch, out, ctx.criterion(out, batch))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    ce, kd = extend_loss(out, teacher, y, lwf.units, lwf.active, 2.0)
+    assert (ce + kd).item() == pytest.approx(expected.item(), rel=1e-5)
+    # the layer has not grown unit 3 yet: it gets no gradient (as if absent) and inference masks it
+    total.backward()
+    assert float(model.weight.grad[3].abs().sum()) == 0.0 and float(model.bias.grad[3]) == 0.0
+    assert float(model.weight.grad[2].abs().sum()) > 0.0
+    assert lwf.inference_model(model, 0)(x)[:, 3].isinf().all()
+    restored = build_strategies([("lwf", {"head": "extend"})])[0]
+    restored.load_state_dict(lwf.state_dict())
+    assert restored.inference_model(model, 0)(x)[:, 3].isinf().all()
+
+
+def test_lwf_extend_first_domain_is_plain_cross_entropy_over_its_units() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    (lwf,) = build_strategies([("lwf", {"head": "extend"})])
+    ctx = lwf_ctx(model, "class_il", [[0, 1], [2, 3]], task=0)
+    lwf.before_task(ctx)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    out = model(x)
+    batch = Batch(x, y, torch.zeros(4, dtype=torch.long))
+    expected = nn.functional.cross_entropy(out[:, :2], y)
+    assert lwf.loss(ctx, batch, out, ctx.criterion(out, batch)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_lwf_add_distils_each_old_head_with_its_own_softmax() -> None:
+    # task-IL heads over [O, class]: head 0 = units {0, 1}, head 1 = {2, 3}, head 2 = {4, 5}
+    torch.manual_seed(0)
+    model = nn.Linear(3, 6)
+    (lwf,) = build_strategies([("lwf", {"head": "add", "other_label": 0, "alpha": 0.5, "temperature": 1.0})])
+    ctx = lwf_ctx(model, "task_il", [[0, 1], [0, 2], [0, 3]], task=2)
+    lwf.before_task(ctx)
+    assert lwf.heads.tolist() == [[True, True, False, False, False, False], [False, False, True, True, False, False]]
+    with torch.no_grad():
+        model.weight.add_(0.2)
+    x = torch.randn(5, 3)
+    batch = Batch(x, torch.tensor([4, 5, 4, 4, 5]), torch.full((5,), 2))
+    out, teacher = model(x), lwf.teacher(x)
+    kd = kd_loss(out[:, :2], teacher[:, :2], 1.0) + kd_loss(out[:, 2:4], teacher[:, 2:4], 1.0)
+    assert add_kd_loss(out, teacher, lwf.heads, 1.0).item() == pytest.approx(kd.item(), rel=1e-6)
+    ce = ctx.criterion(out, batch)
+    assert lwf.loss(ctx, batch, out, ce).item() == pytest.approx((ce + 0.5 * kd).item(), rel=1e-6)
+
+
+def test_merge_heads_picks_o_unless_a_head_claims_a_class() -> None:
+    heads = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    other = torch.tensor([0, 2])
+    logits = torch.tensor([[3.0, 0.0, 3.0, 0.0],    # both heads say O -> O
+                           [3.0, 0.0, 0.0, 2.0],    # head 1 claims its class (p = 0.88) -> unit 3
+                           [0.0, 1.0, 0.0, 3.0],    # both claim: head 0 p = 0.73, head 1 p = 0.95 -> unit 3
+                           [0.0, 4.0, 0.0, 1.0]])   # both claim: head 0 p = 0.98 -> unit 1
+    assert merge_heads(logits, heads, other).tolist() == [0, 3, 3, 1]
+
+
+def test_lwf_head_growth_checks_the_layout_and_the_other_label() -> None:
+    model = nn.Linear(3, 4)
+    with pytest.raises(ValueError, match="class-IL"):
+        build_strategies([("lwf", {"head": "extend"})])[0].before_task(lwf_ctx(model, "task_il", [[0, 1], [2, 3]], 1))
+    with pytest.raises(ValueError, match="task-IL"):
+        build_strategies([("lwf", {"head": "add"})])[0].before_task(lwf_ctx(model, "class_il", [[0, 1], [2, 3]], 1))
+    with pytest.raises(ValueError, match="other_label 0"):
+        build_strategies([("lwf", {"head": "extend", "other_label": 0})])[0].before_task(
+            lwf_ctx(model, "class_il", [[0, 1], [2, 3]], 1))
+
+
+def test_lwf_task_weighting_follows_van_de_ven() -> None:
+    model = nn.Linear(3, 6)
+    (lwf,) = build_strategies([("lwf", {"weighting": "tasks"})])
+    lwf.before_task(lwf_ctx(model, "class_il", [[0, 1], [2, 3], [4, 5]], 2))
+    assert lwf.weights == pytest.approx((2 / 3, 1 / 3))
 
 
 # ---------------------------------------------------------------- SI and MAS
