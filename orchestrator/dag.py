@@ -346,7 +346,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
             config = {"spec": pipeline.model_dump(mode="json"), "task_id": k, "scenario": layout.scenario,
                       "label_sets": [list(s) for s in layout.label_sets], "input_shape": list(input_shape),
                       "scale": scale, "features": features, "label": label, "parent": str(parent),
-                      "lineage": lineage, "progress": queue, "train_rows": rows[k]}
+                      "lineage": lineage, "progress": queue, "train_rows": rows[k],
+                      "state_uri": str(run_dir / "state" / f"stage-{k}")}
             trainer = TorchTrainer(
                 train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
                 scaling_config=ScalingConfig(num_workers=world, use_gpu=pipeline.training.use_gpu,

@@ -135,8 +135,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     ``config`` holds: ``spec`` (the pipeline as JSON), ``task_id``, ``scenario``, ``label_sets``, ``input_shape``,
     ``scale``, ``features``/``label`` column names, ``parent`` (the previous checkpoint folder), ``lineage`` (the
-    driver's lineage record for this stage), ``train_rows`` (rows streamed per epoch, all workers) and
-    ``progress`` (a ``ray.util.queue.Queue`` or None).
+    driver's lineage record for this stage), ``train_rows`` (rows streamed per epoch, all workers), ``state_uri``
+    (this stage's folder for strategy state too large for the checkpoint) and ``progress`` (a
+    ``ray.util.queue.Queue`` or None).
 
     Returns:
         rank 0's fit statistics (see :func:`fit_task`) plus ``setup_seconds``.
@@ -184,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        iter_task_batches=iter_task_batches, log=print,
                        steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size),
                        rows_per_epoch=config["train_rows"], domain_units=layout.domain_units(),
-                       target_table=layout.target_table())
+                       target_table=layout.target_table(), state_uri=config.get("state_uri"))
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds

@@ -88,6 +88,8 @@ class StageContext:
         rows_per_epoch: training samples per epoch, all workers together (0 if unknown).
         target_table: ``[T, max_label + 1]`` long, the output unit of each raw label in each domain (-1 where the
             domain has no such label), from ``HeadLayout.target_table``; None if unknown.
+        state_uri: a folder (path or URI) on the pipeline's storage, private to this stage, where strategies may
+            write state too large for the checkpoint (Parquet replay buffers); None if the stage has none.
     """
 
     model: torch.nn.Module
@@ -108,6 +110,7 @@ class StageContext:
     rows_per_epoch: int = 0
     domain_units: torch.Tensor | None = None
     target_table: torch.Tensor | None = None
+    state_uri: str | None = None
 
     def units_of(self) -> torch.Tensor:
         """``[T, K]`` bool: the output units that belong to each domain's labels."""

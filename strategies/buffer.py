@@ -7,15 +7,26 @@ and :meth:`Reservoir.from_global` gives worker r the slice ``r::W`` of it at the
 
 The global buffer is a dict of tensors with equal first dimension (always ``x`` ``[N, *input_shape]``, ``y``
 ``[N]``, ``t`` ``[N]``; DER++ adds ``logits`` ``[N, K]``) plus ``n_seen`` (int, items offered so far).
+
+:class:`SharedBuffer` keeps that global buffer between stages, either inside the strategy state (``memory``: it
+travels in the stage checkpoint) or as Parquet part files on the pipeline's storage (``parquet``): each worker writes
+its own part, the checkpoint holds only the list of parts, and no process ever holds the whole buffer, so it can grow
+past what the driver, rank 0 or the checkpoint could carry (the workers together still hold it during a stage).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import uuid
+from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
+
+from strategies.base import StageContext
 
 
 def reservoir_update(n_seen: int, size: int, capacity: int, batch_len: int,
@@ -59,14 +70,23 @@ class Reservoir:
     def from_global(cls, state: dict[str, Any] | None, rank: int, world: int, capacity: int,
                     rng: np.random.Generator) -> Reservoir:
         """This worker's part (``rank::world``) of a global buffer, as a reservoir of ``capacity``."""
+        if not state or not len(state["y"]):
+            return cls(capacity, rng)
+        part = {k: v[rank::world] for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return cls.from_rows(part, state["n_seen"] // world, capacity, rng)
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, torch.Tensor], n_seen: int, capacity: int,
+                  rng: np.random.Generator) -> Reservoir:
+        """A reservoir of ``capacity`` holding the first ``capacity`` of ``rows`` (``{field: [N, ...]}``)."""
         res = cls(capacity, rng)
-        if state and len(state["y"]):
-            part = {k: v[rank::world][:capacity] for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if rows and len(rows["y"]):
+            part = {k: v[:capacity] for k, v in rows.items()}
             res._allocate(part)
             res.size = len(part["y"])
             for k, v in part.items():
                 res.fields[k][: res.size] = v
-            res.n_seen = state["n_seen"] // world
+        res.n_seen = n_seen
         return res
 
     def _allocate(self, like: dict[str, torch.Tensor]) -> None:
@@ -109,3 +129,148 @@ def merge(parts: list[dict[str, Any]], capacity: int) -> dict[str, Any] | None:
 def local_capacity(total: int, world: int) -> int:
     """Per-worker capacity so that W local reservoirs hold at least ``total`` items together."""
     return math.ceil(total / world)
+
+
+# ---------------------------------------------------------------- the global buffer between stages
+
+def fields_to_table(fields: dict[str, torch.Tensor]) -> pa.Table:
+    """Tensors ``{field: [N, ...]}`` as an Arrow table: 1-D fields as columns, others as fixed-size lists of their
+    flattened rows, with the row shape in the field metadata."""
+    columns, schema = [], []
+    for name, v in fields.items():
+        flat = v.detach().cpu().reshape(len(v), -1).numpy()
+        shape = ",".join(str(d) for d in v.shape[1:])
+        if v.dim() == 1:
+            arr = pa.array(v.detach().cpu().numpy())
+        else:
+            arr = pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+        columns.append(arr)
+        schema.append(pa.field(name, arr.type, metadata={"shape": shape}))
+    return pa.Table.from_arrays(columns, schema=pa.schema(schema))
+
+
+def table_to_fields(table: pa.Table) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`fields_to_table`."""
+    out = {}
+    for field, col in zip(table.schema, table.columns):
+        shape = [int(d) for d in (field.metadata or {}).get(b"shape", b"").decode().split(",") if d]
+        arr = col.combine_chunks()
+        values = arr.flatten().to_numpy(zero_copy_only=False) if shape else arr.to_numpy(zero_copy_only=False)
+        out[field.name] = torch.from_numpy(np.array(values).reshape(len(table), *shape))  # a writable copy
+    return out
+
+
+def write_part(folder: str, rank: int, fields: dict[str, torch.Tensor]) -> str:
+    """Write one worker's buffer part to ``<folder>/part-<rank>.parquet`` atomically (a temporary file in the same
+    folder, then a rename) and return its URI.
+
+    Raises:
+        FileExistsError: if the part already exists (parts are never overwritten).
+    """
+    fs, path = pafs.FileSystem.from_uri(folder)
+    fs.create_dir(path, recursive=True)
+    final = f"{path}/part-{rank:05d}.parquet"
+    if fs.get_file_info(final).type != pafs.FileType.NotFound:
+        raise FileExistsError(f"buffer part {folder}/part-{rank:05d}.parquet already exists")
+    tmp = f"{path}/.part-{rank:05d}.parquet.tmp-{uuid.uuid4().hex}"
+    try:
+        pq.write_table(fields_to_table(fields), tmp, filesystem=fs)
+        fs.move(tmp, final)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+    return f"{folder}/part-{rank:05d}.parquet"
+
+
+def read_part(uri: str) -> dict[str, torch.Tensor]:
+    """Read a part written by :func:`write_part`.
+
+    Raises:
+        OSError: if the part is missing or unreadable (the message names it).
+    """
+    fs, path = pafs.FileSystem.from_uri(uri)
+    try:
+        return table_to_fields(pq.read_table(path, filesystem=fs))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise OSError(f"replay buffer part {uri} cannot be read: {e}") from None
+
+
+class SharedBuffer:
+    """The global buffer of a rehearsal strategy between stages.
+
+    Args:
+        storage: ``memory`` (the merged buffer is the strategy state and travels in the checkpoint) or ``parquet``
+            (each worker writes its part under ``StageContext.state_uri``; the state is ``{"parts": [{"uri", "rows"}],
+            "n_seen"}``).
+
+    Either way, worker r of W works on the rows ``r::W`` of the global buffer (parts concatenated in order), so a
+    stage sees the same buffer with both storages.
+    """
+
+    def __init__(self, storage: Literal["memory", "parquet"] = "memory") -> None:
+        self.storage = storage
+        self.state: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        """Samples in the global buffer."""
+        if not self.state:
+            return 0
+        if "parts" in self.state:
+            return sum(p["rows"] for p in self.state["parts"])
+        return len(self.state["y"])
+
+    def worker_part(self, ctx: StageContext, capacity: int | None, rng: np.random.Generator) -> Reservoir:
+        """This worker's rows ``rank::world`` of the global buffer as a reservoir of ``capacity`` (None: all of
+        them, with no room to grow)."""
+        total = len(self)
+        cap = capacity if capacity is not None else -(-total // ctx.world_size)
+        if not self.state or "parts" not in self.state:
+            return Reservoir.from_global(self.state, ctx.rank, ctx.world_size, cap, rng)
+        rows: list[dict[str, torch.Tensor]] = []
+        offset = 0
+        for part in self.state["parts"]:
+            first = (ctx.rank - offset) % ctx.world_size  # first local row whose global index is rank (mod world)
+            if first < part["rows"]:
+                fields = read_part(part["uri"])
+                rows.append({k: v[first::ctx.world_size] for k, v in fields.items()})
+            offset += part["rows"]
+        merged = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {}
+        return Reservoir.from_rows(merged, self.state["n_seen"] // ctx.world_size, cap, rng)
+
+    def commit(self, ctx: StageContext, reservoir: Reservoir, capacity: int, name: str, append: bool = False) -> None:
+        """End of stage: the workers' reservoirs (gathered in rank order, at most ``capacity`` samples) become the
+        global buffer, or are appended to it (``append``). Collective: every worker calls it.
+
+        Raises:
+            ValueError: for ``parquet`` storage without ``StageContext.state_uri``.
+        """
+        if self.storage == "memory":
+            new = merge(ctx.all_gather_object(reservoir.local()), capacity)
+            parts = [p for p in (self.state if append else None, new) if p]
+            self.state = merge(parts, sum(len(p["y"]) for p in parts)) if parts else None
+            return
+        if ctx.state_uri is None:
+            raise ValueError(f"{name}: storage 'parquet' needs the stage's state folder (StageContext.state_uri)")
+        token = uuid.uuid4().hex[:12]
+        info = ctx.all_gather_object((reservoir.size, reservoir.n_seen, token))
+        before = sum(size for size, _, _ in info[: ctx.rank])
+        keep = max(0, min(reservoir.size, capacity - before))
+        folder = f"{ctx.state_uri.rstrip('/')}/{name}-{info[0][2]}"
+        mine = None
+        if keep:
+            local = reservoir.local()
+            mine = {"uri": write_part(folder, ctx.rank, {k: v[:keep] for k, v in local.items() if k != "n_seen"}),
+                    "rows": keep}
+        new_parts = [p for p in ctx.all_gather_object(mine) if p]
+        old = self.state if append and self.state else {"parts": [], "n_seen": 0}
+        self.state = {"parts": old["parts"] + new_parts, "n_seen": old["n_seen"] + sum(n for _, n, _ in info)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``memory``: the merged buffer (``x``, ``y``, ``t``[, ``logits``], ``n_seen``); ``parquet``: ``parts`` and
+        ``n_seen``; ``{}`` when empty."""
+        return dict(self.state) if self.state else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (either storage)."""
+        self.state = dict(state) if state else None

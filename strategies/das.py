@@ -12,8 +12,10 @@ its layer and mapped to [0, 1) by ``|tanh(.)|``.
 - Importances accumulate by element-wise max; while a domain trains, the gradients of the parameters producing each
   unit are multiplied by ``(1 - importance)``.
 
-The contrastive term of the paper is not implemented. Distributed: gate gradients are summed on each worker and
-all-reduced, so every worker holds the same importance; masking runs after DDP's all-reduce.
+The contrastive term of the paper is not implemented. Distributed: the gate gradients of each global batch (the
+workers' batches of one step) are summed across workers before the absolute value (:func:`gate_importance`), so
+every worker holds the importance one process computes on the same global batches; masking runs after DDP's
+all-reduce.
 """
 
 from __future__ import annotations
@@ -47,20 +49,32 @@ def normalize(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def gate_importance(ctx: StageContext, objective: GateObjective, max_samples: int | None) -> dict[str, torch.Tensor]:
-    """Normalised unit importance: accumulated ``|d objective / d gate|`` over the current domain (all workers)."""
+    """Normalised unit importance: ``sum_b |d objective_b / d gate|`` over the global batches b of the current
+    domain, per layer ``{name: [n_units]}``.
+
+    A global batch is the workers' batches of the same step together: each worker's per-batch gate gradients
+    (``[n_batches, n_units]``, the objective being a sum over samples) are gathered and summed by batch index before
+    the absolute value, so W workers give the importance one process gives on the same global batches (a worker
+    with fewer batches adds nothing to the later ones).
+    """
     units = model_units(ctx.model)
-    raw = {u.name: torch.zeros(u.size) for u in units}
     was_training = ctx.model.training
     ctx.model.eval()
+    rows = []
     for batch in capped_batches(ctx, max_samples):
         batch = batch.to(ctx.device)
         gates = {u.name: torch.ones(u.size, device=ctx.device, requires_grad=True) for u in units}
         grads = torch.autograd.grad(objective(batch, gates), list(gates.values()), allow_unused=True,
                                     materialize_grads=True)
-        for n, g in zip(gates, grads):
-            raw[n] += g.abs().cpu()
+        rows.append(torch.cat([g.detach().cpu() for g in grads]))
     ctx.model.train(was_training)
-    return normalize({n: ctx.all_reduce_sum(v) for n, v in raw.items()})
+    width = sum(u.size for u in units)
+    parts = ctx.all_gather_object(torch.stack(rows) if rows else torch.zeros(0, width))
+    per_batch = torch.zeros(max(len(part) for part in parts), width)
+    for part in parts:
+        per_batch[: len(part)] += part
+    raw = per_batch.abs().sum(0).split([u.size for u in units])
+    return normalize({u.name: v for u, v in zip(units, raw)})
 
 
 def loss_objective(ctx: StageContext) -> GateObjective:

@@ -11,7 +11,8 @@ step (as in the authors' code, Mammoth ``models/derpp.py``).
 
 Hook use: ``train_batch`` appends the two buffer batches to the new batch so one forward pass (one DDP forward)
 serves all three terms; ``loss`` replaces the stage's cross-entropy over the whole batch by the DER++ objective on
-the three slices, keeping whatever earlier strategies added. Distributed: as replay (``strategies/buffer.py``).
+the three slices, keeping whatever earlier strategies added. Distributed and ``storage``: as replay
+(``strategies/buffer.py``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
-from strategies.buffer import Reservoir, local_capacity, merge
+from strategies.base import Batch, StageContext, Strategy
+from strategies.buffer import Reservoir, SharedBuffer, local_capacity
+from strategies.replay import RehearsalConfig
 
 
-class DERPPConfig(StrategyConfig):
-    """Parameters of :class:`DERPP`."""
+class DERPPConfig(RehearsalConfig):
+    """Parameters of :class:`DERPP` (``buffer_size`` samples are kept with their logits)."""
 
-    buffer_size: int = Field(1100, ge=1, description="samples (with their logits) kept in the buffer")
     alpha: float = Field(0.5, ge=0.0, description="weight of the logit MSE term")
     beta: float = Field(0.5, ge=0.0, description="weight of the buffer cross-entropy term")
     replay_batch: int | None = Field(None, ge=1, description="samples per buffer batch (default: the batch size)")
@@ -49,7 +50,7 @@ class DERPP(Strategy):
     def __init__(self, config: DERPPConfig) -> None:
         super().__init__(config)
         self.config: DERPPConfig = config
-        self.global_state: dict[str, Any] | None = None
+        self.shared = SharedBuffer(config.storage)
         self.buffer = Reservoir(config.buffer_size, np.random.default_rng(0))
         self.n_new = 0
         self.drawn: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
@@ -57,8 +58,7 @@ class DERPP(Strategy):
     def before_task(self, ctx: StageContext) -> None:
         """Take this worker's part of the global buffer and seed the RNGs."""
         rng = np.random.default_rng([ctx.seed, ctx.task_id, ctx.rank, 29])
-        self.buffer = Reservoir.from_global(self.global_state, ctx.rank, ctx.world_size,
-                                            local_capacity(self.config.buffer_size, ctx.world_size), rng)
+        self.buffer = self.shared.worker_part(ctx, local_capacity(self.config.buffer_size, ctx.world_size), rng)
         self.torch_rng = ctx.generator(salt=29)
 
     def train_batch(self, ctx: StageContext, batch: Batch) -> Batch:
@@ -88,12 +88,12 @@ class DERPP(Strategy):
 
     def after_task(self, ctx: StageContext) -> None:
         """Merge the workers' reservoirs into one global buffer of at most ``buffer_size`` samples."""
-        self.global_state = merge(ctx.all_gather_object(self.buffer.local()), self.config.buffer_size)
+        self.shared.commit(ctx, self.buffer, self.config.buffer_size, self.name)
 
     def state_dict(self) -> dict[str, Any]:
-        """The global buffer with ``logits`` ``[N, K]`` beside ``x``, ``y``, ``t`` and ``n_seen``."""
-        return dict(self.global_state) if self.global_state else {}
+        """The global buffer (:meth:`SharedBuffer.state_dict`), with ``logits`` ``[N, K]`` beside ``x``, ``y``, ``t``."""
+        return self.shared.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the global buffer saved by the previous stage."""
-        self.global_state = dict(state) if state else None
+        self.shared.load_state_dict(state)

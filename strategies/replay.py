@@ -12,25 +12,35 @@ Replay by fraction: with ``fraction`` (e.g. 0.01, the 1% rehearsal of Scialom et
 are Continual Learners", EMNLP 2022, §3), each domain leaves a reservoir sample of ``fraction`` of its training samples
 in the buffer, which therefore grows with the stream; replayed samples are drawn from all of it.
 
+Storage: ``storage: parquet`` keeps the buffer as Parquet parts on the pipeline's storage instead of in the stage
+checkpoint (:class:`strategies.buffer.SharedBuffer`), for buffers too large to carry in one process.
+
 Distributed: see ``strategies/buffer.py``; every worker ends the stage with the same global buffer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
-from strategies.buffer import Reservoir, local_capacity, merge
+from strategies.buffer import Reservoir, SharedBuffer, local_capacity
 
 
-class ReplayConfig(StrategyConfig):
-    """Parameters of :class:`Replay`: a fixed ``buffer_size``, or a ``fraction`` of every domain's samples."""
+class RehearsalConfig(StrategyConfig):
+    """Buffer parameters shared by the rehearsal strategies (replay, DER++)."""
 
     buffer_size: int = Field(1100, ge=1, description="samples kept in the replay buffer")
+    storage: Literal["memory", "parquet"] = Field(
+        "memory", description="keep the buffer in the stage checkpoint, or as Parquet parts on the pipeline's storage")
+
+
+class ReplayConfig(RehearsalConfig):
+    """Parameters of :class:`Replay`: a fixed ``buffer_size``, or a ``fraction`` of every domain's samples."""
+
     fraction: float | None = Field(None, gt=0.0, le=1.0, description="keep this share of every domain's training "
                                    "samples instead (the buffer grows with the stream); overrides buffer_size")
     ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of each batch drawn from the buffer")
@@ -55,7 +65,7 @@ class Replay(Strategy):
     def __init__(self, config: ReplayConfig) -> None:
         super().__init__(config)
         self.config: ReplayConfig = config
-        self.global_state: dict[str, Any] | None = None  # the merged buffer from the previous stage
+        self.shared = SharedBuffer(config.storage)  # the global buffer from the previous stage
         self.buffer = Reservoir(config.buffer_size, np.random.default_rng(0))
         self.kept = Reservoir(0, np.random.default_rng(0))  # fraction mode: the earlier domains' samples
         self.quota = 0
@@ -74,14 +84,12 @@ class Replay(Strategy):
         rng = np.random.default_rng([ctx.seed, ctx.task_id, ctx.rank, 17])
         self.torch_rng = ctx.generator(salt=17)
         if self.config.fraction is None:
-            self.buffer = Reservoir.from_global(self.global_state, ctx.rank, ctx.world_size,
-                                                local_capacity(self.config.buffer_size, ctx.world_size), rng)
+            self.buffer = self.shared.worker_part(ctx, local_capacity(self.config.buffer_size, ctx.world_size), rng)
             return
         if not ctx.rows_per_epoch:
             raise ValueError("replay.fraction needs the stage's row count (StageContext.rows_per_epoch)")
         self.quota = fraction_quota(ctx.rows_per_epoch, self.config.fraction)
-        old = self.global_state
-        self.kept = Reservoir.from_global(old, ctx.rank, ctx.world_size, len(old["y"]) if old else 0, rng)
+        self.kept = self.shared.worker_part(ctx, None, rng)
         self.buffer = Reservoir(local_capacity(self.quota, ctx.world_size), rng)
 
     def train_batch(self, ctx: StageContext, batch: Batch) -> Batch:
@@ -110,16 +118,15 @@ class Replay(Strategy):
         """Merge the workers' reservoirs into one global buffer: at most ``buffer_size`` samples, or (``fraction``)
         the earlier domains' samples plus ``fraction`` of this domain's."""
         if self.config.fraction is None:
-            self.global_state = merge(ctx.all_gather_object(self.buffer.local()), self.config.buffer_size)
-            return
-        new = merge(ctx.all_gather_object(self.buffer.local()), self.quota)
-        parts = [p for p in (self.global_state, new) if p]
-        self.global_state = merge(parts, sum(len(p["y"]) for p in parts))  # keep every part whole
+            self.shared.commit(ctx, self.buffer, self.config.buffer_size, self.name)
+        else:
+            self.shared.commit(ctx, self.buffer, self.quota, self.name, append=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """The global buffer: ``x`` ``[N, *input_shape]`` float32, ``y`` ``[N]``, ``t`` ``[N]``, ``n_seen`` (int)."""
-        return dict(self.global_state) if self.global_state else {}
+        """The global buffer (:meth:`SharedBuffer.state_dict`): with ``memory`` storage ``x`` ``[N, *input_shape]``
+        float32, ``y`` ``[N]``, ``t`` ``[N]``, ``n_seen`` (int); with ``parquet`` the list of parts."""
+        return self.shared.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the global buffer saved by the previous stage."""
-        self.global_state = dict(state) if state else None
+        self.shared.load_state_dict(state)

@@ -17,6 +17,7 @@ from orchestrator.dag import RunOptions, run
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.spec import validate_raw
 from strategies import Batch, StageContext, build_strategies
+from strategies.buffer import read_part
 from strategies.ewc import diagonal_fisher
 
 pytestmark = pytest.mark.e2e
@@ -110,11 +111,14 @@ def test_evaluation_overlaps_the_next_stage(reports: dict[str, dict[str, Any]]) 
 def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_root: Path, workdir: Path) -> None:
     raw = split_mnist(1, 1000, strategy=[{"name": "replay", "buffer_size": 64},
                                          {"name": "ewc", "fisher_samples": None}, {"name": "spg"},
-                                         {"name": "ncl", "fisher_samples": None}],
+                                         {"name": "ncl", "fisher_samples": None},
+                                         {"name": "mas", "importance_samples": None},
+                                         {"name": "derpp", "buffer_size": 40, "storage": "parquet"}],
                       training={"epochs": 1, "batch_size": 50, "num_workers": 2, "cpus_per_worker": 0.5})
     raw["name"] = "two-workers"
     rep = run(validate_raw(raw, "test"), RunOptions(workdir=workdir, data_root=str(data_root), show_progress=False))
-    model_state, (replay_state, ewc_state, spg_state, ncl_state), _ = load_checkpoint(rep["stages"][0]["checkpoint"])
+    model_state, states, _ = load_checkpoint(rep["stages"][0]["checkpoint"])
+    replay_state, ewc_state, spg_state, ncl_state, mas_state, derpp_state = states
     uri = str(workdir / "shards" / "two-workers" / "digits-0-1")
     manifest = shards.read_manifest(uri)
     train = shards.read_split(uri, manifest, "train")
@@ -135,10 +139,20 @@ def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_r
     for name, f in fisher.items():
         torch.testing.assert_close(ewc_state["fishers"][0][name], f, atol=1e-5, rtol=0.0)
     # SPG importance and NCL precision (Kronecker factors) of 2 workers == 1 process on the same samples.
-    spg, ncl = build_strategies([("spg", {}), ("ncl", {"fisher_samples": None})])
+    spg, ncl, mas = build_strategies([("spg", {}), ("ncl", {"fisher_samples": None}),
+                                      ("mas", {"importance_samples": None})])
     spg.before_task(ctx)
-    spg.after_task(ctx)
-    ncl.after_task(ctx)
+    for s in (spg, ncl, mas):
+        s.after_task(ctx)
+    for name, omega in mas.omega.items():
+        torch.testing.assert_close(mas_state["omega"][name], omega, atol=1e-5, rtol=0.0)
+    # DER++'s buffer went to Parquet on the run's storage: one part per worker, 40 samples with their logits; the
+    # checkpoint holds only the list of parts.
+    parts = derpp_state["parts"]
+    assert len(parts) == 2 and sum(p["rows"] for p in parts) == 40 and "x" not in derpp_state
+    assert all(Path(p["uri"]).is_relative_to(Path(rep["run_dir"]) / "state" / "stage-0") for p in parts)
+    pq_buffer = torch.cat([read_part(p["uri"])["logits"] for p in parts])
+    assert pq_buffer.shape == (40, layout.num_outputs) and bool(torch.isfinite(pq_buffer).all())
     assert set(spg_state["a_max"]) == set(spg.a_max) and set(ncl_state["kron"]) == set(ncl.kron)
     for name, imp in spg.a_max.items():
         torch.testing.assert_close(spg_state["a_max"][name], imp, atol=1e-5, rtol=0.0)

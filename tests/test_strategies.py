@@ -17,7 +17,7 @@ from torch import nn
 
 from strategies import BUILTIN, Batch, StageContext, build_strategies, resolve_strategy, train_domains_of
 from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
-from strategies.buffer import reservoir_update
+from strategies.buffer import SharedBuffer, fields_to_table, read_part, reservoir_update, table_to_fields, write_part
 from strategies.replay import Replay, ReplayConfig, replay_count
 from orchestrator.errors import TrainingError
 from orchestrator.stage import fit_task
@@ -172,6 +172,67 @@ def test_state_round_trip_across_stages(name: str) -> None:
         assert restored.size == 40 and set(restored.buffer.fields["t"][:40].tolist()) == {0, 1}
 
 
+# ---------------------------------------------------------------- Parquet-backed buffers
+
+def test_buffer_fields_round_trip_through_arrow() -> None:
+    g = torch.Generator().manual_seed(0)
+    fields = {"x": torch.rand(5, 1, 28, 28, generator=g), "y": torch.arange(5), "t": torch.zeros(5, dtype=torch.long),
+              "logits": torch.randn(5, 10, generator=g)}
+    back = table_to_fields(fields_to_table(fields))
+    _assert_same(back, fields)
+    assert back["x"].dtype == torch.float32 and back["y"].dtype == torch.int64
+
+
+def test_buffer_part_write_is_atomic_and_never_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    fields = {"x": torch.ones(3, 2), "y": torch.arange(3), "t": torch.zeros(3, dtype=torch.long)}
+    real_write = pq.write_table
+
+    def interrupted(table, where, **kw):  # noqa: ANN001, ANN003 - stands in for a crash half-way through the file
+        real_write(table.slice(0, 1), where, **kw)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_part(str(tmp_path / "buf"), 0, fields)
+    assert not (tmp_path / "buf" / "part-00000.parquet").exists()  # no half-written part under the real name
+    monkeypatch.setattr(pq, "write_table", real_write)
+    uri = write_part(str(tmp_path / "buf"), 0, fields)
+    _assert_same(read_part(uri), fields)
+    with pytest.raises(FileExistsError, match="part-00000.parquet already exists"):
+        write_part(str(tmp_path / "buf"), 0, {k: v * 0 for k, v in fields.items()})
+    _assert_same(read_part(uri), fields)  # the first write survives
+    (tmp_path / "buf" / "part-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(OSError, match="part-00000.parquet cannot be read"):
+        read_part(uri)
+
+
+@pytest.mark.parametrize("name", ["replay", "derpp"])
+def test_parquet_buffer_equals_the_in_memory_buffer(name: str, tmp_path: Path) -> None:
+    states = {}
+    for storage in ("memory", "parquet"):
+        model = tiny_model()
+        (s,) = build_strategies([(name, {"buffer_size": 40, "storage": storage})])
+        for task in range(2):
+            ctx = make_ctx(model, make_data(task=task), task=task)
+            ctx.state_uri = str(tmp_path / storage / f"stage-{task}")
+            fit_task(ctx, [s], epochs=1)
+        ctx = make_ctx(model, make_data(task=2), task=1)
+        s.before_task(ctx)  # the next stage's view of the buffer
+        states[storage] = (s.state_dict(), s.buffer.local())
+    memory, parquet = states["memory"], states["parquet"]
+    assert [p["rows"] for p in parquet[0]["parts"]] == [40] and parquet[0]["n_seen"] == memory[0]["n_seen"] == 192
+    assert "x" not in parquet[0]  # the checkpoint carries only the list of parts
+    _assert_same(parquet[1], memory[1])
+
+
+def test_parquet_buffer_needs_a_state_folder() -> None:
+    (s,) = build_strategies([("replay", {"buffer_size": 8, "storage": "parquet"})])
+    with pytest.raises(ValueError, match="storage 'parquet' needs the stage's state folder"):
+        fit_task(make_ctx(tiny_model(), make_data(32)), [s], epochs=1)
+
+
 # ---------------------------------------------------------------- two workers (gloo on loopback)
 
 def _free_port() -> int:
@@ -195,12 +256,30 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for b in ctx.iter_task_batches():
         replay.train_batch(ctx, b)
     replay.after_task(ctx)
-    spg, mas, ncl = build_strategies([("spg", {}), ("mas", {"importance_samples": None}),
-                                      ("ncl", {"fisher_samples": None})])
-    for s in (spg, mas, ncl):
+    ctx.state_uri = str(Path(out_dir) / "state")
+    replay_pq, agem = build_strategies([("replay", {"buffer_size": 20, "storage": "parquet"}),
+                                        ("agem", {"buffer_size": 12})])
+    for s in (replay_pq, agem):
+        s.before_task(ctx)
+        for b in ctx.iter_task_batches():
+            s.train_batch(ctx, b)
         s.after_task(ctx)
+    spg, mas, ncl, das = build_strategies([("spg", {}), ("mas", {"importance_samples": None}),
+                                           ("ncl", {"fisher_samples": None}), ("das", {"importance_samples": None})])
+    for s in (spg, mas, ncl, das):
+        s.after_task(ctx)
+    # SI's path integral needs training: DDP all-reduces the gradients of the two half-batches.
+    si_model = tiny_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(si_model)
+    si_ctx = make_ctx(si_model, shard, world=world, rank=rank, batch_size=8)
+    si_ctx.train_model, si_ctx.optimizer = ddp, torch.optim.SGD(ddp.parameters(), lr=0.1)
+    (si,) = build_strategies([("si", {})])
+    fit_task(si_ctx, [si], epochs=2)
     torch.save({"ewc": ewc.state_dict(), "replay": replay.state_dict(), "spg": spg.state_dict(),
-                "mas": mas.state_dict(), "ncl": ncl.state_dict()}, Path(out_dir) / f"rank{rank}.pt")
+                "mas": mas.state_dict(), "ncl": ncl.state_dict(), "das": das.state_dict(), "si": si.state_dict(),
+                "agem": agem.state_dict(), "replay_pq": replay_pq.state_dict(),
+                "replay_pq_view": replay_pq.shared.worker_part(ctx, None, np.random.default_rng(0)).local()},
+               Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -208,7 +287,8 @@ def test_two_workers_match_one_worker(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    # Identical state on every worker after after_task.
+    # Identical state on every worker after after_task (the view of the Parquet buffer is each worker's own rows).
+    views = r0.pop("replay_pq_view"), r1.pop("replay_pq_view")
     _assert_same(r0, r1)
     # Fisher of 2 workers == Fisher of 1 worker on the same global samples.
     model = tiny_model()
@@ -217,10 +297,33 @@ def test_two_workers_match_one_worker(tmp_path: Path) -> None:
     for n, f in single.fishers[0].items():
         torch.testing.assert_close(r0["ewc"]["fishers"][0][n], f, atol=1e-5, rtol=1e-5)
     # SPG importance, MAS Omega and NCL precision of 2 workers == 1 worker on the same samples.
-    spg, mas, ncl = build_strategies([("spg", {}), ("mas", {"importance_samples": None}),
-                                      ("ncl", {"fisher_samples": None})])
+    spg, mas, ncl, das = build_strategies([("spg", {}), ("mas", {"importance_samples": None}),
+                                           ("ncl", {"fisher_samples": None}), ("das", {"importance_samples": None})])
     for s in (spg, mas, ncl):
         s.after_task(make_ctx(model, make_data(64)))
+    das.after_task(make_ctx(model, make_data(64), batch_size=32))  # global batch i = both workers' batch i
+    for n, v in das.importance.items():
+        torch.testing.assert_close(r0["das"]["importance"][n], v, atol=1e-5, rtol=1e-5)
+    # SI of 2 DDP workers == SI of 1 process on the same global batches (rows 16i..16i+15 = both half-batches).
+    si_model = tiny_model()
+    data = make_data(64)
+    halves = [Batch(data.x[r::2], data.y[r::2], data.t[r::2]) for r in range(2)]
+    global_batches = [Batch(torch.cat([h.x[i:i + 8] for h in halves]), torch.cat([h.y[i:i + 8] for h in halves]),
+                            torch.cat([h.t[i:i + 8] for h in halves])) for i in range(0, 32, 8)]
+    si_ctx = make_ctx(si_model, data)
+    si_ctx.optimizer = torch.optim.SGD(si_model.parameters(), lr=0.1)
+    si_ctx.iter_task_batches = lambda: iter(global_batches)
+    (si,) = build_strategies([("si", {})])
+    fit_task(si_ctx, [si], epochs=2)
+    for n, v in si.state_dict()["omega"].items():
+        torch.testing.assert_close(r0["si"]["omega"][n], v, atol=1e-5, rtol=1e-4)
+    # A-GEM's memory and the Parquet buffer are the same on both workers (checked above); the Parquet buffer is the
+    # in-memory one, written as one part per worker.
+    assert len(r0["agem"]["y"]) == 12
+    assert sorted(p["rows"] for p in r0["replay_pq"]["parts"]) == [10, 10]
+    for rank, view in enumerate(views):
+        _assert_same({k: v for k, v in view.items() if k != "n_seen"},
+                     {k: v[rank::2] for k, v in r0["replay"].items() if k != "n_seen"})
     for name, (A, G) in ncl.kron.items():
         torch.testing.assert_close(r0["ncl"]["kron"][name][0], A, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(r0["ncl"]["kron"][name][1], G, atol=1e-5, rtol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -515,18 +516,26 @@ def test_ncl_step_respects_the_radius_and_pulls_toward_mu() -> None:
 
 # ---------------------------------------------------------------- replay by fraction
 
-def test_replay_fraction_keeps_a_share_of_every_domain() -> None:
+@pytest.mark.parametrize("storage", ["memory", "parquet"])
+def test_replay_fraction_keeps_a_share_of_every_domain(storage: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(6, 4)
-    (replay,) = build_strategies([("replay", {"fraction": 0.25, "ratio": 0.5})])
+    (replay,) = build_strategies([("replay", {"fraction": 0.25, "ratio": 0.5, "storage": storage})])
     for task in range(3):
         x = torch.randn(96, 6)
         data = [Batch(x[i:i + 16], torch.full((16,), task % 4), torch.full((16,), task)) for i in range(0, 96, 16)]
         ctx = ctx_for(model, data, task=task, tasks=3)
         ctx.rows_per_epoch = 96
+        ctx.state_uri = str(tmp_path / f"stage-{task}")
         stats = fit_task(ctx, [replay], epochs=2)
         assert stats["samples"] == 2 * 96
     state = replay.state_dict()
+    if storage == "parquet":  # one part per stage, each written under its own stage's folder
+        assert [p["rows"] for p in state["parts"]] == [24, 24, 24]
+        assert [Path(p["uri"]).parent.parent.name for p in state["parts"]] == ["stage-0", "stage-1", "stage-2"]
+        ctx.task_id = 3
+        replay.before_task(ctx)
+        state = {**replay.kept.local(), "n_seen": state["n_seen"]}
     assert state["t"].tolist().count(0) == state["t"].tolist().count(1) == state["t"].tolist().count(2) == 24
     assert state["n_seen"] == 3 * 96
     # in the last domain, replayed samples came from both the kept domains and the current one
