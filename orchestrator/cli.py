@@ -89,7 +89,7 @@ def validate(
 ) -> None:
     """Check a pipeline: print every problem with its field path (exit 2 if any)."""
     from orchestrator.shards import MANIFEST, domain_uri
-    import fsspec
+    from orchestrator.storage import Storage
 
     try:
         spec = load_pipeline(pipeline, set_ or [])
@@ -100,10 +100,15 @@ def validate(
             console.print(f"  {path or '<top>'}: {msg}", highlight=False)
         raise typer.Exit(code=2) from None
     problems = []
+    storage = Storage.from_settings(spec.storage.s3)
     for i, d in enumerate(spec.domains):
         uri = domain_uri(spec, i, workdir.resolve())
-        fs, root = fsspec.core.url_to_fs(uri)
-        if d.source is None and not fs.exists(f"{root.rstrip('/')}/{MANIFEST}"):
+        try:
+            present = storage.exists(f"{uri.rstrip('/')}/{MANIFEST}")
+        except LifelongError as e:
+            problems.append(f"domains.{i}.uri: {e}")
+            continue
+        if d.source is None and not present:
             problems.append(f"domains.{i}.uri: no {MANIFEST} at {uri} and no source to build it from")
     for p in problems:
         Console(stderr=True).print(p, highlight=False)
@@ -123,9 +128,17 @@ def shards_build(
     data_root: DataRootOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train carved out as val.")] = 0.1,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 8192,
+    endpoint_url: Annotated[Optional[str], typer.Option(
+        "--endpoint-url", help="S3-compatible endpoint for s3:// outputs [default: $AWS_ENDPOINT_URL_S3, "
+        "$AWS_ENDPOINT_URL, else AWS]. Credentials come from the AWS environment or profile.")] = None,
 ) -> None:
-    """Write domain shards and manifests (DESIGN §2) for a split-by-classes or permuted-inputs scenario."""
+    """Write domain shards and manifests (DESIGN §2) for a split-by-classes or permuted-inputs scenario, to a local
+    folder or straight to object storage (``--out s3://bucket/prefix``)."""
     from orchestrator import shards
+    from orchestrator.spec import S3Spec
+    from orchestrator.storage import Storage
+
+    storage = Storage.from_settings(S3Spec(endpoint_url=endpoint_url))
 
     if scenario not in ("split", "permuted"):
         _fail(LifelongError(f"--scenario: unknown scenario '{scenario}' (use split or permuted)"))
@@ -145,7 +158,7 @@ def shards_build(
             else:
                 source = SourceSpec(permutation_seed=k, **common)
                 name = f"perm-{k}"
-            m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root)
+            m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage)
             table.add_row(name, ",".join(map(str, m["label_set"])), *(str(m["splits"][s]["rows"]) for s in
                                                                         ("train", "val", "test")), m["digest"])
     except (LifelongError, ValueError) as e:

@@ -41,6 +41,7 @@ from orchestrator.models import HeadLayout, build_model
 from orchestrator.report import save_heatmap, save_json
 from orchestrator.spec import Pipeline, SourceSpec, flatten
 from orchestrator.stage import train_loop_per_worker
+from orchestrator.storage import Storage
 from strategies import build_strategies, train_domains_of
 
 
@@ -91,18 +92,19 @@ def prepare_domains(pipeline: Pipeline, options: RunOptions, log: Callable[[str]
         ShardError: a domain has no shards and no source, or its shards were built from another source.
     """
     data_root = shards.find_data_root(options.data_root, options.search_from)
+    storage = Storage.from_settings(pipeline.storage.s3)
     out = []
     for i, spec in enumerate(pipeline.domains):
         uri = shards.domain_uri(pipeline, i, options.workdir)
         try:
-            manifest = shards.read_manifest(uri)
+            manifest = shards.read_manifest(uri, storage)
         except ShardError as e:
             if "missing manifest" not in str(e) or spec.source is None:
                 where = f"domains.{i} ({spec.name})"
                 raise ShardError(f"{where}: {e}" + ("" if spec.source else "; the domain declares no source to "
                                                     "build its shards from")) from None
             log(f"building shards of domain '{spec.name}' from {spec.source.kind} into {uri}")
-            manifest = shards.build_domain(uri, spec.name, spec.source, data_root)
+            manifest = shards.build_domain(uri, spec.name, spec.source, data_root, storage)
         if spec.source is not None and not same_source(manifest, spec.source):
             raise ShardError(f"domains.{i} ({spec.name}): shards at {uri} were built from another source "
                              f"({manifest.get('source')}); move them or set domains.{i}.uri")
@@ -119,19 +121,19 @@ def same_source(manifest: dict[str, Any], source: SourceSpec) -> bool:
 
 
 @ray.remote(num_cpus=0.25)
-def validate_node(domains: list[tuple[str, str, dict[str, Any]]]) -> None:
+def validate_node(domains: list[tuple[str, str, dict[str, Any]]], storage: Storage) -> None:
     """The ``validate`` DAG node: re-hash every shard and check its schema (raises ShardError at the first fault)."""
     for name, uri, manifest in domains:
         try:
-            shards.verify_domain(uri, manifest)
+            shards.verify_domain(uri, manifest, storage=storage)
         except ShardError as e:
             raise ShardError(f"domain '{name}': {e}") from None
 
 
-def validate_domains(domains: list[Domain]) -> None:
+def validate_domains(domains: list[Domain], storage: Storage) -> None:
     """Run the ``validate`` node on Ray and re-raise its error as a one-line :class:`ShardError`."""
     try:
-        ray.get(validate_node.remote([(d.name, d.uri, d.manifest) for d in domains]))
+        ray.get(validate_node.remote([(d.name, d.uri, d.manifest) for d in domains], storage))
     except ray.exceptions.RayTaskError as e:
         cause = e.as_instanceof_cause()
         raise ShardError(str(cause).strip().splitlines()[-1].split("ShardError: ")[-1]) from None
@@ -220,7 +222,7 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
                 raise LifelongError(f"strategy '{s.name}' does not support training.num_workers > 1")
     init_ray()
     check_resources(pipeline)
-    validate_domains(domains)
+    validate_domains(domains, Storage.from_settings(pipeline.storage.s3))
     options.workdir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
                       pipeline.tracking.experiment or pipeline.name)
@@ -268,6 +270,7 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     from ray.util.queue import Queue
 
     T = len(domains)
+    storage = Storage.from_settings(pipeline.storage.s3)
     torch.manual_seed(pipeline.seed)
     init_model = build_model(pipeline.model, input_shape, layout.num_outputs)
     parent = write_checkpoint(run_dir / "init", init_model.state_dict(), [s.state_dict() for s in strategies],
@@ -276,7 +279,7 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     evaluators = make_evaluators(pipeline.evaluation.num_actors, pipeline.evaluation.cpus_per_actor,
                                  [(d.uri, d.manifest) for d in domains], pipeline.evaluation.split, layout,
                                  pipeline.model, input_shape, scale, pipeline.evaluation.batch_size,
-                                 [(s.name, s.params()) for s in pipeline.strategy])
+                                 [(s.name, s.params()) for s in pipeline.strategy], storage)
     pool = ActorPool(evaluators)
     cells: dict[tuple[int, int], dict[str, Any]] = {}
 
@@ -336,8 +339,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
             lineage = stage_lineage(pipeline.name, run_id, k, domain.name, str(parent), read_lineage(parent), inputs,
                                     pipeline.spec_hash(), code)
             datasets = [ray.data.read_parquet(shards.shard_uris(domains[j].uri, domains[j].manifest, "train"),
-                                              num_cpus=0.25).map_batches(AddDomainColumn(j), batch_format="pyarrow",
-                                                                          num_cpus=0.25, batch_size=None)
+                                              filesystem=storage.ray_filesystem(domains[j].uri), num_cpus=0.25)
+                        .map_batches(AddDomainColumn(j), batch_format="pyarrow", num_cpus=0.25, batch_size=None)
                         for j in train_idx]
             dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
             if pipeline.training.materialize:

@@ -17,6 +17,7 @@ import torch
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.models import HeadLayout, build_model, masked_logits
 from orchestrator.shards import read_split
+from orchestrator.storage import Storage
 from orchestrator.spec import ModelSpec
 from strategies import build_strategies
 
@@ -31,15 +32,16 @@ class Evaluator:
         batch_size: evaluation batch size in samples.
         strategies: ``(name, params)`` of the pipeline's strategies; their state is loaded from each checkpoint and
             their ``inference_model`` hook picks the model that scores each domain.
+        storage: how to reach the shard URIs (S3 endpoint and credentials).
     """
 
     def __init__(self, domains: list[tuple[str, dict[str, Any]]], split: str, layout: HeadLayout, model: ModelSpec,
                  input_shape: tuple[int, ...], scale: float, batch_size: int,
-                 strategies: list[tuple[str, dict[str, Any]]]) -> None:
+                 strategies: list[tuple[str, dict[str, Any]]], storage: Storage | None = None) -> None:
         torch.set_num_threads(1)
         self.strategies = build_strategies(strategies)
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
-        self.input_shape, self.scale = input_shape, scale
+        self.input_shape, self.scale, self.storage = input_shape, scale, storage
         self.model = build_model(model, input_shape, layout.num_outputs).eval()
         self.loaded: str | None = None
         self.data: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -48,7 +50,7 @@ class Evaluator:
     def _domain(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if j not in self.data:
             uri, manifest = self.domains[j]
-            raw = read_split(uri, manifest, self.split)
+            raw = read_split(uri, manifest, self.split, self.storage)
             x = torch.from_numpy(raw.x.reshape(len(raw.y), *self.input_shape).astype(np.float32)) * self.scale
             t = torch.full((len(raw.y),), j, dtype=torch.long)
             self.data[j] = (x, self.targets[t, torch.from_numpy(raw.y)], t)

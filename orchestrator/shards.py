@@ -13,9 +13,10 @@ rows and sha256 of every shard, the label set, the source the shards were built 
 for the whole domain. Digests are the first 32 hex characters of a sha256 (MLflow limits dataset digests to 36
 characters); they are the lineage keys.
 
-Every read and write goes through fsspec, so ``file://`` paths, plain paths and ``s3://`` URIs work alike. A domain
-is written into a temporary folder and renamed into place only when complete, so no half-written domain is ever
-visible.
+Every read and write goes through a :class:`orchestrator.storage.Storage` (fsspec/s3fs), so plain paths, ``file://``
+and ``s3://`` URIs work alike. A domain is written under a temporary prefix, its shards are then moved into place, and
+its manifest, the commit record, comes last: a domain without a manifest does not exist for any reader, so none is
+ever seen half-written.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import ShardError
 from orchestrator.spec import Pipeline, SourceSpec
+from orchestrator.storage import Storage, join
 
 MANIFEST = "manifest.json"
 FORMAT = "lifelong-shards/1"
@@ -97,8 +98,10 @@ def domain_uri(pipeline: Pipeline, index: int, workdir: Path) -> str:
     d = pipeline.domains[index]
     if d.uri:
         return d.uri if "://" in d.uri or os.path.isabs(d.uri) else str(Path(d.uri).resolve())
-    base = Path(pipeline.storage.shards) if pipeline.storage.shards else workdir / "shards"
-    return str((base / pipeline.name / d.name).resolve())
+    base = pipeline.storage.shards
+    if base and "://" in base:
+        return join(base, pipeline.name, d.name)
+    return str(((Path(base) if base else workdir / "shards") / pipeline.name / d.name).resolve())
 
 
 # ---------------------------------------------------------------- raw datasets
@@ -199,15 +202,17 @@ def _join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None) -> dict[str, Any]:
+def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None,
+                 storage: Storage | None = None) -> dict[str, Any]:
     """Build one domain's shards and manifest under ``uri`` and return the manifest.
 
-    The domain is written to ``<uri>.tmp-<random>`` and renamed to ``uri`` when complete.
+    Everything is written under ``<uri>.tmp-<random>`` first; the shards are then moved under ``uri`` and the
+    manifest is moved last, so the domain appears whole or not at all.
 
     Raises:
         ShardError: if ``uri`` already holds a domain (nothing is overwritten) or the raw data is missing.
     """
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = (storage or Storage.from_settings()).fsspec(uri)
     if fs.exists(_join(root, MANIFEST)):
         raise ShardError(f"{uri} already holds a domain; refusing to overwrite it")
     splits = make_domain_splits(load_raw(source, data_root), source, name)
@@ -225,6 +230,7 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
                    else str(resolve_source_dir(source, data_root))),
         "splits": {},
     }
+    members = []
     try:
         for split in SPLITS:
             shards = []
@@ -237,18 +243,19 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
                 pq.write_table(_table(RawSplit(data.x[rows], data.y[rows])), sink, compression="zstd")
                 blob = sink.getvalue().to_pybytes()
                 fs.makedirs(_join(tmp, split), exist_ok=True)
-                with fs.open(_join(tmp, rel), "wb") as f:
-                    f.write(blob)
+                fs.pipe_file(_join(tmp, rel), blob)
+                members.append(rel)
                 shards.append({"path": rel, "rows": len(data.y[rows]), "bytes": len(blob),
                                "sha256": hashlib.sha256(blob).hexdigest()})
             manifest["splits"][split] = {"rows": len(data.y), "shards": shards,
                                          "digest": digest(json.dumps(shards, sort_keys=True))}
         manifest["digest"] = digest(json.dumps(manifest["splits"], sort_keys=True))
-        with fs.open(_join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        if fs.exists(root):
+        fs.pipe_file(_join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+        if fs.exists(_join(root, MANIFEST)):
             raise ShardError(f"{uri} appeared while building; refusing to overwrite it")
-        fs.mv(tmp, root, recursive=True)
+        for rel in [*members, MANIFEST]:  # the manifest, the commit record, last
+            fs.makedirs(_join(root, rel).rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(_join(tmp, rel), _join(root, rel))
     finally:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
@@ -267,13 +274,13 @@ def raw_scale(source: SourceSpec) -> float:
 
 # ---------------------------------------------------------------- reading and validation
 
-def read_manifest(uri: str) -> dict[str, Any]:
+def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
     """Read ``<uri>/manifest.json``.
 
     Raises:
         ShardError: if it is missing or not a valid manifest.
     """
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = (storage or Storage.from_settings()).fsspec(uri)
     path = _join(root, MANIFEST)
     try:
         with fs.open(path, "r") as f:
@@ -292,13 +299,14 @@ def shard_uris(uri: str, manifest: dict[str, Any], split: str) -> list[str]:
     return [_join(uri, s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
-def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True) -> None:
+def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True,
+                  storage: Storage | None = None) -> None:
     """Check every shard of a domain: it exists, its sha256 and row count match, and its schema has the columns.
 
     Raises:
         ShardError: naming the first shard at fault and what is wrong with it.
     """
-    fs, _ = fsspec.core.url_to_fs(uri)
+    fs, _ = (storage or Storage.from_settings()).fsspec(uri)
     schema = manifest["schema"]
     want = {schema["features"]["column"], schema["label"]["column"]}
     for split in SPLITS:
@@ -325,20 +333,21 @@ def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True)
                 raise ShardError(f"shard {full}: {meta.num_rows} rows, manifest says {shard['rows']}")
 
 
-def read_split(uri: str, manifest: dict[str, Any], split: str) -> RawSplit:
+def read_split(uri: str, manifest: dict[str, Any], split: str, storage: Storage | None = None) -> RawSplit:
     """Read a whole split into memory (used for test/val splits by evaluation actors).
 
     Returns:
         ``x`` ``[N, D]`` uint8 and ``y`` ``[N]`` int64.
     """
-    tables = list(iter_split_tables(uri, manifest, split))
+    tables = list(iter_split_tables(uri, manifest, split, storage))
     table = pa.concat_tables(tables)
     return table_to_raw(table, manifest)
 
 
-def iter_split_tables(uri: str, manifest: dict[str, Any], split: str) -> Iterator[pa.Table]:
+def iter_split_tables(uri: str, manifest: dict[str, Any], split: str,
+                      storage: Storage | None = None) -> Iterator[pa.Table]:
     """Yield one Arrow table per shard of a split."""
-    fs, _ = fsspec.core.url_to_fs(uri)
+    fs, _ = (storage or Storage.from_settings()).fsspec(uri)
     schema = manifest["schema"]
     for full in shard_uris(uri, manifest, split):
         with fs.open(full, "rb") as f:

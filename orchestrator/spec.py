@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import SpecError
 from strategies import resolve_strategy
@@ -145,11 +145,24 @@ class TrackingSpec(_Strict):
     experiment: str | None = None
 
 
+class S3Spec(_Strict):
+    """S3(-compatible) settings; each unset field falls back to the standard AWS environment (``AWS_ENDPOINT_URL``,
+    ``AWS_REGION``, ``AWS_PROFILE``, the default credential chain). Secrets are never logged."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+
+
 class StorageSpec(_Strict):
     """Where runs and shards are written. Relative paths are taken from the current folder."""
 
     root: str = "lifelong-runs"
     shards: str | None = None
+    s3: S3Spec = Field(default_factory=S3Spec)
 
 
 class Pipeline(_Strict):

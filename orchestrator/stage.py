@@ -27,6 +27,7 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from orchestrator.checkpoint import load_checkpoint, write_checkpoint
+from orchestrator.storage import Storage
 from orchestrator.errors import TrainingError
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.spec import Pipeline
@@ -185,7 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        iter_task_batches=iter_task_batches, log=print,
                        steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size),
                        rows_per_epoch=config["train_rows"], domain_units=layout.domain_units(),
-                       target_table=layout.target_table(), state_uri=config.get("state_uri"))
+                       target_table=layout.target_table(), state_uri=config.get("state_uri"),
+                       filesystem=Storage.from_settings(pipeline.storage.s3).arrow)
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds

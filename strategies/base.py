@@ -22,13 +22,22 @@ state of the whole worker group; ``load_state_dict`` receives that state at the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
+
+
+def default_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow filesystem, path)`` for a local path or a URI pyarrow resolves by itself (no S3 endpoint)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
 
 
 @dataclass
@@ -90,6 +99,8 @@ class StageContext:
             domain has no such label), from ``HeadLayout.target_table``; None if unknown.
         state_uri: a folder (path or URI) on the pipeline's storage, private to this stage, where strategies may
             write state too large for the checkpoint (Parquet replay buffers); None if the stage has none.
+        filesystem: maps a path or URI to ``(pyarrow filesystem, path)`` with the pipeline's storage settings (S3
+            endpoint and credentials); the default knows local paths and URIs pyarrow resolves on its own.
     """
 
     model: torch.nn.Module
@@ -111,6 +122,7 @@ class StageContext:
     domain_units: torch.Tensor | None = None
     target_table: torch.Tensor | None = None
     state_uri: str | None = None
+    filesystem: Callable[[str], tuple[pafs.FileSystem, str]] = field(default=lambda uri: default_filesystem(uri))
 
     def units_of(self) -> torch.Tensor:
         """``[T, K]`` bool: the output units that belong to each domain's labels."""

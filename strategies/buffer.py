@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -26,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from strategies.base import StageContext
+from strategies.base import StageContext, default_filesystem
 
 
 def reservoir_update(n_seen: int, size: int, capacity: int, batch_len: int,
@@ -160,14 +161,20 @@ def table_to_fields(table: pa.Table) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_part(folder: str, rank: int, fields: dict[str, torch.Tensor]) -> str:
-    """Write one worker's buffer part to ``<folder>/part-<rank>.parquet`` atomically (a temporary file in the same
-    folder, then a rename) and return its URI.
+FileSystemOf = Callable[[str], tuple[pafs.FileSystem, str]]
 
+
+def write_part(folder: str, rank: int, fields: dict[str, torch.Tensor],
+               filesystem: FileSystemOf = default_filesystem) -> str:
+    """Write one worker's buffer part to ``<folder>/part-<rank>.parquet`` atomically (a temporary file in the same
+    folder, then a move: a rename on disk, a server-side copy on S3) and return its URI.
+
+    Args:
+        filesystem: resolves ``folder`` to a pyarrow filesystem (``StageContext.filesystem``).
     Raises:
         FileExistsError: if the part already exists (parts are never overwritten).
     """
-    fs, path = pafs.FileSystem.from_uri(folder)
+    fs, path = filesystem(folder)
     fs.create_dir(path, recursive=True)
     final = f"{path}/part-{rank:05d}.parquet"
     if fs.get_file_info(final).type != pafs.FileType.NotFound:
@@ -183,13 +190,13 @@ def write_part(folder: str, rank: int, fields: dict[str, torch.Tensor]) -> str:
     return f"{folder}/part-{rank:05d}.parquet"
 
 
-def read_part(uri: str) -> dict[str, torch.Tensor]:
+def read_part(uri: str, filesystem: FileSystemOf = default_filesystem) -> dict[str, torch.Tensor]:
     """Read a part written by :func:`write_part`.
 
     Raises:
         OSError: if the part is missing or unreadable (the message names it).
     """
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = filesystem(uri)
     try:
         return table_to_fields(pq.read_table(path, filesystem=fs))
     except (OSError, pa.ArrowInvalid) as e:
@@ -232,7 +239,7 @@ class SharedBuffer:
         for part in self.state["parts"]:
             first = (ctx.rank - offset) % ctx.world_size  # first local row whose global index is rank (mod world)
             if first < part["rows"]:
-                fields = read_part(part["uri"])
+                fields = read_part(part["uri"], ctx.filesystem)
                 rows.append({k: v[first::ctx.world_size] for k, v in fields.items()})
             offset += part["rows"]
         merged = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {}
@@ -260,8 +267,8 @@ class SharedBuffer:
         mine = None
         if keep:
             local = reservoir.local()
-            mine = {"uri": write_part(folder, ctx.rank, {k: v[:keep] for k, v in local.items() if k != "n_seen"}),
-                    "rows": keep}
+            kept = {k: v[:keep] for k, v in local.items() if k != "n_seen"}
+            mine = {"uri": write_part(folder, ctx.rank, kept, ctx.filesystem), "rows": keep}
         new_parts = [p for p in ctx.all_gather_object(mine) if p]
         old = self.state if append and self.state else {"parts": [], "n_seen": 0}
         self.state = {"parts": old["parts"] + new_parts, "n_seen": old["n_seen"] + sum(n for _, n, _ in info)}

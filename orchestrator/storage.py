@@ -1,0 +1,196 @@
+"""One way to reach local paths, ``file://`` and ``s3://`` URIs (and any other fsspec URI).
+
+Shards, manifests, checkpoints and replay buffers are all read and written through a :class:`Storage`, which hands
+out an fsspec filesystem (s3fs for ``s3://``) and a pyarrow filesystem for the same URI, both configured alike:
+
+- S3 settings come from the pipeline's ``storage.s3`` block; each unset one falls back to the standard AWS
+  environment: ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
+  ``AWS_PROFILE``, and the default credential chain (``AWS_ACCESS_KEY_ID`` ..., ``~/.aws/credentials``).
+- pyarrow's ``S3FileSystem`` ignores ``AWS_ENDPOINT_URL`` (apache/arrow#44119), so the endpoint is always passed to it
+  explicitly (``endpoint_override`` and ``scheme``).
+- A :class:`Storage` is a small frozen dataclass: it pickles to Ray workers with its settings, and its ``repr``
+  masks the secrets, so they never reach logs or MLflow params.
+
+Commit protocol (nothing is ever visible half-written): :meth:`Storage.write_bytes` writes a temporary key
+``<name>.tmp-<random>`` beside the target and then moves it onto the target (a rename on local disks, a server-side
+copy on S3, which makes the whole object appear at once). Multi-file artefacts (a domain's shards, a checkpoint)
+write their members first and their commit record (``manifest.json``, ``lineage.json``) last.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+from orchestrator.errors import LifelongError
+
+
+class StorageError(LifelongError):
+    """A URI cannot be reached, read or written (the message names it)."""
+
+
+def _first(*values: str | None) -> str | None:
+    return next((v for v in values if v), None)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Resolved settings for reaching URIs; S3 settings are used only for ``s3://`` URIs.
+
+    Attributes:
+        endpoint_url: S3-compatible endpoint, e.g. ``http://127.0.0.1:9000`` (None: AWS).
+        region: S3 region (None: ``us-east-1``).
+        profile: AWS profile to take credentials from.
+        key, secret, token: explicit credentials (None: the default AWS credential chain). Masked in ``repr``.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    key: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, s3: Any | None = None, env: Mapping[str, str] | None = None) -> Storage:
+        """Build from a spec's ``storage.s3`` block (any object with the same attribute names, secrets as pydantic
+        ``SecretStr``), falling back to the AWS environment variables for unset fields."""
+        env = os.environ if env is None else env
+
+        def secret(name: str) -> str | None:
+            value = getattr(s3, name, None) if s3 is not None else None
+            return value.get_secret_value() if value is not None else None
+
+        return cls(
+            endpoint_url=_first(getattr(s3, "endpoint_url", None), env.get("AWS_ENDPOINT_URL_S3"),
+                                env.get("AWS_ENDPOINT_URL")),
+            region=_first(getattr(s3, "region", None), env.get("AWS_REGION"), env.get("AWS_DEFAULT_REGION")),
+            profile=_first(getattr(s3, "profile", None), env.get("AWS_PROFILE")),
+            key=secret("access_key_id"), secret=secret("secret_access_key"), token=secret("session_token"))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        hidden = ", ".join(f"{f.name}=***" for f in fields(self) if not f.repr and getattr(self, f.name))
+        return f"Storage({', '.join(p for p in (shown, hidden) if p)})"
+
+    # ---------------------------------------------------------------- filesystems
+
+    def fsspec(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """``(filesystem, path)`` for ``uri`` through fsspec (s3fs for ``s3://``)."""
+        if uri.startswith(("s3://", "s3a://")):
+            import s3fs
+
+            client: dict[str, Any] = {}
+            if self.endpoint_url:
+                client["endpoint_url"] = self.endpoint_url
+            if self.region:
+                client["region_name"] = self.region
+            fs = s3fs.S3FileSystem(key=self.key, secret=self.secret, token=self.token, profile=self.profile,
+                                   client_kwargs=client, skip_instance_cache=True)
+            return fs, uri.split("://", 1)[1]
+        return fsspec.core.url_to_fs(uri)
+
+    def arrow(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """``(pyarrow filesystem, path)`` for ``uri``; for ``s3://`` the endpoint is passed explicitly."""
+        if uri.startswith(("s3://", "s3a://")):
+            kwargs: dict[str, Any] = {"region": self.region or "us-east-1"}
+            if self.endpoint_url:
+                parsed = urlparse(self.endpoint_url)
+                kwargs.update(endpoint_override=parsed.netloc or parsed.path, scheme=parsed.scheme or "https")
+            key, secret, token = self._credentials()
+            if key and secret:
+                kwargs.update(access_key=key, secret_key=secret, session_token=token)
+            return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
+        if "://" not in uri:
+            return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.FileSystem.from_uri(uri)
+
+    def ray_filesystem(self, uri: str) -> pafs.FileSystem | None:
+        """The filesystem to hand Ray Data for ``uri``: None for local paths and ``file://`` (Ray resolves those
+        itself), else :meth:`arrow`'s, which carries the endpoint and credentials to the read tasks."""
+        if "://" not in uri or uri.startswith("file://"):
+            return None
+        return self.arrow(uri)[0]
+
+    def _credentials(self) -> tuple[str | None, str | None, str | None]:
+        """Explicit credentials, else those of ``profile`` (botocore), else None (pyarrow's default chain)."""
+        if self.key and self.secret:
+            return self.key, self.secret, self.token
+        if self.profile:
+            import botocore.session
+
+            creds = botocore.session.Session(profile=self.profile).get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                return frozen.access_key, frozen.secret_key, frozen.token
+        return None, None, None
+
+    # ---------------------------------------------------------------- whole objects
+
+    def exists(self, uri: str) -> bool:
+        """Whether ``uri`` exists (file or folder/prefix).
+
+        Raises:
+            StorageError: if the store cannot be reached (e.g. a wrong endpoint or missing bucket).
+        """
+        fs, path = self.fsspec(uri)
+        try:
+            return bool(fs.exists(path))
+        except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many unrelated types
+            raise StorageError(f"cannot reach {uri}{self._where()}: {e}") from None
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The whole content of ``uri``.
+
+        Raises:
+            StorageError: if it is missing or unreadable.
+        """
+        fs, path = self.fsspec(uri)
+        try:
+            return bytes(fs.cat_file(path))
+        except FileNotFoundError:
+            raise StorageError(f"{uri} does not exist") from None
+        except Exception as e:  # noqa: BLE001
+            raise StorageError(f"cannot read {uri}{self._where()}: {e}") from None
+
+    def write_bytes(self, uri: str, data: bytes, overwrite: bool = False) -> None:
+        """Write ``data`` (bytes) to ``uri`` through a temporary key committed by a move.
+
+        Raises:
+            StorageError: if ``uri`` exists and ``overwrite`` is false, or the write fails (the temporary key is
+                removed; the target is untouched).
+        """
+        fs, path = self.fsspec(uri)
+        if not overwrite and self.exists(uri):
+            raise StorageError(f"{uri} already exists; refusing to overwrite it")
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        except BaseException as e:
+            try:
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            except Exception:  # noqa: BLE001 - best effort; the original error matters
+                pass
+            if isinstance(e, Exception):
+                raise StorageError(f"cannot write {uri}{self._where()}: {e}") from None
+            raise
+
+    def _where(self) -> str:
+        return f" (endpoint {self.endpoint_url})" if self.endpoint_url else ""
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri/part/...`` with single slashes, for paths and URIs alike."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
