@@ -10,13 +10,15 @@ in-memory tensors built by the shard builder's own functions (train minus the ca
 R), so a table of many runs fits on a 2-core machine; the distributed path is covered by the tests.
 
 Writes ``tests/benchmarks/results/strategies[-TAG].json`` (one row per run: ACC, BWT, FWT, forgetting, seconds
-and milliseconds per optimizer step) and ``strategies.md`` (mean ± std over seeds beside the reference, and each
-strategy's per-step time relative to finetune), the table built from every ``strategies*.json`` in the folder.
+and milliseconds per optimizer step) and ``strategies.md`` (mean ± std over seeds beside the reference and the gap
+to it; and, from the ``--cost`` pass run alone on the machine, each strategy's per-step time relative to finetune,
+end-of-task work included), the tables built from every ``strategies*.json`` in the folder.
 Runs already in those files are skipped, so a long table can be built by several processes (``--tag``) and resumed
 after an interruption. Not a test:
 
     .venv/bin/python tests/benchmarks/strategies.py [--scenarios split_mnist_class ...] [--strategies ewc ...]
                                                     [--seeds 0 1 2] [--data-root DIR] [--tag A] [--threads 1]
+    .venv/bin/python tests/benchmarks/strategies.py --cost --threads 1    # per-step cost, nothing else running
 """
 
 from __future__ import annotations
@@ -154,27 +156,46 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def run_key(row: dict[str, Any]) -> tuple[str, str, int | None, int]:
-    """What identifies a run: scenario, strategy, budget and seed."""
-    return row["scenario"], row["strategy"], row["budget"], row["seed"]
+def run_key(row: dict[str, Any]) -> tuple[str, str, str, int | None, int]:
+    """What identifies a run: purpose (accuracy table or cost pass), scenario, strategy, budget and seed."""
+    return row.get("purpose", "accuracy"), row["scenario"], row["strategy"], row["budget"], row["seed"]
+
+
+def reference_gap(ref: Any, acc: float) -> str:
+    """``acc - reference`` in points; for the two rehearsal variants ("a / b") the gap to both."""
+    if isinstance(ref, (int, float)):
+        return f"{acc - ref:+.2f}"
+    if isinstance(ref, str) and "/" in ref:
+        return " / ".join(f"{acc - float(v):+.2f}" for v in ref.split("/"))
+    return "–"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Mean ± std of ACC (%) per scenario, strategy and budget, beside the reference, plus per-step cost."""
-    lines = ["| scenario | strategy | budget | ACC % (mean ± std) | seeds | reference (Hsu et al. 2018) | "
-             "ms/step | × finetune |", "|---|---|---|---|---|---|---|---|"]
+    """Two tables: mean ± std of ACC (%) per scenario, strategy and budget beside the reference and the gap to it;
+    and, from the cost pass, each strategy's milliseconds per optimizer step relative to finetune."""
+    lines = ["| scenario | strategy | budget | ACC % (mean ± std) | seeds | reference (Hsu et al. 2018) | Δ points |",
+             "|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["scenario"], r["strategy"], r["budget"]), []).append(r)
+        if r.get("purpose", "accuracy") == "accuracy":
+            groups.setdefault((r["scenario"], r["strategy"], r["budget"]), []).append(r)
     for (scenario, strategy, budget), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         accs = [100 * r["acc"] for r in rs]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        ms = statistics.mean(r["ms_per_step"] for r in rs)
-        ft = [r["ms_per_step"] for r in rows if r["scenario"] == scenario and r["strategy"] == "finetune"]
-        rel = f"{ms / statistics.mean(ft):.2f}" if ft else "–"
+        mean, std = statistics.mean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
         ref = REFERENCE.get(scenario, {}).get(strategy, "–")
-        lines.append(f"| {scenario} | {strategy} | {budget or '–'} | {statistics.mean(accs):.2f} ± {std:.2f} | "
-                     f"{len(rs)} | {ref} | {ms:.1f} | {rel} |")
+        lines.append(f"| {scenario} | {strategy} | {budget or '–'} | {mean:.2f} ± {std:.2f} | {len(rs)} | {ref} | "
+                     f"{reference_gap(ref, mean)} |")
+    cost = [r for r in rows if r.get("purpose") == "cost"]
+    if cost:
+        base = statistics.mean(r["ms_per_step"] for r in cost if r["strategy"] == "finetune" and
+                               r["scenario"] == "split_mnist_class") if any(r["strategy"] == "finetune"
+                                                                            for r in cost) else None
+        lines += ["", "| cost pass (seed 0, alone on the machine) | budget | ms/step | × finetune | train s |",
+                  "|---|---|---|---|---|"]
+        for r in sorted(cost, key=lambda r: (r["strategy"], r["budget"] or 0)):
+            rel = f"{r['ms_per_step'] / base:.2f}" if base else "–"
+            lines.append(f"| {r['strategy']} ({r['scenario']}) | {r['budget'] or '–'} | {r['ms_per_step']:.1f} | "
+                         f"{rel} | {r['train_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,28 +208,34 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results"))
     parser.add_argument("--tag", default="", help="suffix of this process's JSON file, for parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--cost", action="store_true",
+                        help="cost pass: seed 0 of Split-MNIST class-IL (task-IL for hat/packnet), for the per-step "
+                             "time relative to finetune; run it with nothing else on the machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mine = out / f"strategies{'-' + args.tag if args.tag else ''}.json"
+    purpose = "cost" if args.cost else "accuracy"
+    tag = "cost" if args.cost else args.tag
+    mine = out / f"strategies{'-' + tag if tag else ''}.json"
     rows: list[dict[str, Any]] = json.loads(mine.read_text()) if mine.exists() else []
     done = {run_key(r) for r in load_rows(out)}
-    for scenario_key in args.scenarios:
+    scenarios = ["split_mnist_class", "split_mnist_task"] if args.cost else args.scenarios
+    for scenario_key in scenarios:
         dataset, kind, scenario, n = SCENARIOS[scenario_key]
         domains = build_domains(dataset, kind, n, Path(args.data_root))
         for key in args.strategies:
-            if key in TASK_IL_ONLY and scenario != "task_il":
-                continue
+            if (key in TASK_IL_ONLY) != (scenario == "task_il") and (args.cost or key in TASK_IL_ONLY):
+                continue  # hat/packnet are task-IL only; the cost pass times the others in class-IL
             for budget in ((1100, 4400) if key in MEMORY else (None,)):
-                for seed in args.seeds:
-                    if (scenario_key, key, budget, seed) in done:
+                for seed in ([0] if args.cost else args.seeds):
+                    if (purpose, scenario_key, key, budget, seed) in done:
                         continue
                     t0 = time.time()
                     row = run_one(domains, scenario, key, budget, seed)
-                    row["scenario"] = scenario_key
+                    row.update(scenario=scenario_key, purpose=purpose)
                     rows.append(row)
-                    print(f"{scenario_key:22s} {key:10s} budget={budget or '-':>5} seed={seed} "
+                    print(f"{purpose:8s} {scenario_key:22s} {key:10s} budget={budget or '-':>5} seed={seed} "
                           f"ACC {100 * row['acc']:6.2f}  {row['ms_per_step']:.1f} ms/step  ({time.time() - t0:.0f}s)",
                           flush=True)
                     mine.write_text(json.dumps(rows, indent=1))
