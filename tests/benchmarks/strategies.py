@@ -71,7 +71,30 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "derpp": ("derpp", {}), "agem": ("agem", {}), "gem": ("gem", {}), "spg": ("spg", {}), "das": ("das", {}),
     "hat": ("hat", {}), "packnet": ("packnet", {}), "ncl": ("ncl", {}),
 }
+# Penalty strengths of Hsu et al.'s scripts (scripts/split_MNIST_incremental_{task,class,domain}.sh), carried over to
+# our penalty forms: SI has the same form (c * sum Omega (theta - theta*)^2), so c is theirs; our EWC penalty has a
+# 1/2 in front, so lambda is twice theirs; our MAS importance sums the squared outputs over the K units of a sample's
+# head where theirs averages them, so lambda is theirs / K (task-IL K = 2, class-IL K = 10, domain-IL K = 2).
+# Permuted-MNIST (domain-IL, same head width) takes the Split-MNIST domain-IL values.
+_DOMAIN_IL = {"ewc": {"ewc_lambda": 200.0}, "ewc_online": {"ewc_lambda": 1400.0}, "si": {"si_lambda": 3000.0},
+              "mas": {"mas_lambda": 5000.0}}
+SCENARIO_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "split_mnist_task": {"ewc": {"ewc_lambda": 200.0}, "ewc_online": {"ewc_lambda": 800.0},
+                         "si": {"si_lambda": 300.0}, "mas": {"mas_lambda": 0.5}},
+    "split_mnist_class": {"ewc": {"ewc_lambda": 1200.0}, "ewc_online": {"ewc_lambda": 200.0},
+                          "si": {"si_lambda": 600.0}, "mas": {"mas_lambda": 0.1}},
+    "split_mnist_domain": _DOMAIN_IL,
+    "split_fashion_class": {"ewc": {"ewc_lambda": 1200.0}, "ewc_online": {"ewc_lambda": 200.0},
+                            "si": {"si_lambda": 600.0}, "mas": {"mas_lambda": 0.1}},
+    "permuted_mnist_domain": _DOMAIN_IL,
+}
 OPTIMIZER = {"spg": ("sgd", 0.05), "hat": ("sgd", 0.05), "ncl": ("sgd", 0.05)}
+
+
+def strategy_params(scenario_key: str, key: str) -> dict[str, Any]:
+    """The parameters a strategy runs with in a scenario (budget excluded)."""
+    name, params = STRATEGIES[key]
+    return {**params, **SCENARIO_PARAMS.get(scenario_key, {}).get(key, {})}
 TASK_IL_ONLY = {"hat", "packnet"}
 
 
@@ -94,11 +117,12 @@ def tensors(split: Any, k: int, targets: torch.Tensor) -> Batch:
     return Batch(x.view(-1, 1, 28, 28), targets[t, torch.from_numpy(split.y)], t)
 
 
-def run_one(domains: list[dict[str, Any]], scenario: str, key: str, budget: int | None, seed: int) -> dict[str, Any]:
+def run_one(domains: list[dict[str, Any]], scenario: str, key: str, budget: int | None, seed: int,
+            base_params: dict[str, Any]) -> dict[str, Any]:
     """Train one strategy over the stream and return its metrics and timings."""
     torch.manual_seed(seed)
-    name, params = STRATEGIES[key]
-    params = {**params, **({"buffer_size": budget} if budget else {})}
+    name = STRATEGIES[key][0]
+    params = {**base_params, **({"buffer_size": budget} if budget else {})}
     layout = HeadLayout.build(scenario, [sorted(set(d["train"].y.tolist())) for d in domains])
     targets, mask = layout.target_table(), layout.head_mask()
     train = [tensors(d["train"], k, targets) for k, d in enumerate(domains)]
@@ -143,7 +167,8 @@ def run_one(domains: list[dict[str, Any]], scenario: str, key: str, budget: int 
         R.append(evaluate())
         model.train()
     m = cl_metrics(R, base)
-    return {"scenario": scenario, "strategy": key, "budget": budget, "seed": seed, "acc": m["acc"], "bwt": m["bwt"],
+    return {"scenario": scenario, "strategy": key, "budget": budget, "seed": seed, "params": base_params,
+            "acc": m["acc"], "bwt": m["bwt"],
             "fwt": m["fwt"], "forgetting": m["avg_forgetting"], "R": R, "train_seconds": seconds,
             "ms_per_step": 1000 * seconds / max(steps, 1)}
 
@@ -153,12 +178,21 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for f in sorted(out.glob("strategies*.json")):
         rows += json.loads(f.read_text())
+    for r in rows:  # runs recorded before parameters were stored used the strategy's base parameters
+        r.setdefault("params", STRATEGIES[r["strategy"]][1])
     return rows
 
 
-def run_key(row: dict[str, Any]) -> tuple[str, str, str, int | None, int]:
-    """What identifies a run: purpose (accuracy table or cost pass), scenario, strategy, budget and seed."""
-    return row.get("purpose", "accuracy"), row["scenario"], row["strategy"], row["budget"], row["seed"]
+def run_key(row: dict[str, Any]) -> tuple[str, str, str, int | None, int, str]:
+    """What identifies a run: purpose (accuracy table or cost pass), scenario, strategy, budget, seed and the
+    strategy's parameters (a run with other parameters is not reused)."""
+    return (row.get("purpose", "accuracy"), row["scenario"], row["strategy"], row["budget"], row["seed"],
+            json.dumps(row.get("params", {}), sort_keys=True))
+
+
+def is_current(row: dict[str, Any]) -> bool:
+    """Whether a recorded run used the parameters the benchmark now prescribes for its scenario."""
+    return row.get("params", {}) == strategy_params(row["scenario"], row["strategy"])
 
 
 def reference_gap(ref: Any, acc: float) -> str:
@@ -176,6 +210,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| scenario | strategy | budget | ACC % (mean ± std) | seeds | reference (Hsu et al. 2018) | Δ points |",
              "|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
+    rows = [r for r in rows if is_current(r)]
     for r in rows:
         if r.get("purpose", "accuracy") == "accuracy":
             groups.setdefault((r["scenario"], r["strategy"], r["budget"]), []).append(r)
@@ -183,7 +218,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         accs = [100 * r["acc"] for r in rs]
         mean, std = statistics.mean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
         ref = REFERENCE.get(scenario, {}).get(strategy, "–")
-        lines.append(f"| {scenario} | {strategy} | {budget or '–'} | {mean:.2f} ± {std:.2f} | {len(rs)} | {ref} | "
+        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rs[0]["params"].items())
+        label = f"{strategy} ({shown})" if shown else strategy
+        lines.append(f"| {scenario} | {label} | {budget or '–'} | {mean:.2f} ± {std:.2f} | {len(rs)} | {ref} | "
                      f"{reference_gap(ref, mean)} |")
     cost = [r for r in rows if r.get("purpose") == "cost"]
     if cost:
@@ -228,11 +265,12 @@ def main() -> None:
             if (key in TASK_IL_ONLY) != (scenario == "task_il") and (args.cost or key in TASK_IL_ONLY):
                 continue  # hat/packnet are task-IL only; the cost pass times the others in class-IL
             for budget in ((1100, 4400) if key in MEMORY else (None,)):
+                params = strategy_params(scenario_key, key)
                 for seed in ([0] if args.cost else args.seeds):
-                    if (purpose, scenario_key, key, budget, seed) in done:
+                    if (purpose, scenario_key, key, budget, seed, json.dumps(params, sort_keys=True)) in done:
                         continue
                     t0 = time.time()
-                    row = run_one(domains, scenario, key, budget, seed)
+                    row = run_one(domains, scenario, key, budget, seed, params)
                     row.update(scenario=scenario_key, purpose=purpose)
                     rows.append(row)
                     print(f"{purpose:8s} {scenario_key:22s} {key:10s} budget={budget or '-':>5} seed={seed} "
