@@ -6,12 +6,16 @@ A checkpoint is a folder::
     strategy.pt     list of each strategy's state_dict, in pipeline order
     lineage.json    parent checkpoint URI and digest, shard digests, spec hash, code version
 
-It is written into a temporary folder and renamed into place, so a reader never sees half of one.
+On a local disk it is written into a temporary folder and renamed into place. On object storage (``s3://``) each
+file goes to a temporary key and is moved onto its name (:meth:`Storage.write_bytes`), and ``lineage.json``, the
+commit record, is written last: a checkpoint without it is incomplete and is refused by every reader. Either way a
+reader never sees half of one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -21,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from orchestrator.storage import Storage, StorageError, join
 
 MODEL_FILE = "model.pt"
 STRATEGY_FILE = "strategy.pt"
@@ -44,45 +50,81 @@ def code_version() -> dict[str, str]:
     return {"lifelong": pkg, "git_commit": commit}
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _is_uri(folder: str | Path) -> bool:
+    return isinstance(folder, str) and "://" in folder and not folder.startswith("file://")
 
 
 def write_checkpoint(folder: str | Path, model_state: dict[str, torch.Tensor], strategy_states: list[dict[str, Any]],
-                     lineage: dict[str, Any]) -> Path:
-    """Write a checkpoint folder atomically (temporary folder, then rename) and return its path.
+                     lineage: dict[str, Any], storage: Storage | None = None) -> str | Path:
+    """Write a checkpoint folder (a local path or a URI such as ``s3://bucket/run/stage-0``) and return it.
 
     ``lineage`` gains ``model_sha256``, the digest of ``model.pt``.
 
     Raises:
-        FileExistsError: if ``folder`` already exists (nothing is overwritten).
+        FileExistsError: if ``folder`` already holds a checkpoint (nothing is overwritten).
+        StorageError: if object storage cannot be written.
     """
+    model_blob, strategy_blob = _save(model_state), _save(strategy_states)
+    lineage = {**lineage, "model_sha256": hashlib.sha256(model_blob).hexdigest()}
+    lineage_blob = json.dumps(lineage, indent=1, sort_keys=True).encode()
+    if _is_uri(folder):
+        store = storage or Storage.from_settings()
+        uri = str(folder)
+        if store.exists(join(uri, LINEAGE_FILE)):
+            raise FileExistsError(f"checkpoint {uri} already exists")
+        for name, blob in ((MODEL_FILE, model_blob), (STRATEGY_FILE, strategy_blob)):
+            store.write_bytes(join(uri, name), blob, overwrite=True)  # leftovers of an unfinished write
+        store.write_bytes(join(uri, LINEAGE_FILE), lineage_blob)  # the commit record, last
+        return uri
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"checkpoint {folder} already exists")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    torch.save(model_state, tmp / MODEL_FILE)
-    torch.save(strategy_states, tmp / STRATEGY_FILE)
-    lineage = {**lineage, "model_sha256": file_sha256(tmp / MODEL_FILE)}
-    (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
+    (tmp / MODEL_FILE).write_bytes(model_blob)
+    (tmp / STRATEGY_FILE).write_bytes(strategy_blob)
+    (tmp / LINEAGE_FILE).write_bytes(lineage_blob)
     os.rename(tmp, folder)
     return folder
 
 
-def read_lineage(folder: str | Path) -> dict[str, Any]:
-    """Read ``lineage.json`` of a checkpoint folder."""
-    return json.loads((Path(folder) / LINEAGE_FILE).read_text())
+def _save(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
-    """Load ``(model_state, strategy_states, lineage)`` from a checkpoint folder."""
-    folder = Path(folder)
-    model_state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
-    strategy_states = torch.load(folder / STRATEGY_FILE, map_location="cpu", weights_only=False)
-    return model_state, strategy_states, read_lineage(folder)
+def _read(folder: str | Path, name: str, storage: Storage | None) -> bytes:
+    if _is_uri(folder):
+        return (storage or Storage.from_settings()).read_bytes(join(str(folder), name))
+    return (Path(str(folder).removeprefix("file://")) / name).read_bytes()
+
+
+def read_lineage(folder: str | Path, storage: Storage | None = None) -> dict[str, Any]:
+    """Read ``lineage.json`` of a checkpoint folder (path or URI).
+
+    Raises:
+        FileNotFoundError: if the checkpoint is missing or incomplete (no ``lineage.json``).
+    """
+    try:
+        return json.loads(_read(folder, LINEAGE_FILE, storage))
+    except (FileNotFoundError, StorageError):
+        raise FileNotFoundError(f"checkpoint {folder} is missing or incomplete (no {LINEAGE_FILE})") from None
+
+
+def load_checkpoint(folder: str | Path, storage: Storage | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
+    """Load ``(model_state, strategy_states, lineage)`` from a checkpoint folder (path or URI).
+
+    Raises:
+        FileNotFoundError: if the checkpoint is missing or incomplete (no ``lineage.json``).
+        ValueError: if ``model.pt`` does not match the sha256 recorded in ``lineage.json``.
+    """
+    lineage = read_lineage(folder, storage)  # first: an incomplete checkpoint is refused before anything is read
+    model_blob = _read(folder, MODEL_FILE, storage)
+    if lineage.get("model_sha256") and hashlib.sha256(model_blob).hexdigest() != lineage["model_sha256"]:
+        raise ValueError(f"checkpoint {folder}: {MODEL_FILE} does not match the sha256 in {LINEAGE_FILE}")
+    model_state = torch.load(io.BytesIO(model_blob), map_location="cpu", weights_only=True)
+    strategy_states = torch.load(io.BytesIO(_read(folder, STRATEGY_FILE, storage)), map_location="cpu",
+                                 weights_only=False)
+    return model_state, strategy_states, lineage

@@ -164,3 +164,44 @@ def test_domain_uris_under_an_object_store_prefix_stay_uris(tmp_path: Path) -> N
     assert shards.domain_uri(spec, 1, tmp_path) == "s3://elsewhere/b"
     local = validate_raw({**raw, "storage": {"shards": str(tmp_path / "sh")}}, "test")
     assert shards.domain_uri(local, 0, tmp_path) == str(tmp_path / "sh" / "p" / "a")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_round_trip_and_refusals(where: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from orchestrator.checkpoint import LINEAGE_FILE, MODEL_FILE, load_checkpoint, write_checkpoint
+
+    base = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    state = {"w": torch.arange(6.0).view(2, 3)}
+    folder = write_checkpoint(join(base, "run", "stage-0"), state, [{"buf": torch.ones(2)}], {"stage": 0})
+    model, strategies, lineage = load_checkpoint(folder)
+    assert torch.equal(model["w"], state["w"]) and torch.equal(strategies[0]["buf"], torch.ones(2))
+    assert lineage["stage"] == 0 and len(lineage["model_sha256"]) == 64
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_checkpoint(folder, {"w": torch.zeros(1)}, [], {})
+    assert torch.equal(load_checkpoint(folder)[0]["w"], state["w"])  # untouched
+    # A write killed before its commit record leaves a checkpoint that every reader refuses.
+    storage = Storage.from_settings()
+    real = Storage.write_bytes
+
+    def killed(self, uri, data, overwrite=False):  # noqa: ANN001 - dies just before lineage.json
+        if uri.endswith(LINEAGE_FILE):
+            raise KeyboardInterrupt("killed before the commit record")
+        return real(self, uri, data, overwrite)
+
+    half = join(base, "run", "stage-1")
+    if where == "s3":
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(Storage, "write_bytes", killed)
+            write_checkpoint(half, state, [], {"stage": 1})
+        assert storage.exists(join(half, MODEL_FILE)) and not storage.exists(join(half, LINEAGE_FILE))
+        with pytest.raises(FileNotFoundError, match="stage-1 is missing or incomplete"):
+            load_checkpoint(half)
+        write_checkpoint(half, state, [], {"stage": 1})  # the retry completes over the leftovers
+        assert load_checkpoint(half)[2]["stage"] == 1
+    # A model file that does not match its recorded digest is refused.
+    storage.write_bytes(join(str(folder), MODEL_FILE), b"tampered", overwrite=True)
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        load_checkpoint(folder)
