@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import ray
 import torch
 from rich.console import Console
@@ -35,6 +33,7 @@ from orchestrator import shards
 from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
 from orchestrator.errors import LifelongError, ShardError, TrainingError
 from orchestrator.evaluation import make_evaluators
+from orchestrator.ingest import stage_dataset
 from orchestrator.lineage import Tracker, default_tracking_uri, stage_lineage
 from orchestrator.metrics import cl_metrics
 from orchestrator.models import HeadLayout, build_model
@@ -72,17 +71,6 @@ class Domain:
     name: str
     uri: str
     manifest: dict[str, Any]
-
-
-class AddDomainColumn:
-    """Ray Data map: append an int64 column ``t`` (the domain index) to an Arrow batch."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        """``[N]`` rows in, the same rows with ``t = index`` out."""
-        return table.append_column("t", pa.array(np.full(table.num_rows, self.index, dtype=np.int64)))
 
 
 def prepare_domains(pipeline: Pipeline, options: RunOptions, log: Callable[[str], None]) -> list[Domain]:
@@ -338,11 +326,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                                            "train_domains": ",".join(domains[j].name for j in train_idx)})
             lineage = stage_lineage(pipeline.name, run_id, k, domain.name, str(parent), read_lineage(parent), inputs,
                                     pipeline.spec_hash(), code)
-            datasets = [ray.data.read_parquet(shards.shard_uris(domains[j].uri, domains[j].manifest, "train"),
-                                              filesystem=storage.ray_filesystem(domains[j].uri), num_cpus=0.25)
-                        .map_batches(AddDomainColumn(j), batch_format="pyarrow", num_cpus=0.25, batch_size=None)
-                        for j in train_idx]
-            dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+            dataset = stage_dataset([(d.uri, d.manifest) for d in domains], train_idx, pipeline.training.shuffle,
+                                    pipeline.seed * 1000 + k, storage)
             if pipeline.training.materialize:
                 progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: reading shards")
                 dataset = dataset.materialize()  # blocks live in the object store; the driver holds references

@@ -122,7 +122,10 @@ class TrainingSpec(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; Ray Data needs the rest")
-    shuffle_buffer: int = Field(8192, ge=0, description="rows in each worker's local shuffle buffer; 0 = off")
+    shuffle: Literal["files", "local", "full"] = Field(
+        "local", description="files: shard files in random order; local: plus a per-worker shuffle buffer; "
+        "full: a global shuffle of all rows (a full extra pass)")
+    shuffle_buffer: int = Field(8192, ge=1, description="rows in each worker's local shuffle buffer (shuffle: local)")
     materialize: bool = Field(True, description="keep a stage's training blocks in the Ray object store (spilled to "
                               "disk when larger) so epochs after the first re-read no shards; false streams every epoch")
     max_failures: int = Field(0, ge=0)

@@ -167,7 +167,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                       layout.target_table())
     # A stage that streams several domains (joint) gets a proportionally larger shuffle buffer, so that its
     # batches mix the domains instead of following the order in which their shards are read.
-    buffer_rows = pipeline.training.shuffle_buffer * len(train_domains_of(strategies, config["task_id"]))
+    buffer_rows = (pipeline.training.shuffle_buffer * len(train_domains_of(strategies, config["task_id"]))
+                   if pipeline.training.shuffle == "local" else 0)
 
     def iter_task_batches() -> Iterator[Batch]:
         return iter(shard.iter_torch_batches(batch_size=pipeline.training.batch_size, collate_fn=collate,
