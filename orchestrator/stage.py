@@ -27,10 +27,10 @@ import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from orchestrator.checkpoint import load_checkpoint, write_checkpoint
-from orchestrator.storage import Storage
 from orchestrator.errors import TrainingError
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.spec import Pipeline
+from orchestrator.storage import Storage
 from strategies import Batch, StageContext, Strategy, build_strategies, train_domains_of
 
 ProgressFn = Callable[[dict[str, Any]], None]
