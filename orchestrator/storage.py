@@ -30,6 +30,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 from orchestrator.errors import LifelongError
+from strategies.base import default_filesystem
 
 
 class StorageError(LifelongError):
@@ -108,9 +109,7 @@ class Storage:
             if key and secret:
                 kwargs.update(access_key=key, secret_key=secret, session_token=token)
             return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
-        if "://" not in uri:
-            return pafs.LocalFileSystem(), os.path.abspath(uri)
-        return pafs.FileSystem.from_uri(uri)
+        return default_filesystem(uri)
 
     def ray_filesystem(self, uri: str) -> pafs.FileSystem | None:
         """The filesystem to hand Ray Data for ``uri``: None for local paths and ``file://`` (Ray resolves those
@@ -141,6 +140,9 @@ class Storage:
             StorageError: if the store cannot be reached (e.g. a wrong endpoint or missing bucket).
         """
         fs, path = self.fsspec(uri)
+        return self._exists_on(fs, path, uri)
+
+    def _exists_on(self, fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bool:
         try:
             return bool(fs.exists(path))
         except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many unrelated types
@@ -168,7 +170,7 @@ class Storage:
                 removed; the target is untouched).
         """
         fs, path = self.fsspec(uri)
-        if not overwrite and self.exists(uri):
+        if not overwrite and self._exists_on(fs, path, uri):
             raise StorageError(f"{uri} already exists; refusing to overwrite it")
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
