@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import pyarrow as pa
 import pytest
+import ray
+import ray.data
 
 from orchestrator import shards
 from orchestrator.ingest import stage_dataset
@@ -26,12 +27,9 @@ def _rows(uri: str, manifest: dict) -> list[bytes]:
     return [x.tobytes() + bytes([y]) for x, y in zip(raw.x, raw.y)]
 
 
-def _streamed(ds) -> tuple[list[bytes], set[int]]:  # noqa: ANN001 - a ray.data.Dataset
-    table = ds.to_arrow_refs()
-    import pyarrow as pa
-    import ray
-
-    t = pa.concat_tables(ray.get(table))
+def _streamed(ds: ray.data.Dataset) -> tuple[list[bytes], set[int]]:
+    """The dataset's rows as ``bytes`` keys (as :func:`_rows`), in the order Ray Data delivers them, and its ``t``s."""
+    t = pa.concat_tables(ray.get(ds.to_arrow_refs()))
     x = t.column("x").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1).astype(np.uint8)
     y = t.column("y").to_numpy()
     return [a.tobytes() + bytes([int(b)]) for a, b in zip(x, y)], set(t.column("t").to_pylist())

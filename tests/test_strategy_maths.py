@@ -355,20 +355,23 @@ def test_packnet_prunes_the_smallest_free_weights() -> None:
     assert new.tolist() == [0, 1, -1, 1, -1, 1]
 
 
+def two_head_task(task: int, n: int) -> list[Batch]:
+    """Task ``task`` of a two-head toy stream: label = sign of input feature ``task``, on head ``task``'s units
+    (``2 * task`` and ``2 * task + 1``); ``n`` samples in batches of 16."""
+    g = torch.Generator().manual_seed(task)
+    x = torch.randn(n, 6, generator=g)
+    y = (x[:, task] > 0).long() + 2 * task
+    return [Batch(x[i:i + 16], y[i:i + 16], torch.full((16,), task)) for i in range(0, n, 16)]
+
+
 def test_packnet_never_changes_a_weight_an_earlier_task_owns() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
     head_mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
     (pack,) = build_strategies([("packnet", {"prune_ratio": 0.5, "retrain_epochs": 1})])
 
-    def data(task: int) -> list[Batch]:
-        g = torch.Generator().manual_seed(task)
-        x = torch.randn(64, 6, generator=g)
-        y = (x[:, task] > 0).long() + 2 * task
-        return [Batch(x[i:i + 16], y[i:i + 16], torch.full((16,), task)) for i in range(0, 64, 16)]
-
     def ctx(task: int) -> StageContext:
-        c = ctx_for(model, data(task), task=task)
+        c = ctx_for(model, two_head_task(task, 64), task=task)
         c.head_mask = head_mask
         c.optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
         return c
@@ -377,7 +380,7 @@ def test_packnet_never_changes_a_weight_an_earlier_task_owns() -> None:
     owned0 = pack.owner["0.weight"] == 0
     assert 0 < int(owned0.sum()) < owned0.numel()
     before = model[0].weight.detach().clone()
-    probe = data(0)[0]
+    probe = two_head_task(0, 64)[0]
     out0 = pack.inference_model(model, 0)(probe.x)[:, :2].detach()
     fit_task(ctx(1), [pack], epochs=2)
     after = model[0].weight.detach()
@@ -443,14 +446,8 @@ def test_hat_masks_are_near_binary_and_protect_earlier_tasks() -> None:
     head_mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
     (hat,) = build_strategies([("hat", {})])
 
-    def data(task: int) -> list[Batch]:
-        g = torch.Generator().manual_seed(task)
-        x = torch.randn(96, 6, generator=g)
-        y = (x[:, task] > 0).long() + 2 * task
-        return [Batch(x[i:i + 16], y[i:i + 16], torch.full((16,), task)) for i in range(0, 96, 16)]
-
     def ctx(task: int) -> StageContext:
-        c = ctx_for(model, data(task), task=task)
+        c = ctx_for(model, two_head_task(task, 96), task=task)
         c.head_mask, c.steps_per_epoch = head_mask, 6
         # HAT's optimizer is SGD (Serra et al. 2018, §4): Adam would normalise the masked gradients back up.
         c.optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -460,7 +457,7 @@ def test_hat_masks_are_near_binary_and_protect_earlier_tasks() -> None:
     masks = torch.cat([m.flatten() for m in hat.masks(0).values()])
     assert float(((masks < 0.01) | (masks > 0.99)).float().mean()) >= 0.99  # near-binary after annealing
     assert 0.0 < float(masks.mean()) < 1.0  # some units used, some kept free
-    probe = data(0)[0].x
+    probe = two_head_task(0, 96)[0].x
     before = hat.inference_model(model, 0)(probe)[:, :2].detach()
     fit_task(ctx(1), [hat], epochs=3)
     after = hat.inference_model(model, 0)(probe)[:, :2].detach()
