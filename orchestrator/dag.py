@@ -13,10 +13,10 @@ The story of :func:`run`:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -34,13 +34,13 @@ from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
 from orchestrator.errors import LifelongError, ShardError, TrainingError
 from orchestrator.evaluation import make_evaluators
 from orchestrator.ingest import stage_dataset
-from orchestrator.lineage import Tracker, default_tracking_uri, stage_lineage
+from orchestrator.lineage import BackgroundTracker, RunRef, default_tracking_uri, stage_lineage
 from orchestrator.metrics import cl_metrics
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.report import save_heatmap, save_json
 from orchestrator.spec import Pipeline, SourceSpec, flatten
-from orchestrator.stage import train_loop_per_worker
-from orchestrator.storage import Storage
+from orchestrator.storage import Storage, join
+from orchestrator.workers import Resources, StageRunner
 from strategies import build_strategies, train_domains_of
 
 
@@ -73,14 +73,14 @@ class Domain:
     manifest: dict[str, Any]
 
 
-def prepare_domains(pipeline: Pipeline, options: RunOptions, log: Callable[[str], None]) -> list[Domain]:
+def prepare_domains(pipeline: Pipeline, options: RunOptions, storage: Storage,
+                    log: Callable[[str], None]) -> list[Domain]:
     """Resolve each domain's shards, building missing ones from their ``source``.
 
     Raises:
         ShardError: a domain has no shards and no source, or its shards were built from another source.
     """
     data_root = shards.find_data_root(options.data_root, options.search_from)
-    storage = Storage.from_settings(pipeline.storage.s3)
     out = []
     for i, spec in enumerate(pipeline.domains):
         uri = shards.domain_uri(pipeline, i, options.workdir)
@@ -142,21 +142,34 @@ def init_ray() -> None:
 
 
 def check_resources(pipeline: Pipeline) -> None:
-    """Refuse a stage that would starve Ray Data.
+    """Refuse resources that would starve Ray Data and hang the first stage.
 
-    Ray Data's read tasks for Train ingest only get scheduled when the training workers reserve at most half of
-    the cluster's CPUs (measured on Ray 2.60: 0.5 of 2 CPUs runs, 0.75 hangs forever).
+    Measured on Ray 2.60 with 2 CPUs:
+
+    - building a stage's dataset samples its Parquet files with tasks of one whole CPU, so the training workers and
+      the evaluation actors must leave at least one CPU of the cluster free;
+    - with ``executor: ray_train``, Train's ingest read tasks only get scheduled when the workers reserve at most
+      half of the cluster's CPUs (0.5 of 2 runs, 0.75 hangs forever).
 
     Raises:
-        LifelongError: naming ``training.cpus_per_worker`` and the cluster's CPU count.
+        LifelongError: naming the fields to change and the cluster's CPU count.
     """
     total = ray.cluster_resources().get("CPU", 0.0)
-    wanted = pipeline.training.num_workers * pipeline.training.cpus_per_worker
-    if wanted > total / 2:
-        raise LifelongError(f"training.num_workers x training.cpus_per_worker = {wanted:g} CPUs, more than half of "
-                            f"this Ray cluster's {total:g} CPUs; Ray Data's readers would starve and the stage would "
-                            f"hang. Lower training.cpus_per_worker (e.g. --set training.cpus_per_worker="
-                            f"{total / 2 / pipeline.training.num_workers:g})")
+    t, e = pipeline.training, pipeline.evaluation
+    workers = t.num_workers * t.cpus_per_worker
+    reserved = workers + e.num_actors * e.cpus_per_actor
+    if total - reserved < 1.0:
+        fit = max(total - 1.0 - e.num_actors * e.cpus_per_actor, 0.05) / t.num_workers
+        raise LifelongError(f"training.num_workers x training.cpus_per_worker + evaluation.num_actors x "
+                            f"evaluation.cpus_per_actor = {reserved:g} CPUs, which leaves less than one of this Ray "
+                            f"cluster's {total:g} CPUs to Ray Data; its Parquet readers would never be scheduled and "
+                            f"the run would hang. Lower training.cpus_per_worker or evaluation.cpus_per_actor "
+                            f"(e.g. --set training.cpus_per_worker={fit:.2g})")
+    if t.executor == "ray_train" and workers > total / 2:
+        raise LifelongError(f"training.num_workers x training.cpus_per_worker = {workers:g} CPUs, more than half of "
+                            f"this Ray cluster's {total:g} CPUs; with training.executor ray_train, Ray Data's readers "
+                            f"would starve and the stage would hang. Lower training.cpus_per_worker (e.g. --set "
+                            f"training.cpus_per_worker={total / 2 / t.num_workers:g})")
 
 
 class EventLog:
@@ -183,16 +196,6 @@ def _check_shapes(domains: list[Domain]) -> tuple[tuple[int, ...], float, str, s
             first["label"]["column"])
 
 
-def _root_error(e: BaseException) -> str:
-    """The innermost message of a Ray Train failure, on one line."""
-    text = str(e)
-    for marker in ("TrainingError: ", "LifelongError: "):
-        if marker in text:
-            return text.rsplit(marker, 1)[-1].strip().splitlines()[0]
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     """Run a pipeline end to end on Ray and return the report (see ``report.py`` for its fields).
 
@@ -200,7 +203,8 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
         LifelongError: bad shards, unreachable tracking URI, or a diverged stage (message names the culprit).
     """
     console, started = options.console, time.time()
-    domains = prepare_domains(pipeline, options, lambda m: console.print(f"[dim]{m}[/dim]"))
+    storage = Storage.from_settings(pipeline.storage.s3)
+    domains = prepare_domains(pipeline, options, storage, lambda m: console.print(f"[dim]{m}[/dim]"))
     input_shape, scale, features, label = _check_shapes(domains)
     layout = HeadLayout.build(pipeline.scenario, [d.manifest["label_set"] for d in domains])
     strategies = build_strategies([(s.name, s.params()) for s in pipeline.strategy])
@@ -210,10 +214,26 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
                 raise LifelongError(f"strategy '{s.name}' does not support training.num_workers > 1")
     init_ray()
     check_resources(pipeline)
-    validate_domains(domains, Storage.from_settings(pipeline.storage.s3))
+    runner = StageRunner(pipeline.training.executor, storage, pipeline.training.max_failures)
+    try:
+        runner.prestart(stage_resources(pipeline))  # worker processes boot while the shards are validated
+        validate_domains(domains, storage)
+        return _tracked_run(pipeline, options, domains, layout, input_shape, scale, features, label, strategies,
+                            storage, runner, started)
+    finally:
+        runner.drop_group()
+
+
+def _tracked_run(pipeline: Pipeline, options: RunOptions, domains: list[Domain], layout: HeadLayout,
+                 input_shape: tuple[int, ...], scale: float, features: str, label: str, strategies: list[Any],
+                 storage: Storage, runner: StageRunner, started: float) -> dict[str, Any]:
+    """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report."""
     options.workdir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
-                      pipeline.tracking.experiment or pipeline.name)
+    # MLflow works on a background thread from here on (see BackgroundTracker); the heatmap's plotting library is
+    # imported there too, so that neither waits on the critical path.
+    tracker = BackgroundTracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
+                                pipeline.tracking.experiment or pipeline.name)
+    tracker.call(importlib.import_module, "matplotlib.pyplot")
 
     # Everything above only reads; from here on the run writes under its own fresh folder.
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -222,48 +242,71 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     events = EventLog(run_dir / "events.jsonl")
     (run_dir / "pipeline.json").write_text(json.dumps(pipeline.model_dump(mode="json"), indent=1))
     code = code_version()
-    parent_id = tracker.start_run(f"{pipeline.name}-{run_id}", {
+    parent = tracker.start_run(f"{pipeline.name}-{run_id}", {
         "lifelong.run_id": run_id, "lifelong.run_dir": str(run_dir), "lifelong.spec_sha256": pipeline.spec_hash(),
         "lifelong.strategy": pipeline.strategy_label(), "lifelong.git_commit": code["git_commit"]})
-    tracker.log_params(parent_id, flatten(pipeline.model_dump(mode="json")))
-    events.write("run_start", run_id=run_id, mlflow_run_id=parent_id)
+    tracker.log_params(parent, flatten(pipeline.model_dump(mode="json")))
+    events.write("run_start", run_id=run_id)
     ok = False
     try:
         report = _run_stages(pipeline, domains, layout, input_shape, scale, features, label, strategies, tracker,
-                             parent_id, run_id, run_dir, events, code, options)
+                             parent, run_id, run_dir, events, code, storage, runner, options)
         report.update(wall_seconds=time.time() - started, run_dir=str(run_dir), run_id=run_id,
-                      mlflow_run_id=parent_id, tracking_uri=tracker.uri)
-        tracker.log_metrics(parent_id, {"ACC": report["acc"], "BWT": report["bwt"], "FWT": report["fwt"],
-                                        "forgetting": report["avg_forgetting"], "wall_seconds": report["wall_seconds"]})
-        save_json(report, run_dir / "report.json")
+                      tracking_uri=tracker.uri)
+        tracker.log_metrics(parent, {"ACC": report["acc"], "BWT": report["bwt"], "FWT": report["fwt"],
+                                     "forgetting": report["avg_forgetting"], "wall_seconds": report["wall_seconds"]})
         save_json({"R": report["R"], "b": report["b"], "domains": report["domains"]}, run_dir / "accuracy_matrix.json")
-        save_heatmap(report, run_dir / "accuracy_matrix.png")
-        events.write("run_end", run_id=run_id)
+        tracker.call(save_heatmap, report, run_dir / "accuracy_matrix.png")
+
+        def finish(mlflow_run_id: str) -> None:  # on the tracker's thread, once the parent run's id is known
+            report["mlflow_run_id"] = mlflow_run_id
+            save_json(report, run_dir / "report.json")
+            events.write("run_end", run_id=run_id, mlflow_run_id=mlflow_run_id)
+
+        tracker.call(finish, parent)
         for name in ("accuracy_matrix.json", "accuracy_matrix.png", "report.json", "events.jsonl"):
-            tracker.log_artifact(parent_id, run_dir / name)
-        (run_dir / "_COMPLETED").write_text(json.dumps({"finished": time.time()}))
+            tracker.log_artifact(parent, run_dir / name)
         ok = True
-        return report
     finally:
-        tracker.end(parent_id, ok)
+        tracker.end(parent, ok)
+        tracker.close(raise_errors=ok)  # a failed run keeps its own error
+    (run_dir / "_COMPLETED").write_text(json.dumps({"finished": time.time()}))
+    return report
+
+
+def stage_root(pipeline: Pipeline, run_id: str, run_dir: Path) -> str:
+    """Where a run's checkpoints and strategy state go: ``<storage.root>/<pipeline>/<run_id>`` (a path or URI), or
+    the run folder itself when ``storage.root`` is unset."""
+    root = pipeline.storage.root
+    if root is None:
+        return str(run_dir)
+    if "://" not in root or root.startswith("file://"):
+        root = str(Path(root.removeprefix("file://")).resolve())
+    return join(root, pipeline.name, run_id)
+
+
+def stage_resources(pipeline: Pipeline) -> Resources:
+    """The worker group's resources; ``threads_per_worker`` defaults to the cluster's CPUs per worker."""
+    t = pipeline.training
+    threads = t.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // t.num_workers)
+    return Resources(t.num_workers, t.cpus_per_worker, t.use_gpu, threads)
 
 
 def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, input_shape: tuple[int, ...],
-                scale: float, features: str, label: str, strategies: list[Any], tracker: Tracker, parent_id: str,
-                run_id: str, run_dir: Path, events: EventLog, code: dict[str, str],
-                options: RunOptions) -> dict[str, Any]:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+                scale: float, features: str, label: str, strategies: list[Any], tracker: BackgroundTracker,
+                parent_id: RunRef, run_id: str, run_dir: Path, events: EventLog, code: dict[str, str], storage: Storage,
+                runner: StageRunner, options: RunOptions) -> dict[str, Any]:
     from ray.util import ActorPool
     from ray.util.queue import Queue
 
     T = len(domains)
-    storage = Storage.from_settings(pipeline.storage.s3)
+    root = stage_root(pipeline, run_id, run_dir)
     torch.manual_seed(pipeline.seed)
     init_model = build_model(pipeline.model, input_shape, layout.num_outputs)
-    parent = write_checkpoint(run_dir / "init", init_model.state_dict(), [s.state_dict() for s in strategies],
-                              {"pipeline": pipeline.name, "run_id": run_id, "stage": -1, "domain": None,
-                               "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []})
+    parent = str(write_checkpoint(join(root, "init"), init_model.state_dict(), [s.state_dict() for s in strategies],
+                                  {"pipeline": pipeline.name, "run_id": run_id, "stage": -1, "domain": None,
+                                   "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []},
+                                  storage))
     evaluators = make_evaluators(pipeline.evaluation.num_actors, pipeline.evaluation.cpus_per_actor,
                                  [(d.uri, d.manifest) for d in domains], pipeline.evaluation.split, layout,
                                  pipeline.model, input_shape, scale, pipeline.evaluation.batch_size,
@@ -283,17 +326,18 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
             except TimeoutError:
                 return
             except ray.exceptions.RayError as e:
-                raise LifelongError(f"an evaluation actor failed: {_root_error(e)}") from None
+                raise LifelongError(f"an evaluation actor failed: {str(e).strip().splitlines()[-1]}") from None
             cells[(cell["row"], cell["col"])] = cell
             events.write("eval_cell", t=cell["end"], row=cell["row"], col=cell["col"], start=cell["start"],
                          end=cell["end"], acc=cell["acc"])
 
-    submit_row(-1, str(parent))
+    submit_row(-1, parent)
     queue = Queue(actor_options={"num_cpus": 0})
     rows = [sum(domains[j].manifest["splits"]["train"]["rows"] for j in train_domains_of(strategies, k))
             for k in range(T)]
     total = sum(rows) * pipeline.training.epochs
-    world = pipeline.training.num_workers
+    resources = stage_resources(pipeline)
+    world = resources.num_workers
     stages: list[dict[str, Any]] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
                         TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=options.console,
@@ -306,56 +350,47 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
         mean = sum(s["wall_seconds"] for s in stages) / len(stages)
         return f"{max(0.0, mean * (T - k) - (time.time() - t_start)):.0f}s"
 
+    def dataset_for(k: int) -> ray.data.Dataset:
+        """Stage k's training data: lazy (streamed by the workers), or read into the object store first."""
+        ds = stage_dataset([(d.uri, d.manifest) for d in domains], train_domains_of(strategies, k),
+                           pipeline.training.shuffle, pipeline.seed * 1000 + k, storage)
+        return ds.materialize() if pipeline.training.materialize else ds  # the driver holds block references only
+
     with progress:
         bar = progress.add_task("starting", total=total, rate="", eta="?")
         done_before = 0
+        ahead = dataset_for(0)
         for k, domain in enumerate(domains):
             train_idx = train_domains_of(strategies, k)
             events.write("stage_start", stage=k, domain=domain.name)
             t_start = time.time()
-            stage_run = tracker.start_run(f"stage-{k}-{domain.name}", {"lifelong.stage": str(k),
-                                          "lifelong.domain": domain.name, "lifelong.run_id": run_id}, parent_id)
-            inputs = []
-            for j in train_idx:
-                d = domains[j]
-                split = d.manifest["splits"]["train"]
-                tracker.log_dataset(stage_run, f"{d.name}/train", d.uri, split["digest"], "training")
-                inputs.append({"domain": d.name, "uri": d.uri, "split": "train", "digest": split["digest"],
-                               "shards": [{k2: s[k2] for k2 in ("path", "sha256", "rows")} for s in split["shards"]]})
-            tracker.log_params(stage_run, {"stage": str(k), "domain": domain.name, "parent_checkpoint": str(parent),
-                                           "train_domains": ",".join(domains[j].name for j in train_idx)})
-            lineage = stage_lineage(pipeline.name, run_id, k, domain.name, str(parent), read_lineage(parent), inputs,
-                                    pipeline.spec_hash(), code)
-            dataset = stage_dataset([(d.uri, d.manifest) for d in domains], train_idx, pipeline.training.shuffle,
-                                    pipeline.seed * 1000 + k, storage)
-            if pipeline.training.materialize:
-                progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: reading shards")
-                dataset = dataset.materialize()  # blocks live in the object store; the driver holds references
+            inputs = [{"domain": domains[j].name, "uri": domains[j].uri, "split": "train",
+                       "digest": domains[j].manifest["splits"]["train"]["digest"],
+                       "shards": [{key: s[key] for key in ("path", "sha256", "rows")}
+                                  for s in domains[j].manifest["splits"]["train"]["shards"]]} for j in train_idx]
+            lineage = stage_lineage(pipeline.name, run_id, k, domain.name, parent, read_lineage(parent, storage),
+                                    inputs, pipeline.spec_hash(), code)
+            stage_dir = join(root, f"stage-{k}")
             config = {"spec": pipeline.model_dump(mode="json"), "task_id": k, "scenario": layout.scenario,
                       "label_sets": [list(s) for s in layout.label_sets], "input_shape": list(input_shape),
-                      "scale": scale, "features": features, "label": label, "parent": str(parent),
-                      "lineage": lineage, "progress": queue, "train_rows": rows[k],
-                      "state_uri": str(run_dir / "state" / f"stage-{k}")}
-            trainer = TorchTrainer(
-                train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
-                scaling_config=ScalingConfig(num_workers=world, use_gpu=pipeline.training.use_gpu,
-                                             resources_per_worker={"CPU": pipeline.training.cpus_per_worker}),
-                run_config=RunConfig(name=f"stage-{k}", storage_path=str(run_dir),
-                                     failure_config=FailureConfig(max_failures=pipeline.training.max_failures)))
-            progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: starting workers")
-            outcome: dict[str, Any] = {}
+                      "scale": scale, "features": features, "label": label, "parent": parent,
+                      "lineage": lineage, "progress": queue, "train_rows": rows[k], "storage": storage,
+                      "state_uri": join(root, "state", f"stage-{k}"), "threads": resources.threads,
+                      "resources": resources}
+            progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: starting")
+            handle = runner.start(config, ahead, lambda k=k: dataset_for(k), stage_dir)
 
-            def fit(trainer: TorchTrainer = trainer, outcome: dict[str, Any] = outcome) -> None:
-                try:
-                    outcome["result"] = trainer.fit()
-                except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-                    outcome["error"] = e
-
-            thread = threading.Thread(target=fit, name=f"fit-stage-{k}", daemon=True)
-            thread.start()
-            while thread.is_alive() or not queue.empty():
-                while not queue.empty():
-                    ev = queue.get_nowait()
+            # While stage k trains: its MLflow run (queued), stage k+1's dataset, progress and evaluation cells.
+            stage_run = tracker.start_run(f"stage-{k}-{domain.name}", {"lifelong.stage": str(k),
+                                          "lifelong.domain": domain.name, "lifelong.run_id": run_id}, parent_id)
+            for item in inputs:
+                tracker.log_dataset(stage_run, f"{item['domain']}/train", item["uri"], item["digest"], "training")
+            tracker.log_params(stage_run, {"stage": str(k), "domain": domain.name, "parent_checkpoint": parent,
+                                           "train_domains": ",".join(domains[j].name for j in train_idx)})
+            ahead = dataset_for(k + 1) if k + 1 < T else None
+            while True:
+                finished = handle.wait(timeout=0.1)
+                for ev in queue.get_nowait_batch(queue.qsize()):
                     progress.update(bar, completed=done_before + ev["samples"] * world,
                                     description=f"stage {k + 1}/{T} {domain.name}: epoch {ev['epoch'] + 1}/"
                                                 f"{pipeline.training.epochs}",
@@ -363,32 +398,34 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                     if ev["kind"] == "epoch":
                         tracker.log_metrics(stage_run, {"loss": ev["loss"], "samples_per_second":
                                             ev["samples"] * world / max(ev["seconds"], 1e-9)}, step=ev["epoch"])
+                if finished:
+                    break
                 progress.update(bar, eta=eta(k, t_start))
-                pump_evals(timeout=0.2)
-                thread.join(timeout=0.05)
-            t_end = time.time()
-            done_before += rows[k] * pipeline.training.epochs
-            if "error" in outcome:
+                pump_evals(timeout=0)
+                tracker.check()
+            try:
+                stats, checkpoint = handle.result()
+            except TrainingError as e:
                 tracker.end(stage_run, False)
-                events.write("stage_failed", stage=k, error=_root_error(outcome["error"]))
-                raise TrainingError(f"stage {k} ({domain.name}) failed: {_root_error(outcome['error'])}")
-            result = outcome["result"]
-            stats = result.return_value or {}
-            checkpoint = Path(result.checkpoint.path)
-            events.write("stage_end", stage=k, domain=domain.name, checkpoint=str(checkpoint))
+                events.write("stage_failed", stage=k, error=str(e))
+                raise TrainingError(f"stage {k} ({domain.name}) failed: {e}") from None
+            t_end = time.time()
+            events.write("stage_end", t=t_end, stage=k, domain=domain.name, checkpoint=checkpoint)
+            submit_row(k, checkpoint)
+            done_before += rows[k] * pipeline.training.epochs
             wall = t_end - t_start
-            stage = {"stage": k, "domain": domain.name, "checkpoint": str(checkpoint), "start": t_start, "end": t_end,
+            stage = {"stage": k, "domain": domain.name, "checkpoint": checkpoint, "start": t_start, "end": t_end,
                      "wall_seconds": wall, "train_seconds": stats.get("train_seconds", float("nan")),
                      "overhead_seconds": wall - stats.get("train_seconds", float("nan")),
                      "samples_per_second": stats.get("samples_per_second", float("nan")),
-                     "epoch_loss": stats.get("epoch_loss", [float("nan")])}
+                     "epoch_loss": stats.get("epoch_loss", [float("nan")]),
+                     "epoch_seconds": stats.get("epoch_seconds", [])}
             stages.append(stage)
-            (checkpoint.parent / "_COMPLETED").write_text(json.dumps(stage, indent=1))
+            storage.write_bytes(join(stage_dir, "_COMPLETED"), json.dumps(stage, indent=1).encode())
             tracker.log_metrics(stage_run, {"stage_wall_seconds": wall, "train_seconds": stage["train_seconds"],
                                             "overhead_seconds": stage["overhead_seconds"]})
-            tracker.log_artifact(stage_run, checkpoint / "lineage.json")
+            tracker.log_dict(stage_run, read_lineage(checkpoint, storage), "lineage.json")
             tracker.end(stage_run, True)
-            submit_row(k, str(checkpoint))
             parent = checkpoint
         progress.update(bar, description=f"evaluating the last stage ({T}/{T})")
         while pool.has_next():
@@ -400,4 +437,3 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     b = [cells[(-1, j)]["acc"] for j in range(T)]
     return {"pipeline": pipeline.name, "strategy": pipeline.strategy_label(), "scenario": pipeline.scenario,
             "domains": [d.name for d in domains], "R": R, "b": b, **cl_metrics(R, b), "stages": stages}
-

@@ -64,7 +64,7 @@ class Evaluator:
         """
         start = time.time()
         if self.loaded != checkpoint:
-            model_state, strategy_states, _ = load_checkpoint(checkpoint)
+            model_state, strategy_states, _ = load_checkpoint(checkpoint, self.storage)
             self.model.load_state_dict(model_state)
             for s, state in zip(self.strategies, strategy_states):
                 s.load_state_dict(state)

@@ -17,6 +17,8 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +89,100 @@ class Tracker:
         """Upload a local file as an artifact of the run."""
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_dict(self, run_id: str, obj: dict[str, Any], artifact_file: str) -> None:
+        """Store a JSON-serialisable dict as the artifact ``artifact_file`` (e.g. ``lineage.json``) of the run."""
+        self.client.log_dict(run_id, obj, artifact_file)
+
     def end(self, run_id: str, ok: bool) -> None:
         """Mark a run FINISHED or FAILED."""
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+RunRef = Future  # a run id that the background thread will know once the run is created
+
+
+class BackgroundTracker:
+    """A :class:`Tracker` whose calls run on one background thread, in the order they were made.
+
+    MLflow's latency then stays off the stages' critical path: creating a new sqlite database takes about 2.5 s on a
+    2-core machine and each call 10-50 ms, while the driver's own work is to keep the workers busy. The methods take
+    the :class:`Tracker` methods' arguments, except that a run is named by the :data:`RunRef` that
+    :meth:`start_run` returns.
+
+    Args:
+        uri: MLflow tracking URI. experiment: experiment name (created if missing).
+    """
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri = uri
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._tracker = self._pool.submit(Tracker, uri, experiment)
+        self._calls: list[Future] = [self._tracker]
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(*args)`` after the calls made so before it (any :data:`RunRef` argument is resolved first)."""
+        def job() -> Any:
+            return fn(*[a.result() if isinstance(a, Future) else a for a in args])
+
+        future = self._pool.submit(job)
+        self._calls.append(future)
+        return future
+
+    def _method(self, name: str, *args: Any) -> Future:
+        return self.call(lambda *a: getattr(self._tracker.result(), name)(*a), *args)
+
+    def start_run(self, name: str, tags: dict[str, str], parent: RunRef | None = None) -> RunRef:
+        """Queue the creation of a run (a child of ``parent`` if given); the returned future yields its id."""
+        return self._method("start_run", name, tags, parent)
+
+    def log_params(self, run: RunRef, params: dict[str, str]) -> None:
+        """Queue :meth:`Tracker.log_params`."""
+        self._method("log_params", run, params)
+
+    def log_metrics(self, run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
+        """Queue :meth:`Tracker.log_metrics`."""
+        self._method("log_metrics", run, metrics, step)
+
+    def log_dataset(self, run: RunRef, name: str, source_uri: str, digest: str, context: str) -> None:
+        """Queue :meth:`Tracker.log_dataset`."""
+        self._method("log_dataset", run, name, source_uri, digest, context)
+
+    def log_artifact(self, run: RunRef, path: Path, artifact_path: str | None = None) -> None:
+        """Queue :meth:`Tracker.log_artifact` (the file must stay in place until :meth:`close`)."""
+        self._method("log_artifact", run, path, artifact_path)
+
+    def log_dict(self, run: RunRef, obj: dict[str, Any], artifact_file: str) -> None:
+        """Queue :meth:`Tracker.log_dict`."""
+        self._method("log_dict", run, obj, artifact_file)
+
+    def end(self, run: RunRef, ok: bool) -> None:
+        """Queue :meth:`Tracker.end`."""
+        self._method("end", run, ok)
+
+    def check(self) -> None:
+        """Raise the first error of a call that has finished, if any.
+
+        Raises:
+            LifelongError: naming the tracking URI (the tracker's own errors are passed on as they are).
+        """
+        for future in self._calls:
+            if not future.done():
+                return
+            error = future.exception()
+            if error is not None:
+                if isinstance(error, LifelongError):
+                    raise error
+                raise LifelongError(f"MLflow tracking at {self.uri} failed: {str(error).splitlines()[0][:200]}")
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every queued call, stop the thread, and raise the first error (unless ``raise_errors`` is false).
+
+        Raises:
+            LifelongError: as :meth:`check`.
+        """
+        self._pool.shutdown(wait=True)
+        if raise_errors:
+            self.check()
 
 
 def stage_lineage(pipeline_name: str, run_id: str, stage: int, domain: str, parent_checkpoint: str,

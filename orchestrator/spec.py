@@ -126,9 +126,19 @@ class TrainingSpec(_Strict):
         "local", description="files: shard files in random order; local: plus a per-worker shuffle buffer; "
         "full: a global shuffle of all rows (a full extra pass)")
     shuffle_buffer: int = Field(8192, ge=1, description="rows in each worker's local shuffle buffer (shuffle: local)")
-    materialize: bool = Field(True, description="keep a stage's training blocks in the Ray object store (spilled to "
-                              "disk when larger) so epochs after the first re-read no shards; false streams every epoch")
-    max_failures: int = Field(0, ge=0)
+    cache_mb: float = Field(1024.0, ge=0, description="a worker keeps its part of the stage's data in memory after "
+                            "the first epoch when it takes at most this many MB (float32 features), and later epochs "
+                            "re-shuffle it there; 0 streams every epoch from the shards")
+    materialize: bool = Field(False, description="read a stage's training blocks into the Ray object store (spilled "
+                              "to disk when larger) before the stage starts, so that epochs that are not cached re-read "
+                              "no shards")
+    executor: Literal["group", "ray_train"] = Field(
+        "group", description="group: one persistent worker group per pipeline (workers started once, a checkpoint "
+        "per stage); ray_train: one Ray Train fit per stage (about 19 s of start-up each on 2 cores)")
+    threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads per worker; default: the "
+                                           "cluster's CPUs divided by num_workers")
+    max_failures: int = Field(0, ge=0, description="restarts of a stage from its parent checkpoint after a worker "
+                              "process dies")
     progress_every: int = Field(20, ge=1, description="report progress every N steps")
 
 
@@ -161,9 +171,13 @@ class S3Spec(_Strict):
 
 
 class StorageSpec(_Strict):
-    """Where runs and shards are written. Relative paths are taken from the current folder."""
+    """Where runs and shards are written. Relative paths are taken from the current folder.
 
-    root: str = "lifelong-runs"
+    ``root`` holds each run's checkpoints, strategy state and Parquet buffers under ``<root>/<pipeline>/<run_id>/``
+    (default: the run folder under ``--workdir``); a URI such as ``s3://bucket/prefix`` puts them on shared storage,
+    where every node can read them. The run folder itself (report, event log) stays under ``--workdir``."""
+
+    root: str | None = None
     shards: str | None = None
     s3: S3Spec = Field(default_factory=S3Spec)
 

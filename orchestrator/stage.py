@@ -1,13 +1,15 @@
-"""One stage: training the model on one domain, as a Ray Train worker function.
+"""One stage: training the model on one domain, on every worker of the stage's executor.
 
-The story of a stage, on every worker:
+The story of a stage, on every worker (:func:`run_stage`):
 
 1. build the model and strategies, and load the previous stage's checkpoint (weights and strategy state);
 2. wrap the model in DDP when there are several workers;
-3. for each epoch, stream this worker's shard of the domain's training data (Ray Data ``iter_torch_batches``) and
-   run the strategy hooks around forward, backward and the optimizer step (see ``strategies/base.py``);
+3. for each epoch, stream this worker's part of the domain's training data (Ray Data ``iter_torch_batches``; kept
+   in memory after the first epoch when it fits, see :class:`EpochCache`) and run the strategy hooks around forward,
+   backward and the optimizer step (see ``strategies/base.py``);
 4. ``after_task``: the strategies consolidate their state across workers;
-5. rank 0 writes the checkpoint (model, strategy state, ``lineage.json``) and every worker reports it.
+5. rank 0 writes the checkpoint (model, strategy state, ``lineage.json``): the persistent worker group writes it
+   straight to the run's storage (``orchestrator/workers.py``); Ray Train persists it (:func:`train_loop_per_worker`).
 
 ``fit_task`` is the plain training loop, free of Ray, so that tests and benchmarks can drive it in-process.
 """
@@ -63,6 +65,51 @@ class ToBatch(ArrowBatchCollateFn):
         return Batch(x, y, t)
 
 
+class EpochCache:
+    """A worker's pass over its shard that keeps the shard in memory after the first complete pass, when it fits.
+
+    The first call streams from ``stream()`` and copies the batches aside; once a pass ends with at most
+    ``limit_bytes`` copied (inputs, targets and domain ids), later calls iterate the copy instead: in a fresh random
+    order each time when ``shuffle`` (a full shuffle of this worker's shard), else in the streamed order. A pass
+    abandoned half-way (a strategy reading only a few batches) caches nothing.
+
+    Args:
+        stream: a fresh streaming pass (``[B, ...]`` batches). limit_bytes: the cache's budget in bytes (0: never
+            cache). batch_size: samples per cached batch. shuffle: re-shuffle cached epochs. seed: of that shuffle.
+    """
+
+    def __init__(self, stream: Callable[[], Iterator[Batch]], limit_bytes: int, batch_size: int, shuffle: bool,
+                 seed: int) -> None:
+        self.stream, self.limit, self.batch_size, self.shuffle = stream, limit_bytes, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cached: Batch | None = None
+
+    def __call__(self) -> Iterator[Batch]:
+        """One pass over the shard (``[B, ...]`` batches of ``batch_size`` samples, the last one possibly smaller)."""
+        if self.cached is not None:
+            yield from self._replay(self.cached)
+            return
+        parts: list[Batch] | None = [] if self.limit > 0 else None
+        size = 0
+        for batch in self.stream():
+            if parts is not None:
+                size += sum(v.element_size() * v.nelement() for v in (batch.x, batch.y, batch.t))
+                if size <= self.limit:
+                    parts.append(batch)
+                else:
+                    parts = None  # too large: stream every epoch
+            yield batch
+        if parts:  # reached only when the pass was complete
+            self.cached = Batch(torch.cat([b.x for b in parts]), torch.cat([b.y for b in parts]),
+                                torch.cat([b.t for b in parts]))
+
+    def _replay(self, data: Batch) -> Iterator[Batch]:
+        n = len(data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            yield data.select(order[i:i + self.batch_size])
+
+
 def make_optimizer(pipeline: Pipeline, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Build the stage's optimizer from ``training.optimizer``."""
     o = pipeline.training.optimizer
@@ -80,7 +127,8 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     ``{"kind": "epoch", ...}`` event per epoch with the epoch's mean loss.
 
     Returns:
-        ``{"epoch_loss": [float], "samples": int (new-domain samples seen), "train_seconds": float}``.
+        ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
+        "train_seconds": float}`` (seconds of ``after_task`` count in ``train_seconds`` only).
     Raises:
         TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step).
     """
@@ -89,7 +137,7 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
         s.before_task(ctx)
     ctx.train_model.train()
     start = time.perf_counter()
-    epoch_losses, samples = [], 0
+    epoch_losses, epoch_seconds, samples = [], [], 0
     for epoch in range(epochs):
         ctx.epoch = epoch
         total, count = 0.0, 0
@@ -119,11 +167,13 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
                 emit({"kind": "step", "epoch": epoch, "step": ctx.step, "samples": samples,
                       "loss": loss.item(), "seconds": time.perf_counter() - start})
         epoch_losses.append(total / max(count, 1))
+        epoch_seconds.append(time.perf_counter() - start - sum(epoch_seconds))
         emit({"kind": "epoch", "epoch": epoch, "step": ctx.step, "samples": samples, "loss": epoch_losses[-1],
               "seconds": time.perf_counter() - start})
     for s in strategies:
         s.after_task(ctx)
-    return {"epoch_loss": epoch_losses, "samples": samples, "train_seconds": time.perf_counter() - start}
+    return {"epoch_loss": epoch_losses, "epoch_seconds": epoch_seconds, "samples": samples,
+            "train_seconds": time.perf_counter() - start}
 
 
 def layout_from(config: dict[str, Any]) -> HeadLayout:
@@ -131,38 +181,44 @@ def layout_from(config: dict[str, Any]) -> HeadLayout:
     return HeadLayout.build(config["scenario"], [list(s) for s in config["label_sets"]])
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point of a stage (runs on every worker).
+def run_stage(config: dict[str, Any], rank: int, world: int, shard: Any, device: torch.device,
+              wrap_model: Callable[[torch.nn.Module], torch.nn.Module]
+              ) -> tuple[dict[str, Any], torch.nn.Module, list[Strategy]]:
+    """Train one stage on this worker: the common body of both executors (see ``orchestrator/workers.py``).
 
-    ``config`` holds: ``spec`` (the pipeline as JSON), ``task_id``, ``scenario``, ``label_sets``, ``input_shape``,
-    ``scale``, ``features``/``label`` column names, ``parent`` (the previous checkpoint folder), ``lineage`` (the
-    driver's lineage record for this stage), ``train_rows`` (rows streamed per epoch, all workers), ``state_uri``
-    (this stage's folder for strategy state too large for the checkpoint) and ``progress`` (a
-    ``ray.util.queue.Queue`` or None).
-
+    Args:
+        config: the driver's stage config: ``spec`` (the pipeline as JSON), ``task_id``, ``scenario``,
+            ``label_sets``, ``input_shape``, ``scale``, ``features``/``label`` column names, ``parent`` (the previous
+            checkpoint, path or URI), ``storage`` (a :class:`Storage`), ``train_rows`` (rows streamed per epoch, all
+            workers), ``state_uri`` (this stage's folder for strategy state too large for the checkpoint),
+            ``threads`` (torch intra-op threads) and ``progress`` (a ``ray.util.queue.Queue`` or None).
+        rank, world: this worker's rank and the number of workers.
+        shard: this worker's part of the stage's training data: anything with Ray Data's ``iter_torch_batches``
+            (a ``Dataset`` with one worker, a ``DataIterator`` from ``streaming_split`` or Ray Train otherwise).
+        device: where the model trains. wrap_model: wraps the model for data parallelism (DDP) or returns it.
     Returns:
-        rank 0's fit statistics (see :func:`fit_task`) plus ``setup_seconds``.
+        ``(stats, model, strategies)``: :func:`fit_task`'s statistics plus ``setup_seconds`` and
+        ``samples_per_second`` (all workers), the trained (unwrapped) model and the strategies after ``after_task``.
+    Raises:
+        TrainingError: on a NaN/infinite loss or a label outside the domain's label set.
+        FileNotFoundError, ValueError: if the parent checkpoint is missing, incomplete or corrupt.
     """
-    import ray.train
-    import ray.train.torch
-
     t0 = time.perf_counter()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
     pipeline = Pipeline.model_validate(config["spec"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    storage: Storage = config["storage"]
     layout = layout_from(config)
     torch.manual_seed(pipeline.seed * 1000 + config["task_id"])
 
     model = build_model(pipeline.model, tuple(config["input_shape"]), layout.num_outputs)
-    model_state, strategy_states, _ = load_checkpoint(config["parent"])
+    model_state, strategy_states, _ = load_checkpoint(config["parent"], storage)
     model.load_state_dict(model_state)
+    model.to(device)
     strategies = build_strategies([(s.name, s.params()) for s in pipeline.strategy])
     for s, state in zip(strategies, strategy_states):
         s.load_state_dict(state)
-    train_model = ray.train.torch.prepare_model(model) if world > 1 else model
-    device = next(model.parameters()).device
+    train_model = wrap_model(model) if world > 1 else model
 
-    shard = ray.train.get_dataset_shard("train")
     collate = ToBatch(config["features"], config["label"], tuple(config["input_shape"]), config["scale"],
                       layout.target_table())
     # A stage that streams several domains (joint) gets a proportionally larger shuffle buffer, so that its
@@ -170,10 +226,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     buffer_rows = (pipeline.training.shuffle_buffer * len(train_domains_of(strategies, config["task_id"]))
                    if pipeline.training.shuffle == "local" else 0)
 
-    def iter_task_batches() -> Iterator[Batch]:
-        return iter(shard.iter_torch_batches(batch_size=pipeline.training.batch_size, collate_fn=collate,
-                                             local_shuffle_buffer_size=buffer_rows or None,
-                                             local_shuffle_seed=pipeline.seed + config["task_id"]))
+    # Ray Data hands over blocks of about 2048 rows, cut here into training batches: its per-batch cost is paid
+    # 16 times less often (measured on 2 cores: 0.66 s instead of 0.9 s per epoch of 11,400 MNIST rows).
+    size = pipeline.training.batch_size
+    chunk = size * max(1, 2048 // size)
+
+    def stream() -> Iterator[Batch]:
+        for block in shard.iter_torch_batches(batch_size=chunk, collate_fn=collate,
+                                              local_shuffle_buffer_size=buffer_rows or None,
+                                              local_shuffle_seed=pipeline.seed + config["task_id"]):
+            for i in range(0, len(block), size):
+                yield block.select(slice(i, i + size))
+
+    iter_task_batches = EpochCache(stream, int(pipeline.training.cache_mb * 2**20), pipeline.training.batch_size,
+                                   shuffle=pipeline.training.shuffle != "files",
+                                   seed=hash((pipeline.seed, config["task_id"], rank)) & 0x7FFF_FFFF)
 
     queue = config.get("progress")
 
@@ -188,18 +255,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                        steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size),
                        rows_per_epoch=config["train_rows"], domain_units=layout.domain_units(),
                        target_table=layout.target_table(), state_uri=config.get("state_uri"),
-                       filesystem=Storage.from_settings(pipeline.storage.s3).arrow)
+                       filesystem=storage.arrow)
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds
     stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
+    return stats, model, strategies
 
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point of a stage (``training.executor: ray_train``; runs on every worker).
+
+    ``config`` is :func:`run_stage`'s. Rank 0 writes the checkpoint into a temporary folder that Ray Train persists
+    under the run's ``storage_path``; every worker reports it.
+
+    Returns:
+        rank 0's statistics (see :func:`run_stage`).
+    """
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    stats, model, strategies = run_stage(config, rank, world, ray.train.get_dataset_shard("train"),
+                                         ray.train.torch.get_device(), ray.train.torch.prepare_model)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            folder = write_checkpoint(Path(tmp) / "stage", model.state_dict(),
+            folder = write_checkpoint(Path(tmp) / "stage", {k: v.cpu() for k, v in model.state_dict().items()},
                                       [s.state_dict() for s in strategies], config["lineage"])
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report({"task_id": config["task_id"], "final_loss": stats["epoch_loss"][-1]}, checkpoint=checkpoint)
     return stats
-

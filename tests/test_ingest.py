@@ -48,7 +48,8 @@ def test_every_row_arrives_once_in_the_chosen_order(mode: str, domain: tuple[str
     assert len(manifest["splits"]["train"]["shards"]) >= 4
     expected = _rows(uri, manifest)
     files = [expected[i:i + 60] for i in range(0, len(expected), 60)]
-    got, tags = _streamed(stage_dataset([("unused", {}), (uri, manifest)], [1], mode, seed=3, storage=Storage()))
+    # seed 2 (file order seed 2 + 1 for domain 1) moves the first file; an order close to the identity proves little
+    got, tags = _streamed(stage_dataset([("unused", {}), (uri, manifest)], [1], mode, seed=2, storage=Storage()))
     assert sorted(got) == sorted(expected) and tags == {1}  # nothing lost, nothing doubled, tagged with its domain
     assert got != expected  # the order changed
     kept = _kept_neighbours(got, files)

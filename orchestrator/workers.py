@@ -1,0 +1,280 @@
+"""Executors of stages: a persistent worker group (default) or one Ray Train fit per stage.
+
+An empty Ray Train ``fit()`` costs about 19 s on a 2-core machine (controller actor, placement group, worker
+processes, torch import, process group, storage sync), so one fit per stage makes a small pipeline mostly overhead.
+``training.executor`` picks how stages run:
+
+- ``group`` (default): :class:`WorkerGroup`, N long-lived Ray actors (one per worker) started once per pipeline,
+  with one torch process group (gloo on CPU, NCCL on GPU) set up once. Every stage still starts from its parent
+  checkpoint, streams its own Ray Dataset (``streaming_split`` across the workers, as Ray Train does), writes its
+  own checkpoint and reports its own statistics; the group only keeps the processes. A stage whose resources differ
+  from the group's gets a new group. If a worker process dies, the group is rebuilt and the stage restarts from its
+  parent checkpoint, up to ``training.max_failures`` times (errors raised by the training itself, such as a NaN
+  loss, are not retried: they would recur).
+- ``ray_train``: one ``TorchTrainer`` fit per stage (``orchestrator.stage.train_loop_per_worker``), with Ray Train's
+  worker-level fault tolerance (``FailureConfig``) and its checkpoint persistence under the run's storage path.
+
+Both run the same stage body, :func:`orchestrator.stage.run_stage`. :meth:`StageRunner.start` returns a handle the
+driver polls (``wait``) while it shows progress and collects evaluation cells, then asks for the ``result``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import ray
+import ray.data
+import torch
+
+from orchestrator.checkpoint import write_checkpoint
+from orchestrator.errors import TrainingError
+from orchestrator.stage import run_stage, train_loop_per_worker
+from orchestrator.storage import Storage
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one stage's worker group reserves: ``num_workers`` actors of ``cpus_per_worker`` CPUs (fractional
+    allowed) and one GPU each when ``use_gpu``; ``threads`` is each worker's torch intra-op thread count."""
+
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    threads: int
+
+
+class StageWorker:
+    """One training process of a :class:`WorkerGroup` (created as a Ray actor with the group's resources).
+
+    Args:
+        rank, world: this worker's rank and the group size.
+    """
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+    def rendezvous_address(self) -> str:
+        """``tcp://<this node's IP>:<a free port>``, where rank 0 hosts the torch process group's store."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def init_process_group(self, address: str, backend: str, timeout_s: float) -> None:
+        """Join the group's torch process group (``backend`` gloo or nccl); blocks until every rank has joined.
+
+        Raises:
+            RuntimeError (torch's DistStoreError): if the other ranks do not join within ``timeout_s`` seconds.
+        """
+        torch.distributed.init_process_group(backend, init_method=address, rank=self.rank, world_size=self.world,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def run(self, config: dict[str, Any], shard: Any, checkpoint_uri: str) -> dict[str, Any]:
+        """Train one stage on this worker's ``shard``; rank 0 then writes the checkpoint at ``checkpoint_uri``.
+
+        Returns:
+            the stage statistics of :func:`orchestrator.stage.run_stage` (rank 0's are the stage's).
+        Raises:
+            TrainingError, FileNotFoundError, ValueError: as :func:`orchestrator.stage.run_stage`.
+            FileExistsError: if a checkpoint already exists at ``checkpoint_uri`` (nothing is overwritten).
+        """
+        stats, model, strategies = run_stage(config, self.rank, self.world, shard, self.device, self._wrap)
+        if self.rank == 0:
+            write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
+                             [s.state_dict() for s in strategies], config["lineage"], config["storage"])
+        if self.world > 1:
+            torch.distributed.barrier()  # no rank returns before the checkpoint is committed
+        return stats
+
+
+class StageHandle(Protocol):
+    """A running stage, polled by the driver."""
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True once the stage has finished (successfully or not)."""
+
+    def result(self) -> tuple[dict[str, Any], str]:
+        """``(rank 0's statistics, checkpoint path or URI)``; raises the stage's error as :class:`TrainingError`."""
+
+
+class WorkerGroup:
+    """N :class:`StageWorker` actors kept for the stages that share their :class:`Resources`.
+
+    Args:
+        resources: what each worker reserves.
+        timeout_s: seconds allowed for the workers to join the torch process group.
+    Raises:
+        RuntimeError: if the process group cannot be formed within ``timeout_s``.
+    """
+
+    def __init__(self, resources: Resources, timeout_s: float = 300.0) -> None:
+        self.resources = resources
+        world = resources.num_workers
+        remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
+                            max_restarts=0)(StageWorker)
+        self.workers = [remote.remote(rank, world) for rank in range(world)]
+        if world > 1:
+            address = ray.get(self.workers[0].rendezvous_address.remote())
+            backend = "nccl" if resources.use_gpu else "gloo"
+            ray.get([w.init_process_group.remote(address, backend, timeout_s) for w in self.workers])
+
+    def start(self, config: dict[str, Any], dataset: ray.data.Dataset, checkpoint_uri: str) -> list[ray.ObjectRef]:
+        """Start a stage on every worker: worker r streams part r of ``dataset`` (an equal ``streaming_split``)."""
+        world = self.resources.num_workers
+        shards: list[Any] = [dataset] if world == 1 else dataset.streaming_split(world, equal=True)
+        return [w.run.remote(config, shard, checkpoint_uri) for w, shard in zip(self.workers, shards)]
+
+    def shutdown(self) -> None:
+        """Stop the worker processes."""
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+class _GroupStage:
+    """A stage running on a :class:`WorkerGroup`; rebuilds the group and restarts the stage when a worker dies."""
+
+    def __init__(self, runner: StageRunner, config: dict[str, Any], dataset: ray.data.Dataset,
+                 rebuild: Callable[[], ray.data.Dataset], checkpoint_uri: str, max_failures: int) -> None:
+        self.runner, self.config, self.rebuild = runner, config, rebuild
+        self.checkpoint_uri, self.failures_left, self.attempt = checkpoint_uri, max_failures, 0
+        self.error: str | None = None
+        self._submit(dataset)
+
+    def _submit(self, dataset: ray.data.Dataset) -> None:
+        # A restarted stage writes a checkpoint of its own: nothing of the failed attempt is overwritten.
+        self.uri = self.checkpoint_uri if self.attempt == 0 else f"{self.checkpoint_uri}-retry{self.attempt}"
+        self.refs = self.runner.group(self.config["resources"]).start(self.config, dataset, self.uri)
+
+    def wait(self, timeout: float) -> bool:
+        if self.error is not None:
+            return True
+        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=timeout)
+        for ref in ready:  # one failed worker ends the stage: the others may wait on it in a collective
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:  # the training itself raised: it would recur, so no retry
+                self.error = _one_line(str(e.as_instanceof_cause()))
+            except ray.exceptions.RayError as e:  # a worker process died: restart the stage on a fresh group
+                self.runner.drop_group()
+                if self.failures_left <= 0:
+                    self.error = f"a training worker died: {str(e).strip().splitlines()[0]}"
+                else:
+                    self.failures_left -= 1
+                    self.attempt += 1
+                    self._submit(self.rebuild())
+                    return False
+            if self.error is not None:
+                self.runner.drop_group()
+                return True
+        return len(ready) == len(self.refs)
+
+    def result(self) -> tuple[dict[str, Any], str]:
+        while not self.wait(1.0):
+            pass
+        if self.error is not None:
+            raise TrainingError(self.error)
+        return ray.get(self.refs[0]), self.uri
+
+
+def _one_line(text: str) -> str:
+    """The innermost message of a worker's or Ray Train's error text, on one line."""
+    for marker in ("TrainingError: ", "LifelongError: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[-1].strip().splitlines()[0]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+class _TrainerStage:
+    """A stage running as one Ray Train ``TorchTrainer.fit()`` in a driver thread."""
+
+    def __init__(self, config: dict[str, Any], dataset: ray.data.Dataset, storage_path: str, storage: Storage,
+                 max_failures: int) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        res: Resources = config["resources"]
+        filesystem, path = (None, storage_path)
+        if storage.ray_filesystem(storage_path) is not None:
+            filesystem, path = storage.arrow(storage_path)
+        self.trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
+            scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                         resources_per_worker={"CPU": res.cpus_per_worker}),
+            run_config=RunConfig(name=f"stage-{config['task_id']}", storage_path=path, storage_filesystem=filesystem,
+                                 failure_config=FailureConfig(max_failures=max_failures)))
+        self.scheme = storage_path.split("://", 1)[0] + "://" if filesystem is not None else ""
+        self.outcome: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._fit, name=f"fit-stage-{config['task_id']}", daemon=True)
+        self.thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.outcome["result"] = self.trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the driver's main thread by result()
+            self.outcome["error"] = e
+
+    def wait(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def result(self) -> tuple[dict[str, Any], str]:
+        self.thread.join()
+        if "error" in self.outcome:
+            raise TrainingError(_one_line(str(self.outcome["error"])))
+        result = self.outcome["result"]
+        return result.return_value or {}, self.scheme + result.checkpoint.path
+
+
+class StageRunner:
+    """Starts the stages of one pipeline run with ``training.executor`` (see the module docstring) and owns the
+    persistent worker group, if any.
+
+    Args:
+        executor: ``"group"`` or ``"ray_train"``. storage: the pipeline's storage (S3 settings).
+        max_failures: restarts allowed per stage after a worker process dies.
+    """
+
+    def __init__(self, executor: str, storage: Storage, max_failures: int) -> None:
+        self.executor, self.storage, self.max_failures = executor, storage, max_failures
+        self._group: WorkerGroup | None = None
+
+    def prestart(self, resources: Resources) -> None:
+        """Start the worker group now (its processes boot while the driver does other work)."""
+        if self.executor == "group":
+            self.group(resources)
+
+    def group(self, resources: Resources) -> WorkerGroup:
+        """The worker group for ``resources``, started (or replaced, if the resources differ) on demand."""
+        if self._group is not None and self._group.resources != resources:
+            self.drop_group()
+        if self._group is None:
+            self._group = WorkerGroup(resources)
+        return self._group
+
+    def drop_group(self) -> None:
+        """Stop the worker group, if any (the next stage starts a fresh one)."""
+        if self._group is not None:
+            self._group.shutdown()
+            self._group = None
+
+    def start(self, config: dict[str, Any], dataset: ray.data.Dataset, rebuild: Callable[[], ray.data.Dataset],
+              stage_dir: str) -> StageHandle:
+        """Start one stage. ``config`` is :func:`orchestrator.stage.run_stage`'s plus ``resources``
+        (:class:`Resources`) and ``lineage``; ``dataset`` is the stage's training data and ``rebuild()`` builds it
+        again for a restarted stage; ``stage_dir`` is the stage's folder (path or URI) on the run's storage."""
+        if self.executor == "group":
+            return _GroupStage(self, config, dataset, rebuild, f"{stage_dir.rstrip('/')}/checkpoint",
+                               self.max_failures)
+        return _TrainerStage(config, dataset, stage_dir.rsplit("/", 1)[0], self.storage, self.max_failures)

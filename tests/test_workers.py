@@ -1,0 +1,83 @@
+"""The persistent worker group: a stage whose worker process dies restarts from its parent checkpoint on a fresh
+group (``training.max_failures``), writes a checkpoint of its own, and fails with a clear error when no restart is
+left; the Ray Train executor runs the same stage body."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from orchestrator.dag import RunOptions, run
+from orchestrator.errors import TrainingError
+from orchestrator.spec import validate_raw
+from orchestrator.workers import StageRunner
+
+pytestmark = pytest.mark.e2e
+
+
+def digits(name: str, **training: Any) -> dict[str, Any]:
+    return {"name": name, "scenario": "class_il",
+            "domains": [{"name": f"digits-{2 * k}-{2 * k + 1}",
+                         "source": {"kind": "sklearn_digits", "classes": [2 * k, 2 * k + 1]}} for k in range(2)],
+            "model": {"name": "mlp", "hidden": [32]},
+            "training": {"epochs": 10, "batch_size": 32, **training},
+            "evaluation": {"num_actors": 1, "cpus_per_actor": 0.25}}
+
+
+def kill_first_worker(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Kill worker 0 of the group right after stage 1 is submitted (once); returns the stages it struck."""
+    struck: list[int] = []
+    start = StageRunner.start
+
+    def start_and_kill(self: StageRunner, config: dict[str, Any], *args: Any) -> Any:
+        handle = start(self, config, *args)
+        if config["task_id"] == 1 and not struck:
+            ray.kill(self._group.workers[0])
+            struck.append(config["task_id"])
+        return handle
+
+    monkeypatch.setattr(StageRunner, "start", start_and_kill)
+    return struck
+
+
+def test_a_dead_worker_restarts_its_stage_from_the_parent(ray_local: None, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = validate_raw(digits("restart", max_failures=1), "test")
+    undisturbed = run(spec, RunOptions(workdir=tmp_path, show_progress=False))
+    struck = kill_first_worker(monkeypatch)
+    report = run(spec, RunOptions(workdir=tmp_path, show_progress=False))
+    assert struck == [1]
+    first, second = report["stages"]
+    assert first["checkpoint"].endswith("stage-0/checkpoint")
+    # The restarted stage wrote a checkpoint of its own; the failed attempt left none behind.
+    assert second["checkpoint"].endswith("stage-1/checkpoint-retry1")
+    assert not (Path(second["checkpoint"]).parent / "checkpoint").exists()
+    # It started again from stage 0's checkpoint: the same training as in the undisturbed run.
+    assert second["epoch_loss"] == pytest.approx(undisturbed["stages"][1]["epoch_loss"], rel=1e-5)
+    assert report["R"] == undisturbed["R"] and report["R"][0][0] > 0.9 and report["R"][1][1] > 0.6
+
+
+def test_a_dead_worker_without_restarts_fails_the_run(ray_local: None, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    kill_first_worker(monkeypatch)
+    with pytest.raises(TrainingError, match=r"stage 1 \(digits-2-3\) failed: a training worker died"):
+        run(validate_raw(digits("no-restart"), "test"), RunOptions(workdir=tmp_path, show_progress=False))
+
+
+def test_the_ray_train_executor_runs_the_same_stages(ray_local: None, tmp_path: Path) -> None:
+    raw = digits("ray-train", executor="ray_train")
+    raw["domains"] = raw["domains"][:1]
+    report = run(validate_raw(raw, "test"), RunOptions(workdir=tmp_path, show_progress=False))
+    assert "stage-0/checkpoint_" in report["stages"][0]["checkpoint"]  # persisted by Ray Train under the run
+    assert report["R"][0][0] > 0.9
+
+
+def test_a_diverging_stage_names_its_domain_and_step(ray_local: None, tmp_path: Path) -> None:
+    raw = digits("diverge", optimizer={"name": "sgd", "lr": 1e12})
+    with pytest.raises(TrainingError, match=r"^stage 0 \(digits-0-1\) failed: domain 0: loss is (nan|inf) at epoch "):
+        run(validate_raw(raw, "test"), RunOptions(workdir=tmp_path, show_progress=False))
+    events = (next(tmp_path.glob("diverge/*/events.jsonl"))).read_text()
+    assert '"stage_failed"' in events and "_COMPLETED" not in [p.name for p in tmp_path.glob("diverge/*/*")]
