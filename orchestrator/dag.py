@@ -33,7 +33,7 @@ from orchestrator import shards
 from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
 from orchestrator.errors import LifelongError, ShardError, TrainingError
 from orchestrator.evaluation import make_evaluators
-from orchestrator.ingest import stage_dataset
+from orchestrator.ingest import READ_CPUS, stage_dataset
 from orchestrator.lineage import BackgroundTracker, RunRef, default_tracking_uri, stage_lineage
 from orchestrator.metrics import cl_metrics
 from orchestrator.models import HeadLayout, build_model
@@ -144,12 +144,9 @@ def init_ray() -> None:
 def check_resources(pipeline: Pipeline) -> None:
     """Refuse resources that would starve Ray Data and hang the first stage.
 
-    Measured on Ray 2.60 with 2 CPUs:
-
-    - building a stage's dataset samples its Parquet files with tasks of one whole CPU, so the training workers and
-      the evaluation actors must leave at least one CPU of the cluster free;
-    - with ``executor: ray_train``, Train's ingest read tasks only get scheduled when the workers reserve at most
-      half of the cluster's CPUs (0.5 of 2 runs, 0.75 hangs forever).
+    Measured on Ray 2.60 with 2 CPUs: the read tasks (0.25 CPU each) need that much left over by the training
+    workers and the evaluation actors; with ``executor: ray_train``, Train's ingest read tasks only get scheduled
+    when the workers reserve at most half of the cluster's CPUs (0.5 of 2 runs, 0.75 hangs forever).
 
     Raises:
         LifelongError: naming the fields to change and the cluster's CPU count.
@@ -158,13 +155,11 @@ def check_resources(pipeline: Pipeline) -> None:
     t, e = pipeline.training, pipeline.evaluation
     workers = t.num_workers * t.cpus_per_worker
     reserved = workers + e.num_actors * e.cpus_per_actor
-    if total - reserved < 1.0:
-        fit = max(total - 1.0 - e.num_actors * e.cpus_per_actor, 0.05) / t.num_workers
+    if total - reserved < READ_CPUS:
         raise LifelongError(f"training.num_workers x training.cpus_per_worker + evaluation.num_actors x "
-                            f"evaluation.cpus_per_actor = {reserved:g} CPUs, which leaves less than one of this Ray "
-                            f"cluster's {total:g} CPUs to Ray Data; its Parquet readers would never be scheduled and "
-                            f"the run would hang. Lower training.cpus_per_worker or evaluation.cpus_per_actor "
-                            f"(e.g. --set training.cpus_per_worker={fit:.2g})")
+                            f"evaluation.cpus_per_actor = {reserved:g} CPUs, which leaves less than {READ_CPUS:g} of "
+                            f"this Ray cluster's {total:g} CPUs to Ray Data's readers; the run would hang. Lower "
+                            f"training.cpus_per_worker or evaluation.cpus_per_actor")
     if t.executor == "ray_train" and workers > total / 2:
         raise LifelongError(f"training.num_workers x training.cpus_per_worker = {workers:g} CPUs, more than half of "
                             f"this Ray cluster's {total:g} CPUs; with training.executor ray_train, Ray Data's readers "
@@ -253,10 +248,15 @@ def _tracked_run(pipeline: Pipeline, options: RunOptions, domains: list[Domain],
                              parent, run_id, run_dir, events, code, storage, runner, options)
         report.update(wall_seconds=time.time() - started, run_dir=str(run_dir), run_id=run_id,
                       tracking_uri=tracker.uri)
-        tracker.log_metrics(parent, {"ACC": report["acc"], "BWT": report["bwt"], "FWT": report["fwt"],
-                                     "forgetting": report["avg_forgetting"], "wall_seconds": report["wall_seconds"]})
-        save_json({"R": report["R"], "b": report["b"], "domains": report["domains"]}, run_dir / "accuracy_matrix.json")
-        tracker.call(save_heatmap, report, run_dir / "accuracy_matrix.png")
+        artifacts = ["report.json", "events.jsonl"]
+        tracker.log_metrics(parent, {"wall_seconds": report["wall_seconds"]})
+        if report["R"]:
+            tracker.log_metrics(parent, {"ACC": report["acc"], "BWT": report["bwt"], "FWT": report["fwt"],
+                                         "forgetting": report["avg_forgetting"]})
+            save_json({"R": report["R"], "b": report["b"], "domains": report["domains"]},
+                      run_dir / "accuracy_matrix.json")
+            tracker.call(save_heatmap, report, run_dir / "accuracy_matrix.png")
+            artifacts = ["accuracy_matrix.json", "accuracy_matrix.png", *artifacts]
 
         def finish(mlflow_run_id: str) -> None:  # on the tracker's thread, once the parent run's id is known
             report["mlflow_run_id"] = mlflow_run_id
@@ -264,7 +264,7 @@ def _tracked_run(pipeline: Pipeline, options: RunOptions, domains: list[Domain],
             events.write("run_end", run_id=run_id, mlflow_run_id=mlflow_run_id)
 
         tracker.call(finish, parent)
-        for name in ("accuracy_matrix.json", "accuracy_matrix.png", "report.json", "events.jsonl"):
+        for name in artifacts:
             tracker.log_artifact(parent, run_dir / name)
         ok = True
     finally:
@@ -307,7 +307,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                                   {"pipeline": pipeline.name, "run_id": run_id, "stage": -1, "domain": None,
                                    "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []},
                                   storage))
-    evaluators = make_evaluators(pipeline.evaluation.num_actors, pipeline.evaluation.cpus_per_actor,
+    evaluate = pipeline.evaluation.enabled
+    evaluators = make_evaluators(pipeline.evaluation.num_actors if evaluate else 0, pipeline.evaluation.cpus_per_actor,
                                  [(d.uri, d.manifest) for d in domains], pipeline.evaluation.split, layout,
                                  pipeline.model, input_shape, scale, pipeline.evaluation.batch_size,
                                  [(s.name, s.params()) for s in pipeline.strategy], storage)
@@ -315,6 +316,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     cells: dict[tuple[int, int], dict[str, Any]] = {}
 
     def submit_row(row: int, checkpoint: str) -> None:
+        if not evaluate:
+            return
         events.write("eval_submit", row=row)
         for j in range(T):
             pool.submit(lambda a, v: a.evaluate.remote(*v), (checkpoint, row, j))
@@ -353,7 +356,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     def dataset_for(k: int) -> ray.data.Dataset:
         """Stage k's training data: lazy (streamed by the workers), or read into the object store first."""
         ds = stage_dataset([(d.uri, d.manifest) for d in domains], train_domains_of(strategies, k),
-                           pipeline.training.shuffle, pipeline.seed * 1000 + k, storage)
+                           pipeline.training.shuffle, pipeline.seed * 1000 + k, storage,
+                           readers=pipeline.training.readers)
         return ds.materialize() if pipeline.training.materialize else ds  # the driver holds block references only
 
     with progress:
@@ -433,7 +437,11 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
     for a in evaluators:
         ray.kill(a)
     ray.kill(queue.actor)
+    report = {"pipeline": pipeline.name, "strategy": pipeline.strategy_label(), "scenario": pipeline.scenario,
+              "domains": [d.name for d in domains], "stages": stages}
+    if not evaluate:  # a training-only run: no accuracy matrix, no CL metrics
+        return {**report, "R": [], "b": [], "acc": None, "bwt": None, "fwt": None, "forgetting": [],
+                "avg_forgetting": None}
     R = [[cells[(i, j)]["acc"] for j in range(T)] for i in range(T)]
     b = [cells[(-1, j)]["acc"] for j in range(T)]
-    return {"pipeline": pipeline.name, "strategy": pipeline.strategy_label(), "scenario": pipeline.scenario,
-            "domains": [d.name for d in domains], "R": R, "b": b, **cl_metrics(R, b), "stages": stages}
+    return {**report, "R": R, "b": b, **cl_metrics(R, b)}

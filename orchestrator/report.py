@@ -13,6 +13,22 @@ from rich.table import Table
 def print_report(report: dict[str, Any], console: Console) -> None:
     """Print the accuracy matrix R (rows: after stage i; columns: domain j), the metrics and per-stage timings."""
     names = report["domains"]
+    if report["R"]:
+        _print_matrix(report, console)
+    else:
+        console.print(f"evaluation disabled: no accuracy matrix (wall {report['wall_seconds']:.1f} s, MLflow run "
+                      f"{report['mlflow_run_id']})")
+    stages = Table(title="Stages")
+    for col in ("stage", "domain", "wall s", "train s", "overhead s", "samples/s", "final loss"):
+        stages.add_column(col, justify="right")
+    for s in report["stages"]:
+        stages.add_row(str(s["stage"]), names[s["stage"]], f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}",
+                       f"{s['overhead_seconds']:.1f}", f"{s['samples_per_second']:.0f}", f"{s['epoch_loss'][-1]:.4f}")
+    console.print(stages)
+
+
+def _print_matrix(report: dict[str, Any], console: Console) -> None:
+    names = report["domains"]
     table = Table(title=f"Accuracy matrix R[i][j] ({report['pipeline']}, strategy {report['strategy']})")
     table.add_column("after stage")
     for n in names:
@@ -27,13 +43,6 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     summary.add_row(f"{report['acc']:.4f}", f"{report['bwt']:+.4f}", f"{report['fwt']:+.4f}",
                     f"{report['avg_forgetting']:.4f}", f"{report['wall_seconds']:.1f}", report["mlflow_run_id"])
     console.print(summary)
-    stages = Table(title="Stages")
-    for col in ("stage", "domain", "wall s", "train s", "overhead s", "samples/s", "final loss"):
-        stages.add_column(col, justify="right")
-    for s in report["stages"]:
-        stages.add_row(str(s["stage"]), names[s["stage"]], f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}",
-                       f"{s['overhead_seconds']:.1f}", f"{s['samples_per_second']:.0f}", f"{s['epoch_loss'][-1]:.4f}")
-    console.print(stages)
 
 
 def save_heatmap(report: dict[str, Any], path: Path) -> Path:

@@ -126,6 +126,8 @@ class TrainingSpec(_Strict):
         "local", description="files: shard files in random order; local: plus a per-worker shuffle buffer; "
         "full: a global shuffle of all rows (a full extra pass)")
     shuffle_buffer: int = Field(8192, ge=1, description="rows in each worker's local shuffle buffer (shuffle: local)")
+    readers: int | None = Field(2, ge=1, description="Ray Data read tasks of a stage running at once (each reads "
+                                "whole shard files); null: as many as the free CPUs allow")
     cache_mb: float = Field(1024.0, ge=0, description="a worker keeps its part of the stage's data in memory after "
                             "the first epoch when it takes at most this many MB (float32 features), and later epochs "
                             "re-shuffle it there; 0 streams every epoch from the shards")
@@ -145,6 +147,7 @@ class TrainingSpec(_Strict):
 class EvaluationSpec(_Strict):
     """Evaluation actors: each fills cells R[i][j] of the accuracy matrix beside training."""
 
+    enabled: bool = Field(True, description="false: a training-only run, with no accuracy matrix or CL metrics")
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.25, gt=0)
     batch_size: int = Field(2048, ge=1)

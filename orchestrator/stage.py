@@ -65,6 +65,22 @@ class ToBatch(ArrowBatchCollateFn):
         return Batch(x, y, t)
 
 
+def stream_batches(shard: Any, collate: ToBatch, batch_size: int, shuffle_rows: int = 0,
+                   seed: int = 0) -> Iterator[Batch]:
+    """One streaming pass over a worker's ``shard`` (anything with Ray Data's ``iter_torch_batches``) as training
+    batches of ``batch_size`` samples (the last one possibly smaller).
+
+    Ray Data hands over blocks of about 2048 rows, cut here into training batches: its per-batch cost is paid 16
+    times less often (measured on 2 cores: 0.66 s instead of 0.9 s per epoch of 11,400 MNIST rows while training).
+    ``shuffle_rows`` > 0 mixes rows through a local shuffle buffer of that many rows, seeded by ``seed``.
+    """
+    chunk = batch_size * max(1, 2048 // batch_size)
+    for block in shard.iter_torch_batches(batch_size=chunk, collate_fn=collate,
+                                          local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed):
+        for i in range(0, len(block), batch_size):
+            yield block.select(slice(i, i + batch_size))
+
+
 class EpochCache:
     """A worker's pass over its shard that keeps the shard in memory after the first complete pass, when it fits.
 
@@ -226,17 +242,9 @@ def run_stage(config: dict[str, Any], rank: int, world: int, shard: Any, device:
     buffer_rows = (pipeline.training.shuffle_buffer * len(train_domains_of(strategies, config["task_id"]))
                    if pipeline.training.shuffle == "local" else 0)
 
-    # Ray Data hands over blocks of about 2048 rows, cut here into training batches: its per-batch cost is paid
-    # 16 times less often (measured on 2 cores: 0.66 s instead of 0.9 s per epoch of 11,400 MNIST rows).
-    size = pipeline.training.batch_size
-    chunk = size * max(1, 2048 // size)
-
     def stream() -> Iterator[Batch]:
-        for block in shard.iter_torch_batches(batch_size=chunk, collate_fn=collate,
-                                              local_shuffle_buffer_size=buffer_rows or None,
-                                              local_shuffle_seed=pipeline.seed + config["task_id"]):
-            for i in range(0, len(block), size):
-                yield block.select(slice(i, i + size))
+        return stream_batches(shard, collate, pipeline.training.batch_size, buffer_rows,
+                              pipeline.seed + config["task_id"])
 
     iter_task_batches = EpochCache(stream, int(pipeline.training.cache_mb * 2**20), pipeline.training.batch_size,
                                    shuffle=pipeline.training.shuffle != "files",

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import ray
 
-from orchestrator.dag import RunOptions, run
-from orchestrator.errors import TrainingError
+from orchestrator.dag import RunOptions, check_resources, run
+from orchestrator.errors import LifelongError, TrainingError
 from orchestrator.spec import validate_raw
 from orchestrator.workers import StageRunner
 
@@ -81,3 +81,25 @@ def test_a_diverging_stage_names_its_domain_and_step(ray_local: None, tmp_path: 
         run(validate_raw(raw, "test"), RunOptions(workdir=tmp_path, show_progress=False))
     events = (next(tmp_path.glob("diverge/*/events.jsonl"))).read_text()
     assert '"stage_failed"' in events and "_COMPLETED" not in [p.name for p in tmp_path.glob("diverge/*/*")]
+
+
+def test_a_training_only_run_has_stages_and_no_matrix(ray_local: None, tmp_path: Path) -> None:
+    raw = digits("train-only")
+    raw["evaluation"] = {"enabled": False}
+    report = run(validate_raw(raw, "test"), RunOptions(workdir=tmp_path, show_progress=False))
+    assert report["R"] == [] and report["acc"] is None and len(report["stages"]) == 2
+    run_dir = Path(report["run_dir"])
+    assert (run_dir / "_COMPLETED").exists() and not (run_dir / "accuracy_matrix.json").exists()
+    assert '"eval_cell"' not in (run_dir / "events.jsonl").read_text()
+
+
+def test_resources_that_would_starve_the_readers_are_refused(ray_local: None) -> None:
+    raw = digits("starved", num_workers=2, cpus_per_worker=0.5)
+    raw["evaluation"] = {"num_actors": 2, "cpus_per_actor": 0.45}
+    with pytest.raises(LifelongError, match=r"= 1\.9 CPUs, which leaves less than 0\.25 of this Ray cluster's 2 CPUs"):
+        check_resources(validate_raw(raw, "test"))
+    raw["training"]["executor"] = "ray_train"
+    raw["evaluation"] = {"num_actors": 1, "cpus_per_actor": 0.25}
+    raw["training"]["cpus_per_worker"] = 0.6
+    with pytest.raises(LifelongError, match=r"more than half of this Ray cluster's 2 CPUs"):
+        check_resources(validate_raw(raw, "test"))

@@ -1,12 +1,14 @@
 """Benchmark: ingest throughput of the pipeline's reader against a raw pyarrow read of the same Parquet shards.
 
 For one MNIST domain (all ten digits, the train split: ~54,000 rows in 8,192-row shards), stored once on local disk
-and once on a loopback S3 server (moto's ThreadedMotoServer), it measures:
+and once on a loopback S3 server (moto's ThreadedMotoServer), streamed ``--copies`` (10) times per pass so that
+start-up latency (counted in the per-stage overhead of ``bench_scaling.py``) does not hide throughput, it measures:
 
 - ``raw``: ``pyarrow.parquet.read_table`` of every shard, one after the other (the floor any reader pays);
-- ``pipeline``: the stage dataset of ``orchestrator/ingest.py`` (Ray Data ``read_parquet`` + domain tag), iterated with
-  ``iter_torch_batches(batch_size=128)`` and the workers' own collate function (``orchestrator.stage.ToBatch``),
-  i.e. tensors ready for the model, as a Ray Train worker receives them;
+- ``pipeline``: the stage dataset of ``orchestrator/ingest.py`` (Ray Data read tasks over the manifest's shards +
+  domain tag, ``training.readers`` = 2 at once) as the Arrow batches of 2048 rows that a worker's iterator takes;
+- ``tensors``: the same, continued as a training worker's first epoch streams it (``orchestrator.stage.
+  stream_batches``: the workers' collate function to float tensors, cut into batches of 128);
 - ``training``: the rows per second that training consumes (the Hsu et al. MLP, Adam, batch 128, on in-memory
   tensors), to show whether the reader can starve training.
 
@@ -38,35 +40,47 @@ from orchestrator import shards  # noqa: E402
 from orchestrator.ingest import stage_dataset  # noqa: E402
 from orchestrator.models import HeadLayout  # noqa: E402
 from orchestrator.spec import SourceSpec  # noqa: E402
-from orchestrator.stage import ToBatch  # noqa: E402
+from orchestrator.stage import ToBatch, stream_batches  # noqa: E402
 from orchestrator.storage import Storage, join  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def raw_read(uri: str, manifest: dict[str, Any], storage: Storage) -> tuple[int, float]:
-    """Rows read and seconds for ``pq.read_table`` of every train shard."""
+def raw_read(uri: str, manifest: dict[str, Any], storage: Storage, copies: int) -> tuple[int, float]:
+    """Rows read and seconds for ``pq.read_table`` of every train shard, ``copies`` times over."""
     t0, rows = time.perf_counter(), 0
-    for full in shards.shard_uris(uri, manifest, "train"):
-        fs, path = storage.arrow(full)
-        rows += pq.read_table(path, filesystem=fs).num_rows
+    for _ in range(copies):
+        for full in shards.shard_uris(uri, manifest, "train"):
+            fs, path = storage.arrow(full)
+            rows += pq.read_table(path, filesystem=fs).num_rows
     return rows, time.perf_counter() - t0
 
 
-def pipeline_read(uri: str, manifest: dict[str, Any], storage: Storage) -> tuple[int, float]:
-    """Rows and seconds through the stage dataset and the workers' collate function, as torch batches."""
-    layout = HeadLayout.build("class_il", [manifest["label_set"]])
+def pipeline_arrow(uri: str, manifest: dict[str, Any], storage: Storage, copies: int) -> tuple[int, float]:
+    """Rows and seconds through the stage dataset (the domain listed ``copies`` times), as the Arrow batches of
+    2048 rows that the workers' iterator cuts from it."""
+    t0, rows = time.perf_counter(), 0
+    ds = stage_dataset([(uri, manifest)] * copies, list(range(copies)), "files", seed=0, storage=storage, readers=2)
+    for batch in ds.iter_batches(batch_size=2048, batch_format="pyarrow"):
+        rows += batch.num_rows
+    return rows, time.perf_counter() - t0
+
+
+def pipeline_tensors(uri: str, manifest: dict[str, Any], storage: Storage, copies: int) -> tuple[int, float]:
+    """As :func:`pipeline_arrow`, continued into the workers' collate function: float tensor batches of 128."""
+    layout = HeadLayout.build("domain_il", [manifest["label_set"]] * copies)
     collate = ToBatch("x", "y", tuple(manifest["schema"]["features"]["shape"]),
                       manifest["schema"]["features"]["scale"], layout.target_table())
     t0, rows = time.perf_counter(), 0
-    ds = stage_dataset([(uri, manifest)], [0], "files", seed=0, storage=storage)
-    for batch in ds.iter_torch_batches(batch_size=128, collate_fn=collate):
+    ds = stage_dataset([(uri, manifest)] * copies, list(range(copies)), "files", seed=0, storage=storage, readers=2)
+    for batch in stream_batches(ds, collate, 128):
         rows += len(batch)
     return rows, time.perf_counter() - t0
 
 
 def training_rate(steps: int = 200) -> float:
-    """Rows/s the Hsu et al. MLP consumes when training with Adam on in-memory batches of 128."""
+    """Rows/s the Hsu et al. MLP consumes when training with Adam on in-memory batches of 128 (torch's default
+    threads: all cores, the fastest training can go here)."""
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 400), torch.nn.ReLU(),
                                 torch.nn.Linear(400, 400), torch.nn.ReLU(), torch.nn.Linear(400, 10))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -82,6 +96,7 @@ def training_rate(steps: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--copies", type=int, default=10, help="times the domain's shards are streamed per pass")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results"))
     args = parser.parse_args()
@@ -109,8 +124,10 @@ def main() -> None:
             for where, uri in (("local", str(Path(tmp) / "mnist")), ("s3", join("s3://lifelong-bench", "mnist"))):
                 manifest = shards.build_domain(uri, "mnist", source, Path(args.data_root), storage)
                 size = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
-                for reader, fn in (("raw", raw_read), ("pipeline", pipeline_read)):
-                    best = min((fn(uri, manifest, storage) for _ in range(args.repeats)), key=lambda r: r[1])
+                size *= args.copies
+                for reader, fn in (("raw", raw_read), ("pipeline", pipeline_arrow), ("tensors", pipeline_tensors)):
+                    best = min((fn(uri, manifest, storage, args.copies) for _ in range(args.repeats)),
+                               key=lambda r: r[1])
                     rows, seconds = best
                     results[f"{where}_{reader}"] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
                                                     "mb_per_s": size / seconds / 1e6, "parquet_bytes": size}
@@ -118,16 +135,20 @@ def main() -> None:
         ray.shutdown()
         server.stop()
     for where in ("local", "s3"):
-        results[f"{where}_pipeline_vs_raw"] = (results[f"{where}_pipeline"]["rows_per_s"]
-                                               / results[f"{where}_raw"]["rows_per_s"])
-        results[f"{where}_pipeline_vs_training"] = (results[f"{where}_pipeline"]["rows_per_s"]
-                                                    / results["training_rows_per_s"])
-    print(f"{'reader':22s} {'rows/s':>12s} {'MB/s':>8s}")
-    for key in ("local_raw", "local_pipeline", "s3_raw", "s3_pipeline"):
-        print(f"{key:22s} {results[key]['rows_per_s']:12.0f} {results[key]['mb_per_s']:8.1f}")
-    print(f"training consumes {results['training_rows_per_s']:.0f} rows/s; pipeline/raw: local "
-          f"{results['local_pipeline_vs_raw']:.2f}, s3 {results['s3_pipeline_vs_raw']:.2f}; pipeline/training: local "
-          f"{results['local_pipeline_vs_training']:.1f}x, s3 {results['s3_pipeline_vs_training']:.1f}x")
+        for reader in ("pipeline", "tensors"):
+            results[f"{where}_{reader}_vs_raw"] = (results[f"{where}_{reader}"]["rows_per_s"]
+                                                   / results[f"{where}_raw"]["rows_per_s"])
+            results[f"{where}_{reader}_vs_training"] = (results[f"{where}_{reader}"]["rows_per_s"]
+                                                        / results["training_rows_per_s"])
+    print(f"{'reader':22s} {'rows/s':>12s} {'MB/s':>8s} {'x raw':>6s} {'x training':>11s}")
+    for where in ("local", "s3"):
+        for reader in ("raw", "pipeline", "tensors"):
+            r = results[f"{where}_{reader}"]
+            ratios = ("", "") if reader == "raw" else (f"{results[f'{where}_{reader}_vs_raw']:.2f}",
+                                                      f"{results[f'{where}_{reader}_vs_training']:.1f}")
+            print(f"{where + '_' + reader:22s} {r['rows_per_s']:12.0f} {r['mb_per_s']:8.1f} {ratios[0]:>6s} "
+                  f"{ratios[1]:>11s}")
+    print(f"training consumes {results['training_rows_per_s']:.0f} rows/s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ingest.json").write_text(json.dumps(results, indent=1))
