@@ -53,11 +53,16 @@ class StageWorker:
 
     Args:
         rank, world: this worker's rank and the group size.
+        use_gpu: train on the GPU that Ray assigned to this actor (it sees only that one, as ``cuda:0``).
+    Raises:
+        RuntimeError: if ``use_gpu`` and no GPU is visible.
     """
 
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, use_gpu: bool) -> None:
         self.rank, self.world = rank, world
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"training worker {rank}: training.use_gpu is set but no GPU is visible to it")
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
 
     def rendezvous_address(self) -> str:
         """``tcp://<this node's IP>:<a free port>``, where rank 0 hosts the torch process group's store."""
@@ -122,7 +127,7 @@ class WorkerGroup:
         world = resources.num_workers
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
                             max_restarts=0)(StageWorker)
-        self.workers = [remote.remote(rank, world) for rank in range(world)]
+        self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
         if world > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             backend = "nccl" if resources.use_gpu else "gloo"
