@@ -3,11 +3,15 @@
 The story of :func:`run`:
 
 1. resolve every domain's URI, build missing shards from their declared ``source`` (cached; digests checked);
-2. ``validate``: a Ray task re-hashes every shard and checks its schema before anything is written;
-3. create the run folder ``<workdir>/<pipeline>/<run_id>`` and the MLflow parent run;
-4. save the initial model (the lineage root) and evaluate it on every domain (``b_j`` for FWT);
-5. for each domain k: one ``TorchTrainer`` fit starting from stage k-1's checkpoint; then send row k of R to the
-   evaluation actors, which compute it while stage k+1 trains;
+2. ``validate``: a Ray task re-hashes every shard and checks its schema before anything is written, while the
+   worker group's processes start;
+3. create the run folder ``<workdir>/<pipeline>/<run_id>`` and the MLflow parent run (MLflow calls run on a
+   background thread from here on);
+4. save the initial model (the lineage root, under ``storage.root`` or the run folder) and evaluate it on every
+   domain (``b_j`` for FWT);
+5. for each domain k: stage k on the executor (``orchestrator/workers.py``: the persistent worker group, or one Ray
+   Train fit), starting from stage k-1's checkpoint, while stage k+1's dataset is built; then send row k of R to
+   the evaluation actors, which compute it while stage k+1 trains;
 6. join the rows into R, compute ACC/BWT/FWT/forgetting, and write the report, the heatmap and the event log.
 """
 
@@ -154,7 +158,7 @@ def check_resources(pipeline: Pipeline) -> None:
     total = ray.cluster_resources().get("CPU", 0.0)
     t, e = pipeline.training, pipeline.evaluation
     workers = t.num_workers * t.cpus_per_worker
-    reserved = workers + e.num_actors * e.cpus_per_actor
+    reserved = workers + (e.num_actors * e.cpus_per_actor if e.enabled else 0.0)
     if total - reserved < READ_CPUS:
         raise LifelongError(f"training.num_workers x training.cpus_per_worker + evaluation.num_actors x "
                             f"evaluation.cpus_per_actor = {reserved:g} CPUs, which leaves less than {READ_CPUS:g} of "
