@@ -312,12 +312,21 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                                    "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []},
                                   storage))
     evaluate = pipeline.evaluation.enabled
-    evaluators = make_evaluators(pipeline.evaluation.num_actors if evaluate else 0, pipeline.evaluation.cpus_per_actor,
-                                 [(d.uri, d.manifest) for d in domains], pipeline.evaluation.split, layout,
-                                 pipeline.model, input_shape, scale, pipeline.evaluation.batch_size,
-                                 [(s.name, s.params()) for s in pipeline.strategy], storage)
-    pool = ActorPool(evaluators)
+    evaluators: list[Any] = []
+    pool = ActorPool([])
     cells: dict[tuple[int, int], dict[str, Any]] = {}
+
+    def start_evaluators() -> None:
+        """Start the evaluation actors once stage 0 is under way: on a small machine their start would otherwise
+        compete with the first training worker's, which every later step waits on."""
+        evaluators.extend(make_evaluators(pipeline.evaluation.num_actors if evaluate else 0,
+                                          pipeline.evaluation.cpus_per_actor, [(d.uri, d.manifest) for d in domains],
+                                          pipeline.evaluation.split, layout, pipeline.model, input_shape, scale,
+                                          pipeline.evaluation.batch_size,
+                                          [(s.name, s.params()) for s in pipeline.strategy], storage))
+        for actor in evaluators:
+            pool.push(actor)
+        submit_row(-1, init)
 
     def submit_row(row: int, checkpoint: str) -> None:
         if not evaluate:
@@ -338,7 +347,7 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
             events.write("eval_cell", t=cell["end"], row=cell["row"], col=cell["col"], start=cell["start"],
                          end=cell["end"], acc=cell["acc"])
 
-    submit_row(-1, parent)
+    init = parent
     queue = Queue(actor_options={"num_cpus": 0})
     rows = [sum(domains[j].manifest["splits"]["train"]["rows"] for j in train_domains_of(strategies, k))
             for k in range(T)]
@@ -387,6 +396,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                       "resources": resources}
             progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: starting")
             handle = runner.start(config, ahead, lambda k=k: dataset_for(k), stage_dir)
+            if k == 0:
+                start_evaluators()
 
             # While stage k trains: its MLflow run (queued), stage k+1's dataset, progress and evaluation cells.
             stage_run = tracker.start_run(f"stage-{k}-{domain.name}", {"lifelong.stage": str(k),
