@@ -233,6 +233,8 @@ def _tracked_run(pipeline: Pipeline, options: RunOptions, domains: list[Domain],
     tracker = BackgroundTracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
                                 pipeline.tracking.experiment or pipeline.name)
     tracker.call(importlib.import_module, "matplotlib.pyplot")
+    if not tracker.uri.startswith(("sqlite:", "file:")) and "://" in tracker.uri:
+        tracker.ready()  # a tracking server that cannot be reached fails the run before its folder exists
 
     # Everything above only reads; from here on the run writes under its own fresh folder.
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

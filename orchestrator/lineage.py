@@ -119,6 +119,14 @@ class BackgroundTracker:
         self._tracker = self._pool.submit(Tracker, uri, experiment)
         self._calls: list[Future] = [self._tracker]
 
+    def ready(self) -> None:
+        """Wait until the tracking store answers and the experiment exists.
+
+        Raises:
+            LifelongError: if the tracking URI cannot be reached (naming it).
+        """
+        self._tracker.result()
+
     def call(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Queue ``fn(*args)`` after the calls made so before it (any :data:`RunRef` argument is resolved first)."""
         def job() -> Any:
