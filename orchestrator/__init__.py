@@ -5,21 +5,21 @@ Python API::
     from orchestrator import load_pipeline, run, RunOptions
     report = run(load_pipeline("pipelines/split_mnist.yaml"), RunOptions(workdir=Path("lifelong-runs")))
 
-``run`` and ``RunOptions`` are imported lazily so that light commands (``lifelong validate``) do not load Ray.
+All four are imported lazily: light commands (``lifelong validate``) do not load Ray, and Ray Data's read tasks,
+which import ``orchestrator.ingest``, do not load torch (the spec imports it through the strategies).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from orchestrator.spec import Pipeline, load_pipeline
-
 __all__ = ["Pipeline", "RunOptions", "load_pipeline", "run"]
+_HOME = {"Pipeline": "orchestrator.spec", "load_pipeline": "orchestrator.spec", "run": "orchestrator.dag",
+         "RunOptions": "orchestrator.dag"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("run", "RunOptions"):
-        from orchestrator import dag
-
-        return getattr(dag, name)
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
     raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

@@ -21,10 +21,11 @@ import importlib
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import shards
 from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
-from orchestrator.errors import LifelongError, ShardError, TrainingError
+from orchestrator.errors import LifelongError, ShardError, TrainingError, one_line
 from orchestrator.evaluation import make_evaluators
-from orchestrator.ingest import READ_CPUS, stage_dataset
+from orchestrator.ingest import READ_CPUS, stage_dataset, validate_node
 from orchestrator.lineage import BackgroundTracker, RunRef, default_tracking_uri, stage_lineage
 from orchestrator.metrics import cl_metrics
 from orchestrator.models import HeadLayout, build_model
@@ -56,6 +57,7 @@ class RunOptions:
         workdir: working folder for runs, shards (unless ``storage.shards`` is set) and the MLflow database.
         data_root: folder of raw datasets (``--data-root``); None = ``$LIFELONG_DATA_ROOT`` or ``../shared/data``.
         tracking_uri: MLflow tracking URI; None = ``sqlite:///<workdir>/mlflow.db``.
+        address: the Ray cluster to run on (see :func:`init_ray`); None = ``$RAY_ADDRESS``, else a local Ray.
         search_from: folders near which ``shared/data`` is looked for (the pipeline file's folder, the cwd).
         console: where progress and messages go. show_progress: draw the progress bar.
     """
@@ -63,6 +65,7 @@ class RunOptions:
     workdir: Path
     data_root: str | None = None
     tracking_uri: str | None = None
+    address: str | None = None
     search_from: list[Path] = field(default_factory=lambda: [Path.cwd()])
     console: Console = field(default_factory=lambda: Console(stderr=True))
     show_progress: bool = True
@@ -112,33 +115,44 @@ def same_source(manifest: dict[str, Any], source: SourceSpec) -> bool:
         return False
 
 
-@ray.remote(num_cpus=0.25)
-def validate_node(domains: list[tuple[str, str, dict[str, Any]]], storage: Storage) -> None:
-    """The ``validate`` DAG node: re-hash every shard and check its schema (raises ShardError at the first fault)."""
-    for name, uri, manifest in domains:
-        try:
-            shards.verify_domain(uri, manifest, storage=storage)
-        except ShardError as e:
-            raise ShardError(f"domain '{name}': {e}") from None
-
-
 def validate_domains(domains: list[Domain], storage: Storage) -> None:
     """Run the ``validate`` node on Ray and re-raise its error as a one-line :class:`ShardError`."""
     try:
         ray.get(validate_node.remote([(d.name, d.uri, d.manifest) for d in domains], storage))
     except ray.exceptions.RayTaskError as e:
         cause = e.as_instanceof_cause()
-        raise ShardError(str(cause).strip().splitlines()[-1].split("ShardError: ")[-1]) from None
+        raise ShardError(one_line(str(cause), ("ShardError: ",))) from None
 
 
-def init_ray() -> None:
-    """Start a local Ray instance if none is running: all local CPUs, no dashboard, worker logs kept in Ray's
-    session folder (the driver shows its own progress)."""
+def init_ray(address: str | None = None) -> None:
+    """Connect to the Ray cluster at ``address`` (``auto``, ``<ip>:6379``, ``ray://...``; default
+    ``$RAY_ADDRESS``), or else start a new local Ray instance with all local CPUs and no dashboard (even when a
+    ``ray start`` cluster runs on this machine: ``--address auto`` uses that one). Worker logs stay in Ray's session
+    folder (the driver shows its own progress). Nothing happens if Ray is already initialised.
+
+    A running cluster (``ray start --head``) saves each run Ray's own start and stop, about 4.5 s on 2 cores.
+
+    Raises:
+        LifelongError: if no Ray cluster answers at ``address``.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             configure_logging=True, logging_level="ERROR")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR"}
+    if address is None:
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, **common)
+    else:
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if host and port.isdigit():  # Ray itself retries an unreachable GCS for many minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=5.0).close()
+            except OSError as e:
+                raise LifelongError(f"no Ray cluster at --address {address}: {e}") from None
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError) as e:
+            raise LifelongError(f"no Ray cluster at --address {address}: {str(e).strip().splitlines()[0]}") from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -184,15 +198,76 @@ class EventLog:
             f.write(json.dumps(record) + "\n")
 
 
-def _check_shapes(domains: list[Domain]) -> tuple[tuple[int, ...], float, str, str]:
-    first = domains[0].manifest["schema"]
-    for d in domains[1:]:
-        s = d.manifest["schema"]
-        if s["features"]["shape"] != first["features"]["shape"]:
-            raise ShardError(f"domain '{d.name}': input shape {s['features']['shape']} differs from domain "
-                             f"'{domains[0].name}' ({first['features']['shape']})")
-    return (tuple(first["features"]["shape"]), float(first["features"]["scale"]), first["features"]["column"],
-            first["label"]["column"])
+@dataclass(frozen=True)
+class StagePlan:
+    """What every stage of one run shares, and each stage's data config and training dataset built from it.
+
+    Attributes:
+        pipeline, domains, storage: the validated spec, its resolved domains and the storage they live on.
+        layout: the output head layout. input_shape, scale, features, label: the shards' input format
+            (``[*input_shape]`` uint8 features times ``scale``; the feature and label column names).
+        strategies: driver-side strategy plugins (which domains each stage streams).
+        resources: the worker group's resources (None until Ray is up, see :func:`stage_resources`).
+    """
+
+    pipeline: Pipeline
+    domains: list[Domain]
+    storage: Storage
+    layout: HeadLayout
+    input_shape: tuple[int, ...]
+    scale: float
+    features: str
+    label: str
+    strategies: list[Any]
+    resources: Resources | None = None
+
+    @classmethod
+    def build(cls, pipeline: Pipeline, domains: list[Domain], storage: Storage) -> StagePlan:
+        """Check that the domains agree on their input format and that the strategies can run as configured.
+
+        Raises:
+            ShardError: two domains have different input shapes.
+            LifelongError: a strategy that does not support several workers, with ``training.num_workers`` > 1.
+        """
+        first = domains[0].manifest["schema"]
+        for d in domains[1:]:
+            shape = d.manifest["schema"]["features"]["shape"]
+            if shape != first["features"]["shape"]:
+                raise ShardError(f"domain '{d.name}': input shape {shape} differs from domain '{domains[0].name}' "
+                                 f"({first['features']['shape']})")
+        strategies = build_strategies([(s.name, s.params()) for s in pipeline.strategy])
+        if pipeline.training.num_workers > 1:
+            for s in strategies:
+                if not s.supports_distributed:
+                    raise LifelongError(f"strategy '{s.name}' does not support training.num_workers > 1")
+        return cls(pipeline, domains, storage,
+                   HeadLayout.build(pipeline.scenario, [d.manifest["label_set"] for d in domains]),
+                   tuple(first["features"]["shape"]), float(first["features"]["scale"]), first["features"]["column"],
+                   first["label"]["column"], strategies)
+
+    def train_domains(self, k: int) -> list[int]:
+        """Indices of the domains stage k trains on (only k, except for strategies such as joint)."""
+        return train_domains_of(self.strategies, k)
+
+    def train_rows(self, k: int) -> int:
+        """Training rows stage k streams per epoch (all workers together)."""
+        return sum(self.domains[j].manifest["splits"]["train"]["rows"] for j in self.train_domains(k))
+
+    def data_config(self, k: int) -> dict[str, Any]:
+        """Stage k's data fields of the stage config (see :func:`orchestrator.stage.run_stage`): all a worker needs
+        to stream the stage's data, known before the stage's parent checkpoint exists."""
+        return {"spec": self.pipeline.model_dump(mode="json"), "task_id": k, "scenario": self.layout.scenario,
+                "label_sets": [list(s) for s in self.layout.label_sets], "input_shape": list(self.input_shape),
+                "scale": self.scale, "features": self.features, "label": self.label,
+                "train_domains": self.train_domains(k)}
+
+    def dataset(self, k: int) -> ray.data.Dataset:
+        """Stage k's training data: lazy (streamed by the workers), or read into the object store first
+        (``training.materialize``; the driver then holds block references only)."""
+        t = self.pipeline.training
+        ds = stage_dataset([(d.uri, d.manifest) for d in self.domains], self.train_domains(k), t.shuffle,
+                           self.pipeline.seed * 1000 + k, self.storage, readers=t.readers)
+        return ds.materialize() if t.materialize else ds
 
 
 def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
@@ -204,29 +279,26 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     console, started = options.console, time.time()
     storage = Storage.from_settings(pipeline.storage.s3)
     domains = prepare_domains(pipeline, options, storage, lambda m: console.print(f"[dim]{m}[/dim]"))
-    input_shape, scale, features, label = _check_shapes(domains)
-    layout = HeadLayout.build(pipeline.scenario, [d.manifest["label_set"] for d in domains])
-    strategies = build_strategies([(s.name, s.params()) for s in pipeline.strategy])
-    if pipeline.training.num_workers > 1:
-        for s in strategies:
-            if not s.supports_distributed:
-                raise LifelongError(f"strategy '{s.name}' does not support training.num_workers > 1")
-    init_ray()
+    plan = StagePlan.build(pipeline, domains, storage)
+    init_ray(options.address)
     check_resources(pipeline)
+    plan = replace(plan, resources=stage_resources(pipeline))
     runner = StageRunner(pipeline.training.executor, storage, pipeline.training.max_failures)
     try:
-        runner.prestart(stage_resources(pipeline))  # worker processes boot while the shards are validated
+        # The worker processes boot and start streaming stage 0's data while the shards are validated.
+        first = None if pipeline.training.materialize else plan.dataset(0)
+        runner.prestart(plan.resources, None if first is None else (plan.data_config(0), first))
         validate_domains(domains, storage)
-        return _tracked_run(pipeline, options, domains, layout, input_shape, scale, features, label, strategies,
-                            storage, runner, started)
+        return _tracked_run(plan, options, runner, first, started)
     finally:
         runner.drop_group()
 
 
-def _tracked_run(pipeline: Pipeline, options: RunOptions, domains: list[Domain], layout: HeadLayout,
-                 input_shape: tuple[int, ...], scale: float, features: str, label: str, strategies: list[Any],
-                 storage: Storage, runner: StageRunner, started: float) -> dict[str, Any]:
-    """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report."""
+def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, first: ray.data.Dataset | None,
+                 started: float) -> dict[str, Any]:
+    """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report. ``first`` is
+    stage 0's dataset if the worker group is already streaming it."""
+    pipeline = plan.pipeline
     options.workdir.mkdir(parents=True, exist_ok=True)
     # MLflow works on a background thread from here on (see BackgroundTracker); the heatmap's plotting library is
     # imported there too, so that neither waits on the critical path.
@@ -250,8 +322,7 @@ def _tracked_run(pipeline: Pipeline, options: RunOptions, domains: list[Domain],
     events.write("run_start", run_id=run_id)
     ok = False
     try:
-        report = _run_stages(pipeline, domains, layout, input_shape, scale, features, label, strategies, tracker,
-                             parent, run_id, run_dir, events, code, storage, runner, options)
+        report = _run_stages(plan, tracker, parent, run_id, run_dir, events, code, runner, first, options)
         report.update(wall_seconds=time.time() - started, run_dir=str(run_dir), run_id=run_id,
                       tracking_uri=tracker.uri)
         artifacts = ["report.json", "events.jsonl"]
@@ -298,18 +369,22 @@ def stage_resources(pipeline: Pipeline) -> Resources:
     return Resources(t.num_workers, t.cpus_per_worker, t.use_gpu, threads)
 
 
-def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, input_shape: tuple[int, ...],
-                scale: float, features: str, label: str, strategies: list[Any], tracker: BackgroundTracker,
-                parent_id: RunRef, run_id: str, run_dir: Path, events: EventLog, code: dict[str, str], storage: Storage,
-                runner: StageRunner, options: RunOptions) -> dict[str, Any]:
+def _run_stages(plan: StagePlan, tracker: BackgroundTracker, parent_id: RunRef, run_id: str, run_dir: Path,
+                events: EventLog, code: dict[str, str], runner: StageRunner, first: ray.data.Dataset | None,
+                options: RunOptions) -> dict[str, Any]:
+    """Step 4-6 of :func:`run` inside the MLflow parent run: the initial checkpoint, the stages on ``runner``
+    with evaluation beside them, and the report's stages, R and CL metrics."""
     from ray.util import ActorPool
     from ray.util.queue import Queue
 
+    pipeline, domains, storage, layout = plan.pipeline, plan.domains, plan.storage, plan.layout
+    resources = plan.resources or stage_resources(pipeline)
     T = len(domains)
     root = stage_root(pipeline, run_id, run_dir)
     torch.manual_seed(pipeline.seed)
-    init_model = build_model(pipeline.model, input_shape, layout.num_outputs)
-    parent = str(write_checkpoint(join(root, "init"), init_model.state_dict(), [s.state_dict() for s in strategies],
+    init_model = build_model(pipeline.model, plan.input_shape, layout.num_outputs)
+    parent = str(write_checkpoint(join(root, "init"), init_model.state_dict(),
+                                  [s.state_dict() for s in plan.strategies],
                                   {"pipeline": pipeline.name, "run_id": run_id, "stage": -1, "domain": None,
                                    "spec_sha256": pipeline.spec_hash(), "code": code, "parent": None, "inputs": []},
                                   storage))
@@ -323,8 +398,8 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
         compete with the first training worker's, which every later step waits on."""
         evaluators.extend(make_evaluators(pipeline.evaluation.num_actors if evaluate else 0,
                                           pipeline.evaluation.cpus_per_actor, [(d.uri, d.manifest) for d in domains],
-                                          pipeline.evaluation.split, layout, pipeline.model, input_shape, scale,
-                                          pipeline.evaluation.batch_size,
+                                          pipeline.evaluation.split, layout, pipeline.model, plan.input_shape,
+                                          plan.scale, pipeline.evaluation.batch_size,
                                           [(s.name, s.params()) for s in pipeline.strategy], storage))
         for actor in evaluators:
             pool.push(actor)
@@ -344,17 +419,15 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
             except TimeoutError:
                 return
             except ray.exceptions.RayError as e:
-                raise LifelongError(f"an evaluation actor failed: {str(e).strip().splitlines()[-1]}") from None
+                raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
             cells[(cell["row"], cell["col"])] = cell
             events.write("eval_cell", t=cell["end"], row=cell["row"], col=cell["col"], start=cell["start"],
                          end=cell["end"], acc=cell["acc"])
 
     init = parent
     queue = Queue(actor_options={"num_cpus": 0})
-    rows = [sum(domains[j].manifest["splits"]["train"]["rows"] for j in train_domains_of(strategies, k))
-            for k in range(T)]
+    rows = [plan.train_rows(k) for k in range(T)]
     total = sum(rows) * pipeline.training.epochs
-    resources = stage_resources(pipeline)
     world = resources.num_workers
     stages: list[dict[str, Any]] = []
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
@@ -368,19 +441,13 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
         mean = sum(s["wall_seconds"] for s in stages) / len(stages)
         return f"{max(0.0, mean * (T - k) - (time.time() - t_start)):.0f}s"
 
-    def dataset_for(k: int) -> ray.data.Dataset:
-        """Stage k's training data: lazy (streamed by the workers), or read into the object store first."""
-        ds = stage_dataset([(d.uri, d.manifest) for d in domains], train_domains_of(strategies, k),
-                           pipeline.training.shuffle, pipeline.seed * 1000 + k, storage,
-                           readers=pipeline.training.readers)
-        return ds.materialize() if pipeline.training.materialize else ds  # the driver holds block references only
-
     with progress:
         bar = progress.add_task("starting", total=total, rate="", eta="?")
         done_before = 0
-        ahead = dataset_for(0)
+        ahead = first if first is not None else plan.dataset(0)
+        lazy = not pipeline.training.materialize  # lazy datasets cost nothing to build: the workers prefetch them
         for k, domain in enumerate(domains):
-            train_idx = train_domains_of(strategies, k)
+            train_idx = plan.train_domains(k)
             events.write("stage_start", stage=k, domain=domain.name)
             t_start = time.time()
             inputs = [{"domain": domains[j].name, "uri": domains[j].uri, "split": "train",
@@ -390,14 +457,13 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
             lineage = stage_lineage(pipeline.name, run_id, k, domain.name, parent, read_lineage(parent, storage),
                                     inputs, pipeline.spec_hash(), code)
             stage_dir = join(root, f"stage-{k}")
-            config = {"spec": pipeline.model_dump(mode="json"), "task_id": k, "scenario": layout.scenario,
-                      "label_sets": [list(s) for s in layout.label_sets], "input_shape": list(input_shape),
-                      "scale": scale, "features": features, "label": label, "parent": parent,
-                      "lineage": lineage, "progress": queue, "train_rows": rows[k], "storage": storage,
-                      "state_uri": join(root, "state", f"stage-{k}"), "threads": resources.threads,
-                      "resources": resources}
+            config = {**plan.data_config(k), "parent": parent, "lineage": lineage, "progress": queue,
+                      "train_rows": rows[k], "storage": storage, "state_uri": join(root, "state", f"stage-{k}"),
+                      "threads": resources.threads, "resources": resources}
             progress.update(bar, description=f"stage {k + 1}/{T} {domain.name}: starting")
-            handle = runner.start(config, ahead, lambda k=k: dataset_for(k), stage_dir)
+            after = plan.dataset(k + 1) if lazy and k + 1 < T else None
+            handle = runner.start(config, ahead, lambda k=k: plan.dataset(k), stage_dir,
+                                  None if after is None else (plan.data_config(k + 1), after))
             if k == 0:
                 start_evaluators()
 
@@ -408,7 +474,7 @@ def _run_stages(pipeline: Pipeline, domains: list[Domain], layout: HeadLayout, i
                 tracker.log_dataset(stage_run, f"{item['domain']}/train", item["uri"], item["digest"], "training")
             tracker.log_params(stage_run, {"stage": str(k), "domain": domain.name, "parent_checkpoint": parent,
                                            "train_domains": ",".join(domains[j].name for j in train_idx)})
-            ahead = dataset_for(k + 1) if k + 1 < T else None
+            ahead = after if after is not None or k + 1 == T else plan.dataset(k + 1)
             while True:
                 finished = handle.wait(timeout=0.1)
                 for ev in queue.get_nowait_batch(queue.qsize()):

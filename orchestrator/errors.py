@@ -32,3 +32,14 @@ class ShardError(LifelongError):
 
 class TrainingError(LifelongError):
     """Training diverged (for example a NaN loss) in a named stage."""
+
+
+def one_line(text: str,
+             markers: tuple[str, ...] = ("TrainingError: ", "ShardError: ", "LifelongError: ")) -> str:
+    """The innermost message of an error's text (a Ray task's traceback, Ray Train's error, ``"Type: message"``),
+    on one line: what follows the last of ``markers`` if any occurs, else the last non-empty line."""
+    for marker in markers:
+        if marker in text:
+            return text.rsplit(marker, 1)[-1].strip().splitlines()[0]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"

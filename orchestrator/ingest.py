@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from orchestrator.shards import shard_uris
+from orchestrator.errors import ShardError
+from orchestrator.shards import shard_uris, verify_domain
 from orchestrator.storage import Storage
 
 ShuffleMode = Literal["files", "local", "full"]
@@ -92,6 +93,24 @@ def stage_dataset(domains: list[tuple[str, dict[str, Any]]], indices: list[int],
                             num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=readers)))
     # Blocks leave in file order, not in the order the read tasks finish: the same seed gives the same stream.
     dataset.context.execution_options.preserve_order = True
+    dataset.context.print_on_execution_start = False  # an in-process worker streams in the driver: stdout is the CLI's
     if shuffle == "full":
         dataset = dataset.random_shuffle(seed=seed)
     return dataset
+
+
+@ray.remote(num_cpus=READ_CPUS)
+def validate_node(domains: list[tuple[str, str, dict[str, Any]]], storage: Storage) -> None:
+    """The ``validate`` DAG node: re-hash every shard of every ``(name, uri, manifest)`` domain and check its schema.
+
+    It lives here, on the data path, so that its worker process imports no more than the read tasks do (no torch)
+    and can serve them afterwards.
+
+    Raises:
+        ShardError: at the first fault, naming the domain and the shard.
+    """
+    for name, uri, manifest in domains:
+        try:
+            verify_domain(uri, manifest, storage=storage)
+        except ShardError as e:
+            raise ShardError(f"domain '{name}': {e}") from None

@@ -29,15 +29,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import ShardError
-from orchestrator.spec import Pipeline, SourceSpec
 from orchestrator.storage import Storage, join
+
+if TYPE_CHECKING:  # the data path (read tasks) stays free of the spec's imports (torch, via the strategies)
+    from orchestrator.spec import Pipeline, SourceSpec
 
 MANIFEST = "manifest.json"
 FORMAT = "lifelong-shards/1"

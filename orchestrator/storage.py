@@ -30,7 +30,6 @@ import fsspec
 import pyarrow.fs as pafs
 
 from orchestrator.errors import LifelongError
-from strategies.base import default_filesystem
 
 
 class StorageError(LifelongError):
@@ -109,7 +108,7 @@ class Storage:
             if key and secret:
                 kwargs.update(access_key=key, secret_key=secret, session_token=token)
             return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
-        return default_filesystem(uri)
+        return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
 
     def ray_filesystem(self, uri: str) -> pafs.FileSystem | None:
         """The filesystem to hand Ray Data for ``uri``: None for local paths and ``file://`` (Ray resolves those

@@ -14,6 +14,10 @@ processes, torch import, process group, storage sync), so one fit per stage make
 - ``ray_train``: one ``TorchTrainer`` fit per stage (``orchestrator.stage.train_loop_per_worker``), with Ray Train's
   worker-level fault tolerance (``FailureConfig``) and its checkpoint persistence under the run's storage path.
 
+With ``group``, each worker streams the next stage's data into memory while the current stage trains
+(and stage 0's while the driver validates the shards), so that no stage waits on Ray Data's start
+(:class:`orchestrator.stage.Prefetch`).
+
 Both run the same stage body, :func:`orchestrator.stage.run_stage`. :meth:`StageRunner.start` returns a handle the
 driver polls (``wait``) while it shows progress and collects evaluation cells, then asks for the ``result``.
 """
@@ -32,8 +36,8 @@ import ray.data
 import torch
 
 from orchestrator.checkpoint import write_checkpoint
-from orchestrator.errors import TrainingError
-from orchestrator.stage import run_stage, train_loop_per_worker
+from orchestrator.errors import TrainingError, one_line
+from orchestrator.stage import Prefetch, make_stream, prefetch_batches, run_stage, train_loop_per_worker
 from orchestrator.storage import Storage
 
 
@@ -63,6 +67,16 @@ class StageWorker:
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError(f"training worker {rank}: training.use_gpu is set but no GPU is visible to it")
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.prefetched: Prefetch | None = None
+
+    def warm_up(self) -> None:
+        """Pay torch's one-off lazy initialisation now, before the first stage waits on it: the first optimizer
+        built in a process imports ``torch._dynamo`` (1.3 s on 2 cores), and the first backward pass sets up
+        autograd's engine."""
+        layer = torch.nn.Linear(2, 2).to(self.device)
+        optimizer = torch.optim.Adam(layer.parameters())
+        layer(torch.zeros(1, 2, device=self.device)).sum().backward()
+        optimizer.step()
 
     def rendezvous_address(self) -> str:
         """``tcp://<this node's IP>:<a free port>``, where rank 0 hosts the torch process group's store."""
@@ -84,16 +98,46 @@ class StageWorker:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def run(self, config: dict[str, Any], shard: Any, checkpoint_uri: str) -> dict[str, Any]:
+    def prefetch(self, config: dict[str, Any], shard: Any) -> None:
+        """Start streaming the first pass of stage ``config["task_id"]`` over ``shard`` into memory now, on a
+        background thread (:class:`orchestrator.stage.Prefetch`); ``config`` needs only the stage's data fields.
+        Replaces an earlier prefetch."""
+        if self.prefetched is not None:
+            self.prefetched.cancel()
+        self.prefetched = Prefetch(config["task_id"], shard, make_stream(config, shard), prefetch_batches(config))
+
+    def run(self, config: dict[str, Any], shard: Any, checkpoint_uri: str,
+            next_stage: tuple[dict[str, Any], Any] | None = None) -> dict[str, Any]:
         """Train one stage on this worker's ``shard``; rank 0 then writes the checkpoint at ``checkpoint_uri``.
 
+        Args:
+            config: :func:`orchestrator.stage.run_stage`'s. shard: this worker's part of the stage's data, or None
+                to train on the data that :meth:`prefetch` is streaming for this stage.
+            checkpoint_uri: where rank 0 writes the stage's checkpoint (path or URI).
+            next_stage: ``(data config, shard)`` of the next stage, prefetched once this stage's first epoch has
+                streamed its own data.
         Returns:
             the stage statistics of :func:`orchestrator.stage.run_stage` (rank 0's are the stage's).
         Raises:
             TrainingError, FileNotFoundError, ValueError: as :func:`orchestrator.stage.run_stage`.
             FileExistsError: if a checkpoint already exists at ``checkpoint_uri`` (nothing is overwritten).
+            RuntimeError: if ``shard`` is None and no prefetch of this stage was started.
         """
-        stats, model, strategies = run_stage(config, self.rank, self.world, shard, self.device, self._wrap)
+        first_pass = None
+        if shard is None:
+            ahead = self.prefetched
+            if ahead is None or ahead.task_id != config["task_id"]:
+                raise RuntimeError(f"training worker {self.rank}: stage {config['task_id']} was not prefetched")
+            self.prefetched, shard, first_pass = None, ahead.shard, ahead.batches()
+
+        def start_next() -> None:
+            if next_stage is not None:
+                self.prefetch(*next_stage)
+
+        stats, model, strategies = run_stage(config, self.rank, self.world, shard, self.device, self._wrap,
+                                             first_pass=first_pass, after_first_pass=start_next)
+        if next_stage is not None and (self.prefetched is None or self.prefetched.task_id != next_stage[0]["task_id"]):
+            start_next()  # the stage never completed a pass of its own (it cannot happen with epochs >= 1)
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
                              [s.state_dict() for s in strategies], config["lineage"], config["storage"])
@@ -128,16 +172,48 @@ class WorkerGroup:
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
                             max_restarts=0)(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
+        self.prefetched: int | None = None  # the stage whose data the workers are streaming ahead
+        self._warm = False
         if world > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             backend = "nccl" if resources.use_gpu else "gloo"
             ray.get([w.init_process_group.remote(address, backend, timeout_s) for w in self.workers])
 
-    def start(self, config: dict[str, Any], dataset: ray.data.Dataset, checkpoint_uri: str) -> list[ray.ObjectRef]:
-        """Start a stage on every worker: worker r streams part r of ``dataset`` (an equal ``streaming_split``)."""
+    def _split(self, dataset: ray.data.Dataset) -> list[Any]:
+        """One part of ``dataset`` per worker: the dataset itself for one worker, else an equal
+        ``streaming_split`` (a fresh execution of the dataset each time it is called)."""
         world = self.resources.num_workers
-        shards: list[Any] = [dataset] if world == 1 else dataset.streaming_split(world, equal=True)
-        return [w.run.remote(config, shard, checkpoint_uri) for w, shard in zip(self.workers, shards)]
+        return [dataset] if world == 1 else dataset.streaming_split(world, equal=True)
+
+    def prefetch(self, data_config: dict[str, Any], dataset: ray.data.Dataset) -> None:
+        """Have every worker start streaming its part of stage ``data_config["task_id"]``'s ``dataset`` now."""
+        for w, shard in zip(self.workers, self._split(dataset)):
+            w.prefetch.remote(data_config, shard)
+        self.prefetched = data_config["task_id"]
+
+    def warm_up(self) -> None:
+        """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) once, now."""
+        if not self._warm:
+            for w in self.workers:
+                w.warm_up.remote()
+            self._warm = True
+
+    def start(self, config: dict[str, Any], dataset: ray.data.Dataset, checkpoint_uri: str,
+              next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> list[ray.ObjectRef]:
+        """Start a stage on every worker: worker r trains on part r of ``dataset`` (an equal ``streaming_split``),
+        or on the part it is already prefetching; with ``next_stage`` (``(data config, dataset)``), the workers
+        prefetch the next stage's parts once this stage's first epoch has streamed.
+
+        Returns:
+            one Ray object reference per worker, for its stage statistics.
+        """
+        world = self.resources.num_workers
+        shards = [None] * world if self.prefetched == config["task_id"] else self._split(dataset)
+        nexts: list[Any] = [None] * world
+        if next_stage is not None:
+            nexts = [(next_stage[0], part) for part in self._split(next_stage[1])]
+        self.prefetched = next_stage[0]["task_id"] if next_stage is not None else None
+        return [w.run.remote(config, shard, checkpoint_uri, nxt) for w, shard, nxt in zip(self.workers, shards, nexts)]
 
     def shutdown(self) -> None:
         """Stop the worker processes."""
@@ -150,16 +226,19 @@ class _GroupStage:
     """A stage running on a :class:`WorkerGroup`; rebuilds the group and restarts the stage when a worker dies."""
 
     def __init__(self, runner: StageRunner, config: dict[str, Any], dataset: ray.data.Dataset,
-                 rebuild: Callable[[], ray.data.Dataset], checkpoint_uri: str, max_failures: int) -> None:
+                 rebuild: Callable[[], ray.data.Dataset], checkpoint_uri: str, max_failures: int,
+                 next_stage: tuple[dict[str, Any], ray.data.Dataset] | None) -> None:
         self.runner, self.config, self.rebuild = runner, config, rebuild
         self.checkpoint_uri, self.failures_left, self.attempt = checkpoint_uri, max_failures, 0
         self.error: str | None = None
-        self._submit(dataset)
+        self._submit(dataset, next_stage)
 
-    def _submit(self, dataset: ray.data.Dataset) -> None:
-        # A restarted stage writes a checkpoint of its own: nothing of the failed attempt is overwritten.
+    def _submit(self, dataset: ray.data.Dataset,
+                next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> None:
+        # A restarted stage writes a checkpoint of its own: nothing of the failed attempt is overwritten. It runs on
+        # a fresh group, which streams the next stage's data when that stage starts (no prefetch).
         self.uri = self.checkpoint_uri if self.attempt == 0 else f"{self.checkpoint_uri}-retry{self.attempt}"
-        self.refs = self.runner.group(self.config["resources"]).start(self.config, dataset, self.uri)
+        self.refs = self.runner.group(self.config["resources"]).start(self.config, dataset, self.uri, next_stage)
 
     def wait(self, timeout: float) -> bool:
         if self.error is not None:
@@ -169,7 +248,7 @@ class _GroupStage:
             try:
                 ray.get(ref)
             except ray.exceptions.RayTaskError as e:  # the training itself raised: it would recur, so no retry
-                self.error = _one_line(str(e.as_instanceof_cause()))
+                self.error = one_line(str(e.as_instanceof_cause()))
             except ray.exceptions.RayError as e:  # a worker process died: restart the stage on a fresh group
                 self.runner.drop_group()
                 if self.failures_left <= 0:
@@ -190,15 +269,6 @@ class _GroupStage:
         if self.error is not None:
             raise TrainingError(self.error)
         return ray.get(self.refs[0]), self.uri
-
-
-def _one_line(text: str) -> str:
-    """The innermost message of a worker's or Ray Train's error text, on one line."""
-    for marker in ("TrainingError: ", "LifelongError: "):
-        if marker in text:
-            return text.rsplit(marker, 1)[-1].strip().splitlines()[0]
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else "unknown error"
 
 
 class _TrainerStage:
@@ -237,7 +307,7 @@ class _TrainerStage:
     def result(self) -> tuple[dict[str, Any], str]:
         self.thread.join()
         if "error" in self.outcome:
-            raise TrainingError(_one_line(str(self.outcome["error"])))
+            raise TrainingError(one_line(str(self.outcome["error"])))
         result = self.outcome["result"]
         return result.return_value or {}, self.scheme + result.checkpoint.path
 
@@ -255,10 +325,15 @@ class StageRunner:
         self.executor, self.storage, self.max_failures = executor, storage, max_failures
         self._group: WorkerGroup | None = None
 
-    def prestart(self, resources: Resources) -> None:
-        """Start the worker group now (its processes boot while the driver does other work)."""
+    def prestart(self, resources: Resources,
+                 first_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> None:
+        """Start the worker group now (its processes boot while the driver does other work), have it stream
+        ``first_stage`` (``(data config, dataset)``) ahead if given, and pay torch's one-off initialisation."""
         if self.executor == "group":
-            self.group(resources)
+            group = self.group(resources)
+            if first_stage is not None:
+                group.prefetch(*first_stage)
+            group.warm_up()
 
     def group(self, resources: Resources) -> WorkerGroup:
         """The worker group for ``resources``, started (or replaced, if the resources differ) on demand."""
@@ -275,11 +350,12 @@ class StageRunner:
             self._group = None
 
     def start(self, config: dict[str, Any], dataset: ray.data.Dataset, rebuild: Callable[[], ray.data.Dataset],
-              stage_dir: str) -> StageHandle:
+              stage_dir: str, next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> StageHandle:
         """Start one stage. ``config`` is :func:`orchestrator.stage.run_stage`'s plus ``resources``
         (:class:`Resources`) and ``lineage``; ``dataset`` is the stage's training data and ``rebuild()`` builds it
-        again for a restarted stage; ``stage_dir`` is the stage's folder (path or URI) on the run's storage."""
+        again for a restarted stage; ``stage_dir`` is the stage's folder (path or URI) on the run's storage;
+        ``next_stage`` (``(data config, dataset)``) is streamed ahead by the worker group while this stage trains."""
         if self.executor == "group":
             return _GroupStage(self, config, dataset, rebuild, f"{stage_dir.rstrip('/')}/checkpoint",
-                               self.max_failures)
+                               self.max_failures, next_stage)
         return _TrainerStage(config, dataset, stage_dir.rsplit("/", 1)[0], self.storage, self.max_failures)

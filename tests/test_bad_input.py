@@ -68,3 +68,10 @@ def test_missing_label_column(tmp_path: Path) -> None:
     proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
     assert_clean_failure(proc, tmp_path / "w", "domain 'a'", "train/part-00000.parquet",
                          "label column 'y' not found")
+
+
+def test_unreachable_ray_cluster(tmp_path: Path) -> None:
+    spec = write(tmp_path / "p.yaml", {"name": "p", "domains": [
+        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}]})
+    proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), "--address", "127.0.0.1:1", cwd=tmp_path)
+    assert_clean_failure(proc, tmp_path / "w", "no Ray cluster at --address 127.0.0.1:1", "refused")
