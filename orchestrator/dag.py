@@ -21,7 +21,6 @@ import importlib
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator import shards
 from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
-from orchestrator.errors import LifelongError, ShardError, TrainingError, one_line
+from orchestrator.errors import LifelongError, ShardError, TrainingError, check_reachable, one_line
 from orchestrator.evaluation import make_evaluators
 from orchestrator.ingest import READ_CPUS, stage_dataset, validate_node
 from orchestrator.lineage import BackgroundTracker, RunRef, default_tracking_uri, stage_lineage
@@ -144,15 +143,13 @@ def init_ray(address: str | None = None) -> None:
         ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, **common)
     else:
         host, _, port = address.removeprefix("ray://").rpartition(":")
-        if host and port.isdigit():  # Ray itself retries an unreachable GCS for many minutes
-            try:
-                socket.create_connection((host, int(port)), timeout=5.0).close()
-            except OSError as e:
-                raise LifelongError(f"no Ray cluster at --address {address}: {e}") from None
+        if host and port.isdigit():
+            check_reachable(host, int(port), f"the Ray cluster at --address {address}")
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError) as e:
-            raise LifelongError(f"no Ray cluster at --address {address}: {str(e).strip().splitlines()[0]}") from None
+            raise LifelongError(f"the Ray cluster at --address {address} is unreachable: "
+                                f"{str(e).strip().splitlines()[0]}") from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -7,6 +7,8 @@ or the URI. The CLI prints it as one line and exits with code 2.
 
 from __future__ import annotations
 
+import socket
+
 
 class LifelongError(Exception):
     """An error caused by the user's input; the message names the culprit in one line."""
@@ -43,3 +45,16 @@ def one_line(text: str,
             return text.rsplit(marker, 1)[-1].strip().splitlines()[0]
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "unknown error"
+
+
+def check_reachable(host: str, port: int, culprit: str, timeout_s: float = 5.0) -> None:
+    """Fail at once if nothing accepts a TCP connection at ``host:port`` (Ray and MLflow clients retry an
+    unreachable server for minutes before they give up).
+
+    Raises:
+        LifelongError: ``"<culprit> is unreachable: <reason>"``.
+    """
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise LifelongError(f"{culprit} is unreachable: {e}") from None

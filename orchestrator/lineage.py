@@ -21,8 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from orchestrator.errors import LifelongError
+from orchestrator.errors import LifelongError, check_reachable
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -45,6 +46,10 @@ class Tracker:
 
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..." lines
         self.uri = uri
+        server = urlparse(uri)
+        if server.scheme in ("http", "https") and server.hostname:
+            check_reachable(server.hostname, server.port or (443 if server.scheme == "https" else 80),
+                            f"MLflow tracking URI {uri}")
         self.client = MlflowClient(tracking_uri=uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)

@@ -70,8 +70,19 @@ def test_missing_label_column(tmp_path: Path) -> None:
                          "label column 'y' not found")
 
 
-def test_unreachable_ray_cluster(tmp_path: Path) -> None:
-    spec = write(tmp_path / "p.yaml", {"name": "p", "domains": [
+def digits_spec(tmp_path: Path) -> Path:
+    return write(tmp_path / "p.yaml", {"name": "p", "domains": [
         {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}]})
+
+
+def test_unreachable_ray_cluster(tmp_path: Path) -> None:
+    spec = digits_spec(tmp_path)
     proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), "--address", "127.0.0.1:1", cwd=tmp_path)
-    assert_clean_failure(proc, tmp_path / "w", "no Ray cluster at --address 127.0.0.1:1", "refused")
+    assert_clean_failure(proc, tmp_path / "w", "the Ray cluster at --address 127.0.0.1:1 is unreachable", "refused")
+
+
+def test_unreachable_tracking_server(tmp_path: Path) -> None:
+    spec = digits_spec(tmp_path)
+    proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), "--tracking-uri", "http://127.0.0.1:1",
+                    cwd=tmp_path)
+    assert_clean_failure(proc, tmp_path / "w", "MLflow tracking URI http://127.0.0.1:1 is unreachable", "refused")
