@@ -4,14 +4,14 @@ The story of :func:`run`:
 
 1. resolve every domain's URI, build missing shards from their declared ``source`` (cached; digests checked);
 2. ``validate``: a Ray task re-hashes every shard and checks its schema before anything is written, while the
-   worker group's processes start;
+   worker group's processes start and stream stage 0's data;
 3. create the run folder ``<workdir>/<pipeline>/<run_id>`` and the MLflow parent run (MLflow calls run on a
    background thread from here on);
 4. save the initial model (the lineage root, under ``storage.root`` or the run folder) and evaluate it on every
    domain (``b_j`` for FWT);
 5. for each domain k: stage k on the executor (``orchestrator/workers.py``: the persistent worker group, or one Ray
-   Train fit), starting from stage k-1's checkpoint, while stage k+1's dataset is built; then send row k of R to
-   the evaluation actors, which compute it while stage k+1 trains;
+   Train fit), starting from stage k-1's checkpoint, while the workers stream stage k+1's data; then send row k of
+   R to the evaluation actors, which compute it while stage k+1 trains;
 6. join the rows into R, compute ACC/BWT/FWT/forgetting, and write the report, the heatmap and the event log.
 """
 
@@ -471,7 +471,7 @@ def _run_stages(plan: StagePlan, tracker: BackgroundTracker, parent_id: RunRef, 
                 tracker.log_dataset(stage_run, f"{item['domain']}/train", item["uri"], item["digest"], "training")
             tracker.log_params(stage_run, {"stage": str(k), "domain": domain.name, "parent_checkpoint": parent,
                                            "train_domains": ",".join(domains[j].name for j in train_idx)})
-            ahead = after if after is not None or k + 1 == T else plan.dataset(k + 1)
+            ahead = after if after is not None else (plan.dataset(k + 1) if k + 1 < T else None)
             while True:
                 finished = handle.wait(timeout=0.1)
                 for ev in queue.get_nowait_batch(queue.qsize()):

@@ -93,7 +93,7 @@ def stage_dataset(domains: list[tuple[str, dict[str, Any]]], indices: list[int],
                             num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=readers)))
     # Blocks leave in file order, not in the order the read tasks finish: the same seed gives the same stream.
     dataset.context.execution_options.preserve_order = True
-    dataset.context.print_on_execution_start = False  # an in-process worker streams in the driver: stdout is the CLI's
+    dataset.context.print_on_execution_start = False  # the driver runs it with training.materialize: keep stdout
     if shuffle == "full":
         dataset = dataset.random_shuffle(seed=seed)
     return dataset
