@@ -130,14 +130,9 @@ class StageWorker:
                 raise RuntimeError(f"training worker {self.rank}: stage {config['task_id']} was not prefetched")
             self.prefetched, shard, first_pass = None, ahead.shard, ahead.batches()
 
-        def start_next() -> None:
-            if next_stage is not None:
-                self.prefetch(*next_stage)
-
+        start_next = None if next_stage is None else (lambda: self.prefetch(*next_stage))
         stats, model, strategies = run_stage(config, self.rank, self.world, shard, self.device, self._wrap,
                                              first_pass=first_pass, after_first_pass=start_next)
-        if next_stage is not None and (self.prefetched is None or self.prefetched.task_id != next_stage[0]["task_id"]):
-            start_next()  # the stage never completed a pass of its own (it cannot happen with epochs >= 1)
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
                              [s.state_dict() for s in strategies], config["lineage"], config["storage"])
@@ -173,7 +168,6 @@ class WorkerGroup:
                             max_restarts=0)(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
         self.prefetched: int | None = None  # the stage whose data the workers are streaming ahead
-        self._warm = False
         if world > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             backend = "nccl" if resources.use_gpu else "gloo"
@@ -192,11 +186,9 @@ class WorkerGroup:
         self.prefetched = data_config["task_id"]
 
     def warm_up(self) -> None:
-        """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) once, now."""
-        if not self._warm:
-            for w in self.workers:
-                w.warm_up.remote()
-            self._warm = True
+        """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) now."""
+        for w in self.workers:
+            w.warm_up.remote()
 
     def start(self, config: dict[str, Any], dataset: ray.data.Dataset, checkpoint_uri: str,
               next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> list[ray.ObjectRef]:
