@@ -14,11 +14,13 @@ and milliseconds per optimizer step) and ``strategies.md`` (mean ± std over see
 to it; and, from the ``--cost`` pass run alone on the machine, each strategy's per-step time relative to finetune,
 end-of-task work included), the tables built from every ``strategies*.json`` in the folder.
 Runs already in those files are skipped, so a long table can be built by several processes (``--tag``) and resumed
-after an interruption. Not a test:
+after an interruption. ``--select`` scores the ``GRID`` candidates on the val split (seed 0) to choose strengths
+without looking at the test split. Not a test:
 
     .venv/bin/python tests/benchmarks/strategies.py [--scenarios split_mnist_class ...] [--strategies ewc ...]
                                                     [--seeds 0 1 2] [--data-root DIR] [--tag A] [--threads 1]
     .venv/bin/python tests/benchmarks/strategies.py --cost --threads 1    # per-step cost, nothing else running
+    .venv/bin/python tests/benchmarks/strategies.py --select --scenarios permuted_mnist_domain --strategies si
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
 # our penalty forms: SI has the same form (c * sum Omega (theta - theta*)^2), so c is theirs; our EWC penalty has a
 # 1/2 in front, so lambda is twice theirs; our MAS importance sums the squared outputs over the K units of a sample's
 # head where theirs averages them, so lambda is theirs / K (task-IL K = 2, class-IL K = 10, domain-IL K = 2).
-# Permuted-MNIST (domain-IL, same head width) takes the Split-MNIST domain-IL values.
+# Permuted-MNIST (domain-IL, same head width) takes the Split-MNIST domain-IL values for EWC and online EWC; SI's,
+# MAS's and LwF's were chosen by ``--select`` (see GRID).
 _DOMAIN_IL = {"ewc": {"ewc_lambda": 200.0}, "ewc_online": {"ewc_lambda": 1400.0}, "si": {"si_lambda": 3000.0},
               "mas": {"mas_lambda": 5000.0}}
 SCENARIO_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
@@ -86,9 +89,21 @@ SCENARIO_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "split_mnist_domain": _DOMAIN_IL,
     "split_fashion_class": {"ewc": {"ewc_lambda": 1200.0}, "ewc_online": {"ewc_lambda": 200.0},
                             "si": {"si_lambda": 600.0}, "mas": {"mas_lambda": 0.1}},
-    "permuted_mnist_domain": _DOMAIN_IL,
+    "permuted_mnist_domain": {**_DOMAIN_IL, "si": {"si_lambda": 1.0}, "mas": {"mas_lambda": 5000.0},
+                              "lwf": {"weighting": "fixed", "temperature": 1.0}},
 }
 OPTIMIZER = {"spg": ("sgd", 0.05), "hat": ("sgd", 0.05), "ncl": ("sgd", 0.05)}
+# Candidates for ``--select``: strengths picked on the val split (seed 0), never on the test split that the table
+# reports. Permuted-MNIST has 10 domains where Hsu et al.'s Split-MNIST scripts tuned for 5, and the Split-MNIST
+# domain-IL strengths over-regularise SI and MAS there (new domains stop being learnt); LwF's 1/k weighting shrinks
+# the cross-entropy of the k-th domain to 1/k.
+GRID: dict[str, dict[str, list[dict[str, Any]]]] = {
+    "permuted_mnist_domain": {
+        "si": [{"si_lambda": v} for v in (3000.0, 300.0, 30.0, 3.0, 1.0, 0.3, 0.1)],
+        "mas": [{"mas_lambda": v} for v in (5000.0, 500.0, 50.0, 5.0, 0.5, 0.05, 0.005, 5e-4, 5e-5)],
+        "lwf": [{"weighting": "tasks"}, {"weighting": "fixed"}, {"weighting": "fixed", "temperature": 1.0}],
+    },
+}
 
 
 def strategy_params(scenario_key: str, key: str) -> dict[str, Any]:
@@ -205,12 +220,13 @@ def reference_gap(ref: Any, acc: float) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Two tables: mean ± std of ACC (%) per scenario, strategy and budget beside the reference and the gap to it;
-    and, from the cost pass, each strategy's milliseconds per optimizer step relative to finetune."""
+    """Up to three tables: mean ± std of ACC (%) per scenario, strategy and budget beside the reference and the gap
+    to it; from the cost pass, each strategy's milliseconds per optimizer step relative to finetune; and from the
+    ``--select`` runs, each candidate's val-split ACC, the prescribed one marked."""
     lines = ["| scenario | strategy | budget | ACC % (mean ± std) | seeds | reference (Hsu et al. 2018) | Δ points |",
              "|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
-    rows = [r for r in rows if is_current(r)]
+    all_rows, rows = rows, [r for r in rows if is_current(r)]
     for r in rows:
         if r.get("purpose", "accuracy") == "accuracy":
             groups.setdefault((r["scenario"], r["strategy"], r["budget"]), []).append(r)
@@ -233,7 +249,34 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             rel = f"{r['ms_per_step'] / base:.2f}" if base else "–"
             lines.append(f"| {r['strategy']} ({r['scenario']}) | {r['budget'] or '–'} | {r['ms_per_step']:.1f} | "
                          f"{rel} | {r['train_seconds']:.1f} |")
+    select = [r for r in all_rows if r.get("purpose") == "select"]
+    if select:
+        lines += ["", "| strength selection (seed 0, val split) | parameters | val ACC % | chosen |", "|---|---|---|---|"]
+        for r in sorted(select, key=lambda r: (r["scenario"], r["strategy"], -r["acc"])):
+            chosen = "yes" if is_current(r) else ""
+            lines.append(f"| {r['strategy']} ({r['scenario']}) | {json.dumps(r['params'], sort_keys=True)} | "
+                         f"{100 * r['acc']:.2f} | {chosen} |")
     return "\n".join(lines) + "\n"
+
+
+def planned_runs(args: argparse.Namespace, scenario_key: str
+                 ) -> list[tuple[str, int | None, int, dict[str, Any]]]:
+    """The runs one invocation asks for in a scenario: (strategy, budget, seed, params). The cost pass is seed 0 of
+    each strategy; ``--select`` is seed 0 of each ``GRID`` candidate; otherwise every seed with the prescribed
+    parameters."""
+    scenario = SCENARIOS[scenario_key][2]
+    runs = []
+    for key in args.strategies:
+        if (key in TASK_IL_ONLY) != (scenario == "task_il") and (args.cost or key in TASK_IL_ONLY):
+            continue  # hat/packnet are task-IL only; the cost pass times the others in class-IL
+        if args.select:
+            candidates = [{**STRATEGIES[key][1], **c} for c in GRID.get(scenario_key, {}).get(key, [])]
+        else:
+            candidates = [strategy_params(scenario_key, key)]
+        for budget in ((1100, 4400) if key in MEMORY else (None,)):
+            for params in candidates:
+                runs += [(key, budget, seed, params) for seed in ([0] if args.cost or args.select else args.seeds)]
+    return runs
 
 
 def main() -> None:
@@ -245,39 +288,41 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results"))
     parser.add_argument("--tag", default="", help="suffix of this process's JSON file, for parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--cost", action="store_true",
-                        help="cost pass: seed 0 of Split-MNIST class-IL (task-IL for hat/packnet), for the per-step "
-                             "time relative to finetune; run it with nothing else on the machine")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--cost", action="store_true",
+                      help="cost pass: seed 0 of Split-MNIST class-IL (task-IL for hat/packnet), for the per-step "
+                           "time relative to finetune; run it with nothing else on the machine")
+    mode.add_argument("--select", action="store_true",
+                      help="strength selection: seed 0 of every GRID candidate, scored on the val split")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    purpose = "cost" if args.cost else "accuracy"
+    purpose = "cost" if args.cost else "select" if args.select else "accuracy"
     tag = "cost" if args.cost else args.tag
     mine = out / f"strategies{'-' + tag if tag else ''}.json"
     rows: list[dict[str, Any]] = json.loads(mine.read_text()) if mine.exists() else []
     done = {run_key(r) for r in load_rows(out)}
     scenarios = ["split_mnist_class", "split_mnist_task"] if args.cost else args.scenarios
     for scenario_key in scenarios:
+        runs = [r for r in planned_runs(args, scenario_key)
+                if (purpose, scenario_key, r[0], r[1], r[2], json.dumps(r[3], sort_keys=True)) not in done]
+        if not runs:
+            continue
         dataset, kind, scenario, n = SCENARIOS[scenario_key]
         domains = build_domains(dataset, kind, n, Path(args.data_root))
-        for key in args.strategies:
-            if (key in TASK_IL_ONLY) != (scenario == "task_il") and (args.cost or key in TASK_IL_ONLY):
-                continue  # hat/packnet are task-IL only; the cost pass times the others in class-IL
-            for budget in ((1100, 4400) if key in MEMORY else (None,)):
-                params = strategy_params(scenario_key, key)
-                for seed in ([0] if args.cost else args.seeds):
-                    if (purpose, scenario_key, key, budget, seed, json.dumps(params, sort_keys=True)) in done:
-                        continue
-                    t0 = time.time()
-                    row = run_one(domains, scenario, key, budget, seed, params)
-                    row.update(scenario=scenario_key, purpose=purpose)
-                    rows.append(row)
-                    print(f"{purpose:8s} {scenario_key:22s} {key:10s} budget={budget or '-':>5} seed={seed} "
-                          f"ACC {100 * row['acc']:6.2f}  {row['ms_per_step']:.1f} ms/step  ({time.time() - t0:.0f}s)",
-                          flush=True)
-                    mine.write_text(json.dumps(rows, indent=1))
-                    (out / "strategies.md").write_text(markdown(load_rows(out)))
+        if args.select:  # score on the val split carved out of train; the test split stays unseen
+            domains = [{**d, "test": d["val"]} for d in domains]
+        for key, budget, seed, params in runs:
+            t0 = time.time()
+            row = run_one(domains, scenario, key, budget, seed, params)
+            row.update(scenario=scenario_key, purpose=purpose)
+            rows.append(row)
+            print(f"{purpose:8s} {scenario_key:22s} {key:10s} budget={budget or '-':>5} seed={seed} "
+                  f"ACC {100 * row['acc']:6.2f}  {row['ms_per_step']:.1f} ms/step  ({time.time() - t0:.0f}s)  "
+                  f"{json.dumps(params)}", flush=True)
+            mine.write_text(json.dumps(rows, indent=1))
+            (out / "strategies.md").write_text(markdown(load_rows(out)))
     print(markdown(load_rows(out)))
 
 
