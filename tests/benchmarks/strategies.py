@@ -281,6 +281,8 @@ def planned_runs(args: argparse.Namespace, scenario_key: str
 
 
 def main() -> None:
+    """Run what the command line asks for (table runs, ``--cost`` or ``--select``), skipping runs already recorded,
+    and rewrite this process's JSON and ``strategies.md`` after every run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
