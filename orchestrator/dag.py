@@ -375,7 +375,8 @@ def _run_stages(plan: StagePlan, tracker: BackgroundTracker, parent_id: RunRef, 
     from ray.util.queue import Queue
 
     pipeline, domains, storage, layout = plan.pipeline, plan.domains, plan.storage, plan.layout
-    resources = plan.resources or stage_resources(pipeline)
+    resources = plan.resources
+    assert resources is not None, "run() sets the plan's resources once Ray is up"
     T = len(domains)
     root = stage_root(pipeline, run_id, run_dir)
     torch.manual_seed(pipeline.seed)

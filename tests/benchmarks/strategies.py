@@ -308,8 +308,9 @@ def main() -> None:
     done = {run_key(r) for r in load_rows(out)}
     scenarios = ["split_mnist_class", "split_mnist_task"] if args.cost else args.scenarios
     for scenario_key in scenarios:
-        runs = [r for r in planned_runs(args, scenario_key)
-                if (purpose, scenario_key, r[0], r[1], r[2], json.dumps(r[3], sort_keys=True)) not in done]
+        runs = [(key, budget, seed, params) for key, budget, seed, params in planned_runs(args, scenario_key)
+                if run_key({"purpose": purpose, "scenario": scenario_key, "strategy": key, "budget": budget,
+                            "seed": seed, "params": params}) not in done]
         if not runs:
             continue
         dataset, kind, scenario, n = SCENARIOS[scenario_key]
