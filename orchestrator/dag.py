@@ -474,7 +474,7 @@ def _run_stages(plan: StagePlan, tracker: BackgroundTracker, parent_id: RunRef, 
                                            "train_domains": ",".join(domains[j].name for j in train_idx)})
             ahead = after if after is not None else (plan.dataset(k + 1) if k + 1 < T else None)
             while True:
-                finished = handle.wait(timeout=0.1)
+                finished = handle.wait(timeout=0.5)
                 for ev in queue.get_nowait_batch(queue.qsize()):
                     progress.update(bar, completed=done_before + ev["samples"] * world,
                                     description=f"stage {k + 1}/{T} {domain.name}: epoch {ev['epoch'] + 1}/"

@@ -15,6 +15,7 @@ import ray
 import torch
 
 from orchestrator.checkpoint import load_checkpoint
+from orchestrator.cpu import background_priority
 from orchestrator.models import HeadLayout, build_model, masked_logits
 from orchestrator.shards import read_split
 from orchestrator.storage import Storage
@@ -38,6 +39,7 @@ class Evaluator:
     def __init__(self, domains: list[tuple[str, dict[str, Any]]], split: str, layout: HeadLayout, model: ModelSpec,
                  input_shape: tuple[int, ...], scale: float, batch_size: int,
                  strategies: list[tuple[str, dict[str, Any]]], storage: Storage | None = None) -> None:
+        background_priority()  # before torch starts its threads: they inherit it
         torch.set_num_threads(1)
         self.strategies = build_strategies(strategies)
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size

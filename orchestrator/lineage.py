@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from orchestrator.cpu import background_priority
 from orchestrator.errors import LifelongError, check_reachable
 
 
@@ -120,7 +121,7 @@ class BackgroundTracker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri = uri
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow", initializer=background_priority)
         self._tracker = self._pool.submit(Tracker, uri, experiment)
         self._calls: list[Future] = [self._tracker]
 

@@ -165,7 +165,7 @@ class WorkerGroup:
         self.resources = resources
         world = resources.num_workers
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
-                            max_restarts=0)(StageWorker)
+                            max_restarts=0, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
         self.prefetched: int | None = None  # the stage whose data the workers are streaming ahead
         if world > 1:
