@@ -6,10 +6,9 @@ A checkpoint is a folder::
     strategy.pt     list of each strategy's state_dict, in pipeline order
     lineage.json    parent checkpoint URI and digest, shard digests, spec hash, code version
 
-On a local disk it is written into a temporary folder and renamed into place. On object storage (``s3://``) each
-file goes to a temporary key and is moved onto its name (:meth:`Storage.write_bytes`), and ``lineage.json``, the
-commit record, is written last: a checkpoint without it is incomplete and is refused by every reader. Either way a
-reader never sees half of one.
+Local disks and object storage alike (:meth:`orchestrator.storage.Storage.commit`): each file goes to a temporary key
+and is moved onto its name, and ``lineage.json``, the commit record, is written last: a checkpoint without it is
+incomplete and is refused by every reader, so no reader ever sees half of one.
 """
 
 from __future__ import annotations
@@ -17,9 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import subprocess
-import tempfile
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -50,42 +48,25 @@ def code_version() -> dict[str, str]:
     return {"lifelong": pkg, "git_commit": commit}
 
 
-def _is_uri(folder: str | Path) -> bool:
-    return isinstance(folder, str) and "://" in folder and not folder.startswith("file://")
-
-
 def write_checkpoint(folder: str | Path, model_state: dict[str, torch.Tensor], strategy_states: list[dict[str, Any]],
-                     lineage: dict[str, Any], storage: Storage | None = None) -> str | Path:
-    """Write a checkpoint folder (a local path or a URI such as ``s3://bucket/run/stage-0``) and return it.
+                     lineage: dict[str, Any], storage: Storage | None = None) -> str:
+    """Write a checkpoint folder (a local path or a URI such as ``s3://bucket/run/stage-0``) and return it
+    (:meth:`Storage.commit`: ``model.pt`` and ``strategy.pt`` first, ``lineage.json``, the commit record, last).
 
     ``lineage`` gains ``model_sha256``, the digest of ``model.pt``.
 
     Raises:
         FileExistsError: if ``folder`` already holds a checkpoint (nothing is overwritten).
-        StorageError: if object storage cannot be written.
+        StorageError: if the storage cannot be written.
     """
     model_blob, strategy_blob = _save(model_state), _save(strategy_states)
     lineage = {**lineage, "model_sha256": hashlib.sha256(model_blob).hexdigest()}
     lineage_blob = json.dumps(lineage, indent=1, sort_keys=True).encode()
-    if _is_uri(folder):
-        store = storage or Storage.from_settings()
-        uri = str(folder)
-        if store.exists(join(uri, LINEAGE_FILE)):
-            raise FileExistsError(f"checkpoint {uri} already exists")
-        for name, blob in ((MODEL_FILE, model_blob), (STRATEGY_FILE, strategy_blob)):
-            store.write_bytes(join(uri, name), blob, overwrite=True)  # leftovers of an unfinished write
-        store.write_bytes(join(uri, LINEAGE_FILE), lineage_blob)  # the commit record, last
-        return uri
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"checkpoint {folder} already exists")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    (tmp / MODEL_FILE).write_bytes(model_blob)
-    (tmp / STRATEGY_FILE).write_bytes(strategy_blob)
-    (tmp / LINEAGE_FILE).write_bytes(lineage_blob)
-    os.rename(tmp, folder)
-    return folder
+    try:
+        return (storage or Storage()).commit(str(folder), [(MODEL_FILE, model_blob), (STRATEGY_FILE, strategy_blob)],
+                                             LINEAGE_FILE, lambda: lineage_blob)
+    except FileExistsError:
+        raise FileExistsError(f"checkpoint {folder} already exists") from None
 
 
 def _save(obj: Any) -> bytes:
@@ -95,9 +76,7 @@ def _save(obj: Any) -> bytes:
 
 
 def _read(folder: str | Path, name: str, storage: Storage | None) -> bytes:
-    if _is_uri(folder):
-        return (storage or Storage.from_settings()).read_bytes(join(str(folder), name))
-    return (Path(str(folder).removeprefix("file://")) / name).read_bytes()
+    return (storage or Storage()).read_bytes(join(str(folder), name))
 
 
 def read_lineage(folder: str | Path, storage: Storage | None = None) -> dict[str, Any]:
@@ -128,3 +107,27 @@ def load_checkpoint(folder: str | Path, storage: Storage | None = None
     strategy_states = torch.load(io.BytesIO(_read(folder, STRATEGY_FILE, storage)), map_location="cpu",
                                  weights_only=False)
     return model_state, strategy_states, lineage
+
+
+def lineage_record(pipeline_name: str, run_id: str, stage: int, domain: str, parent_checkpoint: str,
+                   parent_lineage: dict[str, Any], shards: list[dict[str, Any]], spec_hash: str,
+                   code: dict[str, str]) -> dict[str, Any]:
+    """The ``lineage.json`` record of a stage checkpoint.
+
+    Args:
+        parent_checkpoint: the folder of the checkpoint the stage starts from.
+        parent_lineage: that checkpoint's own lineage record (its ``model_sha256`` becomes the parent digest).
+        shards: ``{"domain", "uri", "split", "digest", "shards": [{"path", "sha256", "rows"}]}`` per input split.
+    """
+    return {
+        "pipeline": pipeline_name,
+        "run_id": run_id,
+        "stage": stage,
+        "domain": domain,
+        "parent": {"uri": parent_checkpoint, "model_sha256": parent_lineage.get("model_sha256"),
+                   "stage": parent_lineage.get("stage")},
+        "inputs": shards,
+        "spec_sha256": spec_hash,
+        "code": code,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

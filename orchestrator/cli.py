@@ -62,12 +62,14 @@ def run(
     cluster (`ray start --head`), the run skips Ray's own start and stop."""
     from orchestrator.dag import RunOptions
     from orchestrator.dag import run as run_pipeline
+    from orchestrator.plan import bind
     from orchestrator.report import print_report
 
     path = _pipeline_path(pipeline)
     console = Console(stderr=True)
     try:
         spec = load_pipeline(path, set_ or [])
+        bind(spec, str(path))
         options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri, address=address,
                              search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress)
         console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {spec.scenario}, "
@@ -95,11 +97,13 @@ def validate(
     workdir: WorkdirOpt = Path("lifelong-runs"),
 ) -> None:
     """Check a pipeline: print every problem with its field path (exit 2 if any)."""
+    from orchestrator.plan import bind
     from orchestrator.shards import MANIFEST, domain_uri
     from orchestrator.storage import Storage
 
     try:
         spec = load_pipeline(pipeline, set_ or [])
+        bind(spec, str(pipeline))
     except SpecError as e:
         console = Console(stderr=True)
         console.print(f"[bold red]{e.source}: {len(e.problems)} problem(s)[/bold red]")

@@ -1,8 +1,10 @@
 """Evaluation actors: fill cells of the accuracy matrix beside training.
 
 Each :class:`Evaluator` actor holds the evaluation splits of the domains it has been asked about (loaded once from
-the shards, cached) and the model of the last checkpoint it evaluated. The driver sends it ``(checkpoint, row i,
-domain j)`` cells through a ``ray.util.ActorPool``; with fractional CPUs the actors run while the next stage trains.
+the shards, cached) and the model of the last checkpoint it evaluated. :class:`EvaluationScheduler`, a listener of
+the stage engine, sends it ``(checkpoint, row i, domain j)`` cells through a ``ray.util.ActorPool`` once stage i is
+committed, so that row i is computed while stage i+1 trains; the actors run at background CPU priority
+(``orchestrator/cpu.py``) and take only the cycles training leaves idle.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util import ActorPool
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.cpu import background_priority
+from orchestrator.engine import Cell, Listener, RunInfo, StageResult
+from orchestrator.errors import LifelongError, one_line
 from orchestrator.models import HeadLayout, build_model, masked_logits
+from orchestrator.plan import InputFormat, StagePlan, StageSpec
 from orchestrator.shards import read_split
-from orchestrator.storage import Storage
 from orchestrator.spec import ModelSpec
-from strategies import build_strategies
+from orchestrator.storage import Storage
+from strategies import BoundStrategy
 
 
 class Evaluator:
@@ -29,22 +35,22 @@ class Evaluator:
     Args:
         domains: ``(uri, manifest)`` of every domain, in stream order.
         split: ``"test"`` or ``"val"``. layout: the pipeline's head layout.
-        model: the model spec. input_shape: ``(C, H, W)`` or ``(D,)``. scale: uint8 -> float factor.
+        model: the model spec. form: the shards' input format (``[*shape]`` uint8 times ``scale``).
         batch_size: evaluation batch size in samples.
-        strategies: ``(name, params)`` of the pipeline's strategies; their state is loaded from each checkpoint and
-            their ``inference_model`` hook picks the model that scores each domain.
+        strategies: the pipeline's bound strategies; their state is loaded from each checkpoint and their
+            ``inference_model`` hook picks the model that scores each domain.
         storage: how to reach the shard URIs (S3 endpoint and credentials).
     """
 
-    def __init__(self, domains: list[tuple[str, dict[str, Any]]], split: str, layout: HeadLayout, model: ModelSpec,
-                 input_shape: tuple[int, ...], scale: float, batch_size: int,
-                 strategies: list[tuple[str, dict[str, Any]]], storage: Storage | None = None) -> None:
+    def __init__(self, domains: list[tuple[str, Any]], split: str, layout: HeadLayout, model: ModelSpec,
+                 form: InputFormat, batch_size: int, strategies: tuple[BoundStrategy, ...],
+                 storage: Storage | None = None) -> None:
         background_priority()  # before torch starts its threads: they inherit it
         torch.set_num_threads(1)
-        self.strategies = build_strategies(strategies)
+        self.strategies = [b.build() for b in strategies]
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
-        self.input_shape, self.scale, self.storage = input_shape, scale, storage
-        self.model = build_model(model, input_shape, layout.num_outputs).eval()
+        self.input_shape, self.scale, self.storage = form.shape, form.scale, storage
+        self.model = build_model(model, form.shape, layout.num_outputs).eval()
         self.loaded: str | None = None
         self.data: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.targets, self.mask = layout.target_table(), layout.head_mask()
@@ -58,12 +64,9 @@ class Evaluator:
             self.data[j] = (x, self.targets[t, torch.from_numpy(raw.y)], t)
         return self.data[j]
 
-    def evaluate(self, checkpoint: str, row: int, j: int) -> dict[str, Any]:
-        """Accuracy of ``checkpoint`` on domain j (task-IL: predictions restricted to domain j's head).
-
-        Returns:
-            ``{"row", "col", "acc" (fraction in [0, 1]), "n" (samples), "start", "end" (unix seconds)}``.
-        """
+    def evaluate(self, checkpoint: str, row: int, j: int) -> Cell:
+        """Accuracy of ``checkpoint`` on domain j (task-IL: predictions restricted to domain j's head), as cell
+        R[row][j]."""
         start = time.time()
         if self.loaded != checkpoint:
             model_state, strategy_states, _ = load_checkpoint(checkpoint, self.storage)
@@ -80,10 +83,80 @@ class Evaluator:
             for i in range(0, len(y), self.batch_size):
                 logits = masked_logits(model(x[i:i + self.batch_size]), t[i:i + self.batch_size], self.mask)
                 correct += int((logits.argmax(1) == y[i:i + self.batch_size]).sum())
-        return {"row": row, "col": j, "acc": correct / max(len(y), 1), "n": len(y), "start": start, "end": time.time()}
+        return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time())
 
 
-def make_evaluators(n: int, cpus: float, *args: Any) -> list[Any]:
-    """Start ``n`` :class:`Evaluator` actors with ``cpus`` (fractional) CPUs each."""
-    remote = ray.remote(num_cpus=cpus)(Evaluator)
-    return [remote.remote(*args) for _ in range(n)]
+class EvaluationScheduler(Listener):
+    """Fills the accuracy matrix: row -1 (the initial model, for FWT) and row k once stage k is committed.
+
+    The actors start once stage 0 is under way: on a small machine their start would otherwise compete with the first
+    training worker's, which every later step waits on. Completed rows go to ``downstream`` (the other listeners).
+
+    Args:
+        downstream: receives ``row_evaluated`` for every complete row.
+    """
+
+    def __init__(self, downstream: Listener) -> None:
+        self.downstream = downstream
+        self.plan: StagePlan | None = None
+        self.init_checkpoint = ""
+        self.actors: list[Any] = []
+        self.pool = ActorPool([])
+        self.rows: dict[int, dict[int, Cell]] = {}
+
+    def run_started(self, run: RunInfo) -> None:
+        """Remember the plan and the initial checkpoint."""
+        self.plan, self.init_checkpoint = run.plan, run.init_checkpoint
+
+    def stage_started(self, stage: StageSpec) -> None:
+        """At stage 0: start the actors and send them row -1."""
+        if stage.task_id != 0 or self.plan is None:
+            return
+        plan, e = self.plan, self.plan.pipeline.evaluation
+        remote = ray.remote(num_cpus=e.cpus_per_actor)(Evaluator)
+        args = ([(d.uri, d.manifest) for d in plan.domains], e.split, plan.layout, plan.pipeline.model, plan.input,
+                e.batch_size, plan.strategies, plan.storage)
+        self.actors = [remote.remote(*args) for _ in range(e.num_actors)]
+        for actor in self.actors:
+            self.pool.push(actor)
+        self._submit(-1, self.init_checkpoint)
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """Send row k (stage k's checkpoint on every domain) to the actors."""
+        self._submit(stage.task_id, result.checkpoint)
+
+    def poll(self) -> None:
+        """Collect the cells that are ready."""
+        self._collect(timeout=0.0)
+
+    def run_finished(self) -> None:
+        """Wait for every outstanding cell, then stop the actors."""
+        while self.pool.has_next():
+            self._collect(timeout=5.0)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the actors (also after a failed run)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def _submit(self, row: int, checkpoint: str) -> None:
+        assert self.plan is not None
+        self.rows[row] = {}
+        for j in range(self.plan.num_stages):
+            self.pool.submit(lambda actor, args: actor.evaluate.remote(*args), (checkpoint, row, j))
+
+    def _collect(self, timeout: float) -> None:
+        assert self.plan is not None
+        while self.pool.has_next():
+            try:
+                cell: Cell = self.pool.get_next_unordered(timeout=timeout)
+            except TimeoutError:
+                return
+            except ray.exceptions.RayError as e:
+                raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
+            row = self.rows[cell.row]
+            row[cell.col] = cell
+            if len(row) == self.plan.num_stages:
+                self.downstream.row_evaluated(cell.row, [row[j] for j in range(self.plan.num_stages)])

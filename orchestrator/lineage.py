@@ -1,6 +1,8 @@
-"""Lineage in MLflow: one parent run per pipeline run, one child run per stage.
+"""Lineage in MLflow: one parent run per pipeline run, one child run per stage (:class:`MlflowStages`, a listener
+of the stage engine).
 
-The driver owns every run and talks to MLflow through an explicit ``MlflowClient`` (no active-run global state):
+The driver owns every run and talks to MLflow through an explicit ``MlflowClient`` (no active-run global state), on
+a background thread at background CPU priority (:class:`BackgroundTracker`):
 
 - params: the flattened spec (secret-looking keys masked);
 - inputs: each stage's training shards as an MLflow dataset whose source is the domain URI and whose digest is the
@@ -23,8 +25,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from orchestrator.checkpoint import read_lineage
 from orchestrator.cpu import background_priority
+from orchestrator.engine import Listener, StageResult
 from orchestrator.errors import LifelongError, check_reachable
+from orchestrator.plan import StageSpec
+from orchestrator.storage import is_local, local_path
+from orchestrator.stage import Progress
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -87,7 +94,7 @@ class Tracker:
 
         with warnings.catch_warnings():  # a file:// URI matches two equivalent local source types
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(source_uri if "://" in source_uri else f"file://{source_uri}")
+            source = resolve_dataset_source(f"file://{local_path(source_uri)}" if is_local(source_uri) else source_uri)
         dataset = MetaDataset(source, name=name, digest=digest)._to_mlflow_entity()
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
@@ -199,25 +206,52 @@ class BackgroundTracker:
             self.check()
 
 
-def stage_lineage(pipeline_name: str, run_id: str, stage: int, domain: str, parent_checkpoint: str,
-                  parent_lineage: dict[str, Any], shards: list[dict[str, Any]], spec_hash: str,
-                  code: dict[str, str]) -> dict[str, Any]:
-    """The ``lineage.json`` record of a stage checkpoint.
+class MlflowStages(Listener):
+    """Listener of the stage engine (``orchestrator/engine.py``): one MLflow child run per stage under ``parent``.
+
+    A stage run records the stage's training shards as dataset inputs (source URI and manifest digest), the parent
+    checkpoint and the domains it trained on as params, per-epoch loss and samples/s, the stage's timings, and its
+    ``lineage.json``. Every call is queued on the tracker's background thread.
 
     Args:
-        parent_checkpoint: the folder of the checkpoint the stage starts from.
-        parent_lineage: that checkpoint's own lineage record (its ``model_sha256`` becomes the parent digest).
-        shards: ``{"domain", "uri", "split", "digest", "shards": [{"path", "sha256", "rows"}]}`` per input split.
+        tracker: the run's tracker. parent: the pipeline run. run_id: lifelong's run id (a tag of every stage run).
     """
-    return {
-        "pipeline": pipeline_name,
-        "run_id": run_id,
-        "stage": stage,
-        "domain": domain,
-        "parent": {"uri": parent_checkpoint, "model_sha256": parent_lineage.get("model_sha256"),
-                   "stage": parent_lineage.get("stage")},
-        "inputs": shards,
-        "spec_sha256": spec_hash,
-        "code": code,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+
+    def __init__(self, tracker: BackgroundTracker, parent: RunRef, run_id: str) -> None:
+        self.tracker, self.parent, self.run_id = tracker, parent, run_id
+        self.runs: dict[int, RunRef] = {}
+
+    def stage_started(self, stage: StageSpec) -> None:
+        """Create the stage's run, with its dataset inputs and params."""
+        k, t = stage.task_id, self.tracker
+        ref = t.start_run(f"stage-{k}-{stage.domain}", {"lifelong.stage": str(k), "lifelong.domain": stage.domain,
+                                                         "lifelong.run_id": self.run_id}, self.parent)
+        self.runs[k] = ref
+        for item in stage.lineage["inputs"]:
+            t.log_dataset(ref, f"{item['domain']}/train", item["uri"], item["digest"], "training")
+        t.log_params(ref, {"stage": str(k), "domain": stage.domain, "parent_checkpoint": stage.parent,
+                           "train_domains": ",".join(item["domain"] for item in stage.lineage["inputs"])})
+
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """Log the epoch's mean loss and samples/s (all workers) at step = epoch."""
+        if report.kind == "epoch":
+            rate = report.samples * stage.resources.num_workers / max(report.seconds, 1e-9)
+            self.tracker.log_metrics(self.runs[stage.task_id], {"loss": report.loss, "samples_per_second": rate},
+                                     step=report.epoch)
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """Log the stage's timings and its checkpoint's ``lineage.json``, and end its run."""
+        ref, train = self.runs[stage.task_id], result.stats.get("train_seconds", float("nan"))
+        wall = result.end - result.start
+        self.tracker.log_metrics(ref, {"stage_wall_seconds": wall, "train_seconds": train,
+                                       "overhead_seconds": wall - train})
+        self.tracker.log_dict(ref, read_lineage(result.checkpoint, stage.storage), "lineage.json")
+        self.tracker.end(ref, True)
+
+    def stage_failed(self, stage: StageSpec, error: str) -> None:
+        """End the stage's run as FAILED."""
+        self.tracker.end(self.runs[stage.task_id], False)
+
+    def poll(self) -> None:
+        """Raise the first MLflow error, if a call has failed."""
+        self.tracker.check()

@@ -1,13 +1,32 @@
-"""The run report: the accuracy matrix and CL metrics as a terminal table, a JSON file and a PNG heatmap."""
+"""The run's own records: progress on the terminal, the event log, and the report (the accuracy matrix and CL
+metrics as a terminal table, a JSON file and a PNG heatmap).
+
+Three listeners of the stage engine (``orchestrator/engine.py``) live here:
+
+- :class:`ProgressBar`: stage k/T, epoch, samples/s and ETA on the terminal;
+- :class:`RunRecord`: ``events.jsonl`` (unix timestamps of every stage, epoch and evaluation cell, for overlap and
+  timing audits) and each stage's ``_COMPLETED`` record on the run's storage;
+- :class:`ReportBuilder`: the report's stages, R, b and the CL metrics.
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 from rich.table import Table
+
+from orchestrator.engine import Cell, Listener, RunInfo, StageResult
+from orchestrator.metrics import cl_metrics
+from orchestrator.plan import StageSpec
+from orchestrator.stage import Progress
+from orchestrator.storage import join
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -75,3 +94,157 @@ def save_json(report: dict[str, Any], path: Path) -> Path:
     """Write the report as indented JSON and return the path."""
     path.write_text(json.dumps(report, indent=1))
     return path
+
+
+def stage_summary(stage: StageSpec, result: StageResult) -> dict[str, Any]:
+    """One stage of the report: ``stage``, ``domain``, ``checkpoint``, ``start``/``end`` (unix seconds),
+    ``wall_seconds``, ``train_seconds`` (the training loop), ``overhead_seconds`` (the rest), ``samples_per_second``
+    (all workers), ``epoch_loss`` and ``epoch_seconds``."""
+    stats, wall = result.stats, result.end - result.start
+    train = stats.get("train_seconds", float("nan"))
+    return {"stage": stage.task_id, "domain": stage.domain, "checkpoint": result.checkpoint, "start": result.start,
+            "end": result.end, "wall_seconds": wall, "train_seconds": train, "overhead_seconds": wall - train,
+            "samples_per_second": stats.get("samples_per_second", float("nan")),
+            "epoch_loss": list(stats.get("epoch_loss", [float("nan")])),
+            "epoch_seconds": list(stats.get("epoch_seconds", []))}
+
+
+class EventLog(Listener):
+    """Append-only JSON-lines event log (``events.jsonl``) with unix timestamps, and each committed stage's
+    ``_COMPLETED`` record (its :func:`stage_summary`) beside its checkpoint on the run's storage.
+
+    Args:
+        path: the ``events.jsonl`` file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, event: str, **fields: Any) -> None:
+        """Append ``{"t": <unix seconds>, "event": event, **fields}``."""
+        record = {"t": fields.pop("t", time.time()), "event": event, **fields}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def stage_started(self, stage: StageSpec) -> None:
+        """``stage_start``."""
+        self.write("stage_start", stage=stage.task_id, domain=stage.domain)
+
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """``epoch_end`` for every epoch."""
+        if report.kind == "epoch":
+            self.write("epoch_end", stage=stage.task_id, epoch=report.epoch, loss=report.loss,
+                       seconds=report.seconds)
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """``stage_end``, and the stage's ``_COMPLETED`` record."""
+        self.write("stage_end", t=result.end, stage=stage.task_id, domain=stage.domain, checkpoint=result.checkpoint)
+        summary = json.dumps(stage_summary(stage, result), indent=1).encode()
+        stage.storage.write_bytes(join(stage.checkpoint_uri.rsplit("/", 1)[0], "_COMPLETED"), summary)
+
+    def stage_failed(self, stage: StageSpec, error: str) -> None:
+        """``stage_failed`` with the error."""
+        self.write("stage_failed", stage=stage.task_id, error=error)
+
+    def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
+        """One ``eval_cell`` per cell, stamped with the time it was computed."""
+        for c in cells:
+            self.write("eval_cell", t=c.end, row=row, col=c.col, start=c.start, end=c.end, acc=c.acc)
+
+
+class ReportBuilder(Listener):
+    """Collects the committed stages and the rows of R into the report (see :meth:`report`).
+
+    Args:
+        evaluate: whether evaluation runs (else the report has no accuracy matrix).
+    """
+
+    def __init__(self, evaluate: bool) -> None:
+        self.evaluate = evaluate
+        self.stages: list[dict[str, Any]] = []
+        self.rows: dict[int, list[float]] = {}
+        self.names: list[str] = []
+        self.header: dict[str, Any] = {}
+
+    def run_started(self, run: RunInfo) -> None:
+        """Remember the pipeline's names."""
+        p = run.plan.pipeline
+        self.names = [d.name for d in run.plan.domains]
+        self.header = {"pipeline": p.name, "strategy": p.strategy_label(), "scenario": p.scenario,
+                       "domains": self.names}
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """Add the stage's summary."""
+        self.stages.append(stage_summary(stage, result))
+
+    def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
+        """Keep row ``row`` of R (row -1: b)."""
+        self.rows[row] = [c.acc for c in cells]
+
+    def report(self) -> dict[str, Any]:
+        """``pipeline``, ``strategy``, ``scenario``, ``domains``, ``stages``, ``R`` (T x T), ``b`` (T), and
+        :func:`orchestrator.metrics.cl_metrics`'s ``acc``, ``bwt``, ``fwt``, ``forgetting``, ``avg_forgetting``
+        (None and empty lists for a training-only run)."""
+        report = {**self.header, "stages": self.stages}
+        if not self.evaluate:
+            return {**report, "R": [], "b": [], "acc": None, "bwt": None, "fwt": None, "forgetting": [],
+                    "avg_forgetting": None}
+        R = [self.rows[i] for i in range(len(self.stages))]
+        return {**report, "R": R, "b": self.rows[-1], **cl_metrics(R, self.rows[-1])}
+
+
+class ProgressBar(Listener):
+    """Stage k/T, the epoch, samples/s (all workers) and an ETA from the mean wall time of the finished stages.
+
+    Args:
+        console: where to draw. enabled: False draws nothing.
+    """
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
+                                TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=console,
+                                disable=not enabled, transient=False)
+        self.task = self.bar.add_task("starting", total=None, rate="", eta="?")
+        self.done, self.total, self.epochs, self.stages, self.started = 0, 1, 1, 1, 0.0
+        self.walls: list[float] = []
+
+    def run_started(self, run: RunInfo) -> None:
+        """Show the bar, sized by the samples of every stage and epoch."""
+        plan = run.plan
+        self.epochs, self.stages = plan.pipeline.training.epochs, plan.num_stages
+        self.total = sum(plan.train_rows(k) for k in range(plan.num_stages)) * self.epochs
+        self.bar.update(self.task, total=self.total)
+        self.bar.start()
+
+    def stage_started(self, stage: StageSpec) -> None:
+        """``stage k/T <domain>: starting``."""
+        self.started = time.time()
+        self.bar.update(self.task, description=f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: starting")
+
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """Advance by the samples all workers have seen."""
+        seen = report.samples * stage.resources.num_workers
+        self.bar.update(self.task, completed=self.done + seen, rate=f"{seen / max(report.seconds, 1e-9):,.0f} samples/s",
+                        description=f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: epoch "
+                                    f"{report.epoch + 1}/{self.epochs}")
+
+    def poll(self) -> None:
+        """Refresh the ETA."""
+        if self.walls:
+            mean = sum(self.walls) / len(self.walls)
+            left = mean * (self.stages - len(self.walls)) - (time.time() - self.started)
+            self.bar.update(self.task, eta=f"{max(0.0, left):.0f}s")
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """Count the stage's samples as done."""
+        self.walls.append(result.end - result.start)
+        self.done += stage.train_rows * self.epochs
+        self.bar.update(self.task, completed=self.done)
+
+    def run_finished(self) -> None:
+        """``evaluating the last stage``; the bar stops at :meth:`close`."""
+        self.bar.update(self.task, description=f"evaluating the last stage ({self.stages}/{self.stages})")
+
+    def close(self) -> None:
+        """Stop drawing."""
+        self.bar.stop()

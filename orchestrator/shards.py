@@ -14,9 +14,9 @@ for the whole domain. Digests are the first 32 hex characters of a sha256 (MLflo
 characters); they are the lineage keys.
 
 Every read and write goes through a :class:`orchestrator.storage.Storage` (fsspec/s3fs), so plain paths, ``file://``
-and ``s3://`` URIs work alike. A domain is written under a temporary prefix, its shards are then moved into place, and
-its manifest, the commit record, comes last: a domain without a manifest does not exist for any reader, so none is
-ever seen half-written.
+and ``s3://`` URIs work alike. A domain is written with :meth:`Storage.commit`: its shards first, each atomically, and
+its manifest, the commit record, last: a domain without a manifest does not exist for any reader, so none is ever seen
+half-written.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import gzip
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.errors import ShardError
-from orchestrator.storage import Storage, join
+from orchestrator.storage import Storage, is_local, join, local_path
 
 if TYPE_CHECKING:  # the data path (read tasks) stays free of the spec's imports (torch, via the strategies)
     from orchestrator.spec import Pipeline, SourceSpec
@@ -99,11 +98,11 @@ def domain_uri(pipeline: Pipeline, index: int, workdir: Path) -> str:
     """The shard URI of domain ``index``: its ``uri``, else ``<storage.shards>/<pipeline>/<domain>``."""
     d = pipeline.domains[index]
     if d.uri:
-        return d.uri if "://" in d.uri or os.path.isabs(d.uri) else str(Path(d.uri).resolve())
+        return d.uri if not is_local(d.uri) else local_path(d.uri)
     base = pipeline.storage.shards
-    if base and "://" in base:
+    if base and not is_local(base):
         return join(base, pipeline.name, d.name)
-    return str(((Path(base) if base else workdir / "shards") / pipeline.name / d.name).resolve())
+    return local_path(join(local_path(base) if base else workdir / "shards", pipeline.name, d.name))
 
 
 # ---------------------------------------------------------------- raw datasets
@@ -200,25 +199,20 @@ def _table(split: RawSplit) -> pa.Table:
     return pa.table({"x": x, "y": pa.array(split.y, type=pa.int64())})
 
 
-def _join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
-
-
 def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None,
                  storage: Storage | None = None) -> dict[str, Any]:
     """Build one domain's shards and manifest under ``uri`` and return the manifest.
 
-    Everything is written under ``<uri>.tmp-<random>`` first; the shards are then moved under ``uri`` and the
-    manifest is moved last, so the domain appears whole or not at all.
+    The shards are written one by one, each atomically, and the manifest, the commit record, last
+    (:meth:`Storage.commit`): the domain appears whole or not at all.
 
     Raises:
         ShardError: if ``uri`` already holds a domain (nothing is overwritten) or the raw data is missing.
     """
-    fs, root = (storage or Storage.from_settings()).fsspec(uri)
-    if fs.exists(_join(root, MANIFEST)):
+    store = storage or Storage()
+    if store.exists(join(uri, MANIFEST)):
         raise ShardError(f"{uri} already holds a domain; refusing to overwrite it")
     splits = make_domain_splits(load_raw(source, data_root), source, name)
-    tmp = f"{root.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "domain": name,
@@ -232,36 +226,34 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
                    else str(resolve_source_dir(source, data_root))),
         "splits": {},
     }
-    members = []
-    try:
-        for split in SPLITS:
-            shards = []
-            data = splits[split]
-            n_parts = max(1, -(-len(data.y) // source.rows_per_shard))
-            for i in range(n_parts):
-                rows = slice(i * source.rows_per_shard, (i + 1) * source.rows_per_shard)
-                rel = f"{split}/part-{i:05d}.parquet"
-                sink = pa.BufferOutputStream()
-                pq.write_table(_table(RawSplit(data.x[rows], data.y[rows])), sink, compression="zstd")
-                blob = sink.getvalue().to_pybytes()
-                fs.makedirs(_join(tmp, split), exist_ok=True)
-                fs.pipe_file(_join(tmp, rel), blob)
-                members.append(rel)
-                shards.append({"path": rel, "rows": len(data.y[rows]), "bytes": len(blob),
-                               "sha256": hashlib.sha256(blob).hexdigest()})
-            manifest["splits"][split] = {"rows": len(data.y), "shards": shards,
-                                         "digest": digest(json.dumps(shards, sort_keys=True))}
+
+    def record() -> bytes:
         manifest["digest"] = digest(json.dumps(manifest["splits"], sort_keys=True))
-        fs.pipe_file(_join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-        if fs.exists(_join(root, MANIFEST)):
-            raise ShardError(f"{uri} appeared while building; refusing to overwrite it")
-        for rel in [*members, MANIFEST]:  # the manifest, the commit record, last
-            fs.makedirs(_join(root, rel).rsplit("/", 1)[0], exist_ok=True)
-            fs.mv(_join(tmp, rel), _join(root, rel))
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+        return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+    try:
+        store.commit(uri, _shard_files(splits, source.rows_per_shard, manifest["splits"]), MANIFEST, record)
+    except FileExistsError:
+        raise ShardError(f"{uri} appeared while building; refusing to overwrite it") from None
     return manifest
+
+
+def _shard_files(splits: dict[str, RawSplit], rows_per_shard: int,
+                 listing: dict[str, Any]) -> Iterator[tuple[str, bytes]]:
+    """``(relative path, Parquet bytes)`` of every shard, split by split; each split's entry (rows, shards with their
+    sha256, digest) is added to ``listing`` once its shards are out."""
+    for split in SPLITS:
+        data, shards = splits[split], []
+        for i in range(max(1, -(-len(data.y) // rows_per_shard))):
+            rows = slice(i * rows_per_shard, (i + 1) * rows_per_shard)
+            sink = pa.BufferOutputStream()
+            pq.write_table(_table(RawSplit(data.x[rows], data.y[rows])), sink, compression="zstd")
+            blob = sink.getvalue().to_pybytes()
+            rel = f"{split}/part-{i:05d}.parquet"
+            shards.append({"path": rel, "rows": len(data.y[rows]), "bytes": len(blob),
+                           "sha256": hashlib.sha256(blob).hexdigest()})
+            yield rel, blob
+        listing[split] = {"rows": len(data.y), "shards": shards, "digest": digest(json.dumps(shards, sort_keys=True))}
 
 
 def raw_shape(source: SourceSpec) -> tuple[int, ...]:
@@ -283,22 +275,22 @@ def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
         ShardError: if it is missing or not a valid manifest.
     """
     fs, root = (storage or Storage.from_settings()).fsspec(uri)
-    path = _join(root, MANIFEST)
+    path = join(root, MANIFEST)
     try:
         with fs.open(path, "r") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise ShardError(f"missing manifest {_join(uri, MANIFEST)}") from None
+        raise ShardError(f"missing manifest {join(uri, MANIFEST)}") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise ShardError(f"corrupt manifest {_join(uri, MANIFEST)}: {e}") from None
+        raise ShardError(f"corrupt manifest {join(uri, MANIFEST)}: {e}") from None
     if manifest.get("format") != FORMAT:
-        raise ShardError(f"{_join(uri, MANIFEST)}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+        raise ShardError(f"{join(uri, MANIFEST)}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
     return manifest
 
 
 def shard_uris(uri: str, manifest: dict[str, Any], split: str) -> list[str]:
     """Full URIs of the shards of one split, in manifest order."""
-    return [_join(uri, s["path"]) for s in manifest["splits"][split]["shards"]]
+    return [join(uri, s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
 def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True,
@@ -313,12 +305,12 @@ def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True,
     want = {schema["features"]["column"], schema["label"]["column"]}
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
-            full = _join(uri, shard["path"])
+            full = join(uri, shard["path"])
             try:
                 with fs.open(full, "rb") as f:
                     blob = f.read()
             except FileNotFoundError:
-                raise ShardError(f"missing shard {full} (listed in {_join(uri, MANIFEST)})") from None
+                raise ShardError(f"missing shard {full} (listed in {join(uri, MANIFEST)})") from None
             if check_hashes and hashlib.sha256(blob).hexdigest() != shard["sha256"]:
                 raise ShardError(f"corrupt shard {full}: sha256 differs from the manifest")
             try:

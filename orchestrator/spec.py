@@ -4,6 +4,9 @@ A pipeline names an ordered list of domains (Parquet shards under a URI, optiona
 built from), a model, one or more CL strategies, and the training, evaluation, tracking and storage settings.
 ``load_pipeline`` reads the YAML, applies ``--set dotted.key=value`` overrides, and validates; every problem is
 reported with its field path (see :class:`orchestrator.errors.SpecError`).
+
+This module imports neither torch nor the strategies: a strategy's parameters are kept as written here and checked
+against the strategy's own ``Config`` after parsing, once per run (:func:`orchestrator.plan.bind`).
 """
 
 from __future__ import annotations
@@ -18,14 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import SpecError
-from strategies import resolve_strategy
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _SECRET_KEYS = re.compile(r"(secret|password|token|access_key|key_id|credential)", re.IGNORECASE)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SourceSpec(_Strict):
@@ -84,20 +86,11 @@ class ModelSpec(_Strict):
 
 
 class StrategySpec(BaseModel):
-    """One CL strategy: ``name`` (registry key or ``package.module:Class``) plus that strategy's own parameters."""
+    """One CL strategy: ``name`` (registry key or ``package.module:Class``) plus that strategy's own parameters,
+    which are checked against the strategy's ``Config`` after parsing (:func:`orchestrator.plan.bind`)."""
 
-    model_config = ConfigDict(extra="allow")
-    name: str
-
-    @model_validator(mode="after")
-    def _params_valid(self) -> StrategySpec:
-        cls = resolve_strategy(self.name)  # ValueError names the unknown strategy
-        try:
-            cls.Config.model_validate(self.model_extra or {})
-        except ValidationError as e:
-            problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
-            raise ValueError("; ".join(problems)) from None
-        return self
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1)
 
     def params(self) -> dict[str, Any]:
         """The strategy's parameters (everything but ``name``)."""

@@ -1,8 +1,8 @@
 """One stage: training the model on one domain, on every worker of the stage's executor.
 
-The story of a stage, on every worker (:func:`run_stage`):
+The story of a stage, on every worker (:func:`run_stage`, given the driver's typed :class:`~orchestrator.plan.StageSpec`):
 
-1. build the model and strategies, and load the previous stage's checkpoint (weights and strategy state);
+1. build the model and the bound strategies, and load the previous stage's checkpoint (weights and strategy state);
 2. wrap the model in DDP when there are several workers;
 3. for each epoch, stream this worker's part of the domain's training data (Ray Data ``iter_torch_batches``; kept
    in memory after the first epoch when it fits, see :class:`EpochCache`) and run the strategy hooks around forward,
@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,33 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from orchestrator.checkpoint import load_checkpoint, write_checkpoint
 from orchestrator.errors import TrainingError
-from orchestrator.models import HeadLayout, build_model
+from orchestrator.models import build_model
+from orchestrator.plan import StageData, StageSpec
 from orchestrator.spec import Pipeline
-from orchestrator.storage import Storage
-from strategies import Batch, StageContext, Strategy, build_strategies
+from strategies import Batch, StageContext, Strategy
 
-ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A training worker's progress report, sent to the driver (rank 0 only).
+
+    Attributes:
+        stage: the stage. kind: ``step`` (every ``training.progress_every`` steps) or ``epoch`` (once per epoch).
+        epoch: 0-based. step: optimizer steps so far in the stage. samples: new-domain samples seen by this worker.
+        loss: the last step's loss (``step``) or the epoch's mean loss (``epoch``). seconds: since training began.
+    """
+
+    stage: int
+    kind: str
+    epoch: int
+    step: int
+    samples: int
+    loss: float
+    seconds: float
+
+
+ProgressFn = Callable[[Progress], None]
 
 
 class ToBatch(ArrowBatchCollateFn):
@@ -214,9 +236,8 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
              on_progress: ProgressFn | None = None, progress_every: int = 20) -> dict[str, Any]:
     """Train ``ctx.train_model`` on the current domain for ``epochs`` epochs with the strategies' hooks.
 
-    Each epoch is one pass over ``ctx.iter_task_batches()``. ``on_progress`` receives step events
-    (``{"kind": "step", "epoch", "step", "samples", "loss", "seconds"}``) every ``progress_every`` steps and one
-    ``{"kind": "epoch", ...}`` event per epoch with the epoch's mean loss.
+    Each epoch is one pass over ``ctx.iter_task_batches()``. ``on_progress`` receives a :class:`Progress` of kind
+    ``step`` every ``progress_every`` steps and one of kind ``epoch`` per epoch, with the epoch's mean loss.
 
     Returns:
         ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
@@ -256,67 +277,61 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
             total += loss.item() * new
             count += new
             if ctx.step % progress_every == 0:
-                emit({"kind": "step", "epoch": epoch, "step": ctx.step, "samples": samples,
-                      "loss": loss.item(), "seconds": time.perf_counter() - start})
+                emit(Progress(ctx.task_id, "step", epoch, ctx.step, samples, loss.item(), time.perf_counter() - start))
         epoch_losses.append(total / max(count, 1))
         epoch_seconds.append(time.perf_counter() - start - sum(epoch_seconds))
-        emit({"kind": "epoch", "epoch": epoch, "step": ctx.step, "samples": samples, "loss": epoch_losses[-1],
-              "seconds": time.perf_counter() - start})
+        emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, samples, epoch_losses[-1], time.perf_counter() - start))
     for s in strategies:
         s.after_task(ctx)
     return {"epoch_loss": epoch_losses, "epoch_seconds": epoch_seconds, "samples": samples,
             "train_seconds": time.perf_counter() - start}
 
 
-def layout_from(config: dict[str, Any]) -> HeadLayout:
-    """Rebuild the :class:`HeadLayout` sent by the driver in the stage config."""
-    return HeadLayout.build(config["scenario"], [list(s) for s in config["label_sets"]])
+def make_stream(data: StageData, shard: Any) -> Callable[[], Iterator[Batch]]:
+    """The streaming pass of stage ``data.task_id`` over this worker's ``shard``: Ray Data blocks collated into
+    training batches (``[B, *input_shape]`` floats, targets, domain ids) of ``data.batch_size`` samples.
 
-
-def make_stream(config: dict[str, Any], shard: Any) -> Callable[[], Iterator[Batch]]:
-    """The streaming pass of stage ``config["task_id"]`` over this worker's ``shard``: Ray Data blocks collated into
-    training batches (``[B, *input_shape]`` floats, targets, domain ids) of ``training.batch_size`` samples.
-
-    Only the stage's data fields of ``config`` are read (see :func:`run_stage`), so the pass can start before the
-    stage's parent checkpoint exists (:class:`Prefetch`).
+    Only the stage's data description is needed, so the pass can start before the stage's parent checkpoint exists
+    (:class:`Prefetch`).
     """
-    pipeline = Pipeline.model_validate(config["spec"])
-    collate = ToBatch(config["features"], config["label"], tuple(config["input_shape"]), config["scale"],
-                      layout_from(config).target_table())
-    # A stage that streams several domains (joint) gets a proportionally larger shuffle buffer, so that its
-    # batches mix the domains instead of following the order in which their shards are read.
-    buffer_rows = (pipeline.training.shuffle_buffer * len(config["train_domains"])
-                   if pipeline.training.shuffle == "local" else 0)
-    return lambda: stream_batches(shard, collate, pipeline.training.batch_size, buffer_rows,
-                                  pipeline.seed + config["task_id"])
+    form = data.input
+    collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table())
+    return lambda: stream_batches(shard, collate, data.batch_size, data.shuffle_rows, data.seed + data.task_id)
 
 
-def prefetch_batches(config: dict[str, Any]) -> int:
-    """How many training batches of stage ``config["task_id"]`` fit in ``training.cache_mb`` (at least 2)."""
-    training = Pipeline.model_validate(config["spec"]).training
-    batch_bytes = training.batch_size * (4 * math.prod(config["input_shape"]) + 16)
-    return max(2, int(training.cache_mb * 2**20) // batch_bytes)
+def prefetch_batches(data: StageData) -> int:
+    """How many training batches of a stage fit in its cache budget (at least 2)."""
+    batch_bytes = data.batch_size * (4 * math.prod(data.input.shape) + 16)
+    return max(2, data.cache_bytes // batch_bytes)
 
 
-def run_stage(config: dict[str, Any], rank: int, world: int, shard: Any, device: torch.device,
+def stage_context(stage: StageSpec, rank: int, world: int, model: torch.nn.Module, train_model: torch.nn.Module,
+                  device: torch.device, batches: EpochCache) -> StageContext:
+    """What the strategies see during ``stage`` on this worker (see :class:`strategies.StageContext`)."""
+    layout, training = stage.data.layout, stage.pipeline.training
+    return StageContext(model=model, train_model=train_model, optimizer=make_optimizer(stage.pipeline, train_model),
+                        task_id=stage.task_id, num_tasks=len(layout.label_sets), head_mask=layout.head_mask(),
+                        world_size=world, rank=rank, device=device, seed=stage.pipeline.seed,
+                        iter_task_batches=batches, log=lambda message: print(message, file=sys.stderr),
+                        steps_per_epoch=math.ceil(stage.train_rows / world / training.batch_size),
+                        rows_per_epoch=stage.train_rows, domain_units=layout.domain_units(),
+                        target_table=layout.target_table(), state_uri=stage.state_uri, store=stage.storage)
+
+
+def run_stage(stage: StageSpec, rank: int, world: int, shard: Any, device: torch.device,
               wrap_model: Callable[[torch.nn.Module], torch.nn.Module], first_pass: Iterator[Batch] | None = None,
-              after_first_pass: Callable[[], None] | None = None
+              after_first_pass: Callable[[], None] | None = None, on_progress: ProgressFn | None = None
               ) -> tuple[dict[str, Any], torch.nn.Module, list[Strategy]]:
     """Train one stage on this worker: the common body of both executors (see ``orchestrator/workers.py``).
 
     Args:
-        config: the driver's stage config. Data fields: ``spec`` (the pipeline as JSON), ``task_id``, ``scenario``,
-            ``label_sets``, ``input_shape``, ``scale``, ``features``/``label`` column names and ``train_domains``
-            (indices of the domains this stage streams); stage fields: ``parent`` (the previous checkpoint, path or
-            URI), ``storage`` (a :class:`Storage`), ``train_rows`` (rows streamed per epoch, all workers),
-            ``state_uri`` (this stage's folder for strategy state too large for the checkpoint), ``threads`` (torch
-            intra-op threads) and ``progress`` (a ``ray.util.queue.Queue`` or None).
-        rank, world: this worker's rank and the number of workers.
+        stage: the driver's description of the stage. rank, world: this worker's rank and the number of workers.
         shard: this worker's part of the stage's training data: anything with Ray Data's ``iter_torch_batches``
             (a ``Dataset`` with one worker, a ``DataIterator`` from ``streaming_split`` or Ray Train otherwise).
         device: where the model trains. wrap_model: wraps the model for data parallelism (DDP) or returns it.
         first_pass: the first epoch's batches, already streaming from ``shard`` (:class:`Prefetch`), if any.
         after_first_pass: called once the first epoch's pass over ``shard`` is complete.
+        on_progress: receives rank 0's :class:`Progress` reports.
     Returns:
         ``(stats, model, strategies)``: :func:`fit_task`'s statistics plus ``setup_seconds`` and
         ``samples_per_second`` (all workers), the trained (unwrapped) model and the strategies after ``after_task``.
@@ -325,42 +340,25 @@ def run_stage(config: dict[str, Any], rank: int, world: int, shard: Any, device:
         FileNotFoundError, ValueError: if the parent checkpoint is missing, incomplete or corrupt.
     """
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    pipeline = Pipeline.model_validate(config["spec"])
-    storage: Storage = config["storage"]
-    layout = layout_from(config)
-    torch.manual_seed(pipeline.seed * 1000 + config["task_id"])
-
-    model = build_model(pipeline.model, tuple(config["input_shape"]), layout.num_outputs)
-    model_state, strategy_states, _ = load_checkpoint(config["parent"], storage)
+    torch.set_num_threads(stage.resources.threads)
+    pipeline = stage.pipeline
+    torch.manual_seed(pipeline.seed * 1000 + stage.task_id)
+    model = build_model(pipeline.model, stage.data.input.shape, stage.data.layout.num_outputs)
+    model_state, strategy_states, _ = load_checkpoint(stage.parent, stage.storage)
     model.load_state_dict(model_state)
     model.to(device)
-    strategies = build_strategies([(s.name, s.params()) for s in pipeline.strategy])
+    strategies = [b.build() for b in stage.strategies]
     for s, state in zip(strategies, strategy_states):
         s.load_state_dict(state)
     train_model = wrap_model(model) if world > 1 else model
-
-    iter_task_batches = EpochCache(make_stream(config, shard), int(pipeline.training.cache_mb * 2**20),
-                                   pipeline.training.batch_size, shuffle=pipeline.training.shuffle != "files",
-                                   seed=hash((pipeline.seed, config["task_id"], rank)) & 0x7FFF_FFFF,
-                                   first_pass=first_pass, after_first_pass=after_first_pass)
-
-    progress = config.get("progress")
-
-    def on_progress(event: dict[str, Any]) -> None:
-        if progress is not None and rank == 0:
-            progress.put_nowait({**event, "stage": config["task_id"]})
-
-    ctx = StageContext(model=model, train_model=train_model, optimizer=make_optimizer(pipeline, train_model),
-                       task_id=config["task_id"], num_tasks=len(layout.label_sets), head_mask=layout.head_mask(),
-                       world_size=world, rank=rank, device=device, seed=pipeline.seed,
-                       iter_task_batches=iter_task_batches, log=lambda message: print(message, file=sys.stderr),
-                       steps_per_epoch=math.ceil(config["train_rows"] / world / pipeline.training.batch_size),
-                       rows_per_epoch=config["train_rows"], domain_units=layout.domain_units(),
-                       target_table=layout.target_table(), state_uri=config.get("state_uri"),
-                       filesystem=storage.arrow)
+    batches = EpochCache(make_stream(stage.data, shard), stage.data.cache_bytes, stage.data.batch_size,
+                         shuffle=stage.data.shuffle != "files",
+                         seed=hash((pipeline.seed, stage.task_id, rank)) & 0x7FFF_FFFF,
+                         first_pass=first_pass, after_first_pass=after_first_pass)
+    ctx = stage_context(stage, rank, world, model, train_model, device, batches)
     setup_seconds = time.perf_counter() - t0
-    stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress, pipeline.training.progress_every)
+    stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress if rank == 0 else None,
+                     pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds
     stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
     return stats, model, strategies
@@ -369,8 +367,9 @@ def run_stage(config: dict[str, Any], rank: int, world: int, shard: Any, device:
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point of a stage (``training.executor: ray_train``; runs on every worker).
 
-    ``config`` is :func:`run_stage`'s. Rank 0 writes the checkpoint into a temporary folder that Ray Train persists
-    under the run's ``storage_path``; every worker reports it.
+    ``config`` is ``{"stage": StageSpec, "progress": a ray.util.queue.Queue or None}`` (Ray Train passes a dict).
+    Rank 0 writes the checkpoint into a temporary folder that Ray Train persists under the run's ``storage_path``;
+    every worker reports it.
 
     Returns:
         rank 0's statistics (see :func:`run_stage`).
@@ -378,15 +377,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    stage: StageSpec = config["stage"]
+    queue = config.get("progress")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    stats, model, strategies = run_stage(config, rank, world, ray.train.get_dataset_shard("train"),
-                                         ray.train.torch.get_device(), ray.train.torch.prepare_model)
+    stats, model, strategies = run_stage(stage, rank, world, ray.train.get_dataset_shard("train"),
+                                         ray.train.torch.get_device(), ray.train.torch.prepare_model,
+                                         on_progress=None if queue is None else queue.put_nowait)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
             folder = write_checkpoint(Path(tmp) / "stage", {k: v.cpu() for k, v in model.state_dict().items()},
-                                      [s.state_dict() for s in strategies], config["lineage"])
+                                      [s.state_dict() for s in strategies], dict(stage.lineage))
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report({"task_id": config["task_id"], "final_loss": stats["epoch_loss"][-1]}, checkpoint=checkpoint)
+        ray.train.report({"task_id": stage.task_id, "final_loss": stats["epoch_loss"][-1]}, checkpoint=checkpoint)
     return stats

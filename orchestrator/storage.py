@@ -13,15 +13,19 @@ out an fsspec filesystem (s3fs for ``s3://``) and a pyarrow filesystem for the s
 
 Commit protocol (nothing is ever visible half-written): :meth:`Storage.write_bytes` writes a temporary key
 ``<name>.tmp-<random>`` beside the target and then moves it onto the target (a rename on local disks, a server-side
-copy on S3, which makes the whole object appear at once). Multi-file artefacts (a domain's shards, a checkpoint)
-write their members first and their commit record (``manifest.json``, ``lineage.json``) last.
+copy on S3, which makes the whole object appear at once). :meth:`Storage.commit` writes a multi-file artefact (a
+domain's shards, a checkpoint) the same way: its members first, each atomically, and its commit record
+(``manifest.json``, ``lineage.json``) last; a reader looks for the record first, so an artefact without one does not
+exist for it. Shards, checkpoints and replay-buffer parts all go through these two methods.
+
+:func:`join`, :func:`is_local` and :func:`local_path` are the only places that look at a URI's scheme.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +38,10 @@ from orchestrator.errors import LifelongError
 
 class StorageError(LifelongError):
     """A URI cannot be reached, read or written (the message names it)."""
+
+
+class ObjectExistsError(StorageError, FileExistsError):
+    """A write was refused because its target exists (nothing committed is ever overwritten)."""
 
 
 def _first(*values: str | None) -> str | None:
@@ -83,7 +91,8 @@ class Storage:
     # ---------------------------------------------------------------- filesystems
 
     def fsspec(self, uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-        """``(filesystem, path)`` for ``uri`` through fsspec (s3fs for ``s3://``)."""
+        """``(filesystem, path)`` for ``uri`` (a path or URI) through fsspec (s3fs for ``s3://``)."""
+        uri = os.fspath(uri)
         if uri.startswith(("s3://", "s3a://")):
             import s3fs
 
@@ -108,14 +117,12 @@ class Storage:
             if key and secret:
                 kwargs.update(access_key=key, secret_key=secret, session_token=token)
             return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1]
-        return pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        return pafs.FileSystem.from_uri(local_path(uri) if is_local(uri) else uri)
 
     def ray_filesystem(self, uri: str) -> pafs.FileSystem | None:
         """The filesystem to hand Ray Data for ``uri``: None for local paths and ``file://`` (Ray resolves those
         itself), else :meth:`arrow`'s, which carries the endpoint and credentials to the read tasks."""
-        if "://" not in uri or uri.startswith("file://"):
-            return None
-        return self.arrow(uri)[0]
+        return None if is_local(uri) else self.arrow(uri)[0]
 
     def _credentials(self) -> tuple[str | None, str | None, str | None]:
         """Explicit credentials, else those of ``profile`` (botocore), else None (pyarrow's default chain)."""
@@ -165,12 +172,12 @@ class Storage:
         """Write ``data`` (bytes) to ``uri`` through a temporary key committed by a move.
 
         Raises:
-            StorageError: if ``uri`` exists and ``overwrite`` is false, or the write fails (the temporary key is
-                removed; the target is untouched).
+            ObjectExistsError: if ``uri`` exists and ``overwrite`` is false.
+            StorageError: if the write fails (the temporary key is removed; the target is untouched).
         """
         fs, path = self.fsspec(uri)
         if not overwrite and self._exists_on(fs, path, uri):
-            raise StorageError(f"{uri} already exists; refusing to overwrite it")
+            raise ObjectExistsError(f"{uri} already exists; refusing to overwrite it")
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -188,10 +195,44 @@ class Storage:
                 raise StorageError(f"cannot write {uri}{self._where()}: {e}") from None
             raise
 
+    def commit(self, folder: str, members: Iterable[tuple[str, bytes]], record: str,
+               record_bytes: Callable[[], bytes]) -> str:
+        """Write a multi-file artefact under ``folder`` (path or URI) and return ``folder``: each ``(relative path,
+        bytes)`` member atomically (:meth:`write_bytes`; leftovers of an unfinished earlier write are replaced), then
+        the commit record ``<folder>/<record>`` with the bytes ``record_bytes()`` returns once every member is written
+        (a manifest can list the members' digests).
+
+        Raises:
+            FileExistsError: if the record exists, before anything is written or when it appears meanwhile (nothing
+                committed is ever overwritten).
+            StorageError: if the store cannot be reached or written (the message names the URI).
+        """
+        target = join(folder, record)
+        if self.exists(target):
+            raise FileExistsError(f"{folder} already holds a committed {record}; refusing to overwrite it")
+        for name, data in members:
+            self.write_bytes(join(folder, name), data, overwrite=True)
+        try:
+            self.write_bytes(target, record_bytes())
+        except ObjectExistsError:
+            raise FileExistsError(f"{target} appeared while {folder} was written; refusing to overwrite it") from None
+        return folder
+
     def _where(self) -> str:
         return f" (endpoint {self.endpoint_url})" if self.endpoint_url else ""
 
 
-def join(uri: str, *parts: str) -> str:
+def is_local(uri: str | os.PathLike[str]) -> bool:
+    """True for a plain path or a ``file://`` URI, False for object storage and other fsspec URIs."""
+    text = os.fspath(uri)
+    return "://" not in text or text.startswith("file://")
+
+
+def local_path(uri: str | os.PathLike[str]) -> str:
+    """The absolute path of a local path or ``file://`` URI (see :func:`is_local`)."""
+    return os.path.abspath(os.fspath(uri).removeprefix("file://"))
+
+
+def join(uri: str | os.PathLike[str], *parts: str) -> str:
     """``uri/part/...`` with single slashes, for paths and URIs alike."""
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return "/".join([os.fspath(uri).rstrip("/"), *(p.strip("/") for p in parts)])

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import socket
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,19 +36,11 @@ import torch
 
 from orchestrator.checkpoint import write_checkpoint
 from orchestrator.errors import TrainingError, one_line
-from orchestrator.stage import Prefetch, make_stream, prefetch_batches, run_stage, train_loop_per_worker
+from orchestrator.plan import Resources, StageData, StageSpec
+from orchestrator.stage import Prefetch, Progress, make_stream, prefetch_batches, run_stage, train_loop_per_worker
 from orchestrator.storage import Storage
 
-
-@dataclass(frozen=True)
-class Resources:
-    """What one stage's worker group reserves: ``num_workers`` actors of ``cpus_per_worker`` CPUs (fractional
-    allowed) and one GPU each when ``use_gpu``; ``threads`` is each worker's torch intra-op thread count."""
-
-    num_workers: int
-    cpus_per_worker: float
-    use_gpu: bool
-    threads: int
+NextStage = tuple[StageData, Any]  # the next stage's data description and its dataset (or one worker's part)
 
 
 class StageWorker:
@@ -98,24 +89,25 @@ class StageWorker:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def prefetch(self, config: dict[str, Any], shard: Any) -> None:
-        """Start streaming the first pass of stage ``config["task_id"]`` over ``shard`` into memory now, on a
-        background thread (:class:`orchestrator.stage.Prefetch`); ``config`` needs only the stage's data fields.
-        Replaces an earlier prefetch."""
+    def prefetch(self, data: StageData, shard: Any) -> None:
+        """Start streaming the first pass of stage ``data.task_id`` over ``shard`` into memory now, on a background
+        thread (:class:`orchestrator.stage.Prefetch`). Replaces an earlier prefetch."""
         if self.prefetched is not None:
             self.prefetched.cancel()
-        self.prefetched = Prefetch(config["task_id"], shard, make_stream(config, shard), prefetch_batches(config))
+        self.prefetched = Prefetch(data.task_id, shard, make_stream(data, shard), prefetch_batches(data))
 
-    def run(self, config: dict[str, Any], shard: Any, checkpoint_uri: str,
-            next_stage: tuple[dict[str, Any], Any] | None = None) -> dict[str, Any]:
+    def run(self, stage: StageSpec, shard: Any, checkpoint_uri: str, next_stage: NextStage | None = None,
+            progress: Any = None) -> dict[str, Any]:
         """Train one stage on this worker's ``shard``; rank 0 then writes the checkpoint at ``checkpoint_uri``.
 
         Args:
-            config: :func:`orchestrator.stage.run_stage`'s. shard: this worker's part of the stage's data, or None
-                to train on the data that :meth:`prefetch` is streaming for this stage.
-            checkpoint_uri: where rank 0 writes the stage's checkpoint (path or URI).
-            next_stage: ``(data config, shard)`` of the next stage, prefetched once this stage's first epoch has
+            stage: the stage's description. shard: this worker's part of the stage's data, or None to train on the
+                data that :meth:`prefetch` is streaming for this stage.
+            checkpoint_uri: where rank 0 writes the stage's checkpoint (path or URI; a restarted stage's differs
+                from ``stage.checkpoint_uri``).
+            next_stage: ``(data, shard)`` of the next stage, prefetched once this stage's first epoch has
                 streamed its own data.
+            progress: a ``ray.util.queue.Queue`` for rank 0's :class:`orchestrator.stage.Progress` reports, or None.
         Returns:
             the stage statistics of :func:`orchestrator.stage.run_stage` (rank 0's are the stage's).
         Raises:
@@ -126,16 +118,17 @@ class StageWorker:
         first_pass = None
         if shard is None:
             ahead = self.prefetched
-            if ahead is None or ahead.task_id != config["task_id"]:
-                raise RuntimeError(f"training worker {self.rank}: stage {config['task_id']} was not prefetched")
+            if ahead is None or ahead.task_id != stage.task_id:
+                raise RuntimeError(f"training worker {self.rank}: stage {stage.task_id} was not prefetched")
             self.prefetched, shard, first_pass = None, ahead.shard, ahead.batches()
 
         start_next = None if next_stage is None else (lambda: self.prefetch(*next_stage))
-        stats, model, strategies = run_stage(config, self.rank, self.world, shard, self.device, self._wrap,
-                                             first_pass=first_pass, after_first_pass=start_next)
+        report: Callable[[Progress], None] | None = None if progress is None else progress.put_nowait
+        stats, model, strategies = run_stage(stage, self.rank, self.world, shard, self.device, self._wrap,
+                                             first_pass=first_pass, after_first_pass=start_next, on_progress=report)
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
-                             [s.state_dict() for s in strategies], config["lineage"], config["storage"])
+                             [s.state_dict() for s in strategies], dict(stage.lineage), stage.storage)
         if self.world > 1:
             torch.distributed.barrier()  # no rank returns before the checkpoint is committed
         return stats
@@ -179,33 +172,34 @@ class WorkerGroup:
         world = self.resources.num_workers
         return [dataset] if world == 1 else dataset.streaming_split(world, equal=True)
 
-    def prefetch(self, data_config: dict[str, Any], dataset: ray.data.Dataset) -> None:
-        """Have every worker start streaming its part of stage ``data_config["task_id"]``'s ``dataset`` now."""
+    def prefetch(self, data: StageData, dataset: ray.data.Dataset) -> None:
+        """Have every worker start streaming its part of stage ``data.task_id``'s ``dataset`` now."""
         for w, shard in zip(self.workers, self._split(dataset)):
-            w.prefetch.remote(data_config, shard)
-        self.prefetched = data_config["task_id"]
+            w.prefetch.remote(data, shard)
+        self.prefetched = data.task_id
 
     def warm_up(self) -> None:
         """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) now."""
         for w in self.workers:
             w.warm_up.remote()
 
-    def start(self, config: dict[str, Any], dataset: ray.data.Dataset, checkpoint_uri: str,
-              next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> list[ray.ObjectRef]:
+    def start(self, stage: StageSpec, dataset: ray.data.Dataset, checkpoint_uri: str,
+              next_stage: NextStage | None = None, progress: Any = None) -> list[ray.ObjectRef]:
         """Start a stage on every worker: worker r trains on part r of ``dataset`` (an equal ``streaming_split``),
-        or on the part it is already prefetching; with ``next_stage`` (``(data config, dataset)``), the workers
-        prefetch the next stage's parts once this stage's first epoch has streamed.
+        or on the part it is already prefetching; with ``next_stage`` (``(data, dataset)``), the workers prefetch
+        the next stage's parts once this stage's first epoch has streamed. Rank 0 reports to ``progress``.
 
         Returns:
             one Ray object reference per worker, for its stage statistics.
         """
         world = self.resources.num_workers
-        shards = [None] * world if self.prefetched == config["task_id"] else self._split(dataset)
+        shards = [None] * world if self.prefetched == stage.task_id else self._split(dataset)
         nexts: list[Any] = [None] * world
         if next_stage is not None:
             nexts = [(next_stage[0], part) for part in self._split(next_stage[1])]
-        self.prefetched = next_stage[0]["task_id"] if next_stage is not None else None
-        return [w.run.remote(config, shard, checkpoint_uri, nxt) for w, shard, nxt in zip(self.workers, shards, nexts)]
+        self.prefetched = next_stage[0].task_id if next_stage is not None else None
+        return [w.run.remote(stage, shard, checkpoint_uri, nxt, progress)
+                for w, shard, nxt in zip(self.workers, shards, nexts)]
 
     def shutdown(self) -> None:
         """Stop the worker processes."""
@@ -217,22 +211,23 @@ class WorkerGroup:
 class _GroupStage:
     """A stage running on a :class:`WorkerGroup`; rebuilds the group and restarts the stage when a worker dies."""
 
-    def __init__(self, runner: StageRunner, config: dict[str, Any], dataset: ray.data.Dataset,
-                 rebuild: Callable[[], ray.data.Dataset], checkpoint_uri: str, max_failures: int,
-                 next_stage: tuple[dict[str, Any], ray.data.Dataset] | None) -> None:
-        self.runner, self.config, self.rebuild = runner, config, rebuild
-        self.checkpoint_uri, self.failures_left, self.attempt = checkpoint_uri, max_failures, 0
+    def __init__(self, runner: StageRunner, stage: StageSpec, dataset: ray.data.Dataset,
+                 rebuild: Callable[[], ray.data.Dataset], next_stage: NextStage | None) -> None:
+        self.runner, self.stage, self.rebuild = runner, stage, rebuild
+        self.failures_left, self.attempt = runner.max_failures, 0
         self.error: str | None = None
         self._submit(dataset, next_stage)
 
-    def _submit(self, dataset: ray.data.Dataset,
-                next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> None:
+    def _submit(self, dataset: ray.data.Dataset, next_stage: NextStage | None = None) -> None:
         # A restarted stage writes a checkpoint of its own: nothing of the failed attempt is overwritten. It runs on
         # a fresh group, which streams the next stage's data when that stage starts (no prefetch).
-        self.uri = self.checkpoint_uri if self.attempt == 0 else f"{self.checkpoint_uri}-retry{self.attempt}"
-        self.refs = self.runner.group(self.config["resources"]).start(self.config, dataset, self.uri, next_stage)
+        base = self.stage.checkpoint_uri
+        self.uri = base if self.attempt == 0 else f"{base}-retry{self.attempt}"
+        group = self.runner.group(self.stage.resources)
+        self.refs = group.start(self.stage, dataset, self.uri, next_stage, self.runner.queue)
 
     def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True once the stage has finished (successfully or not)."""
         if self.error is not None:
             return True
         ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=timeout)
@@ -256,6 +251,7 @@ class _GroupStage:
         return len(ready) == len(self.refs)
 
     def result(self) -> tuple[dict[str, Any], str]:
+        """``(rank 0's statistics, checkpoint path or URI)``; raises the stage's error as :class:`TrainingError`."""
         while not self.wait(1.0):
             pass
         if self.error is not None:
@@ -266,24 +262,25 @@ class _GroupStage:
 class _TrainerStage:
     """A stage running as one Ray Train ``TorchTrainer.fit()`` in a driver thread."""
 
-    def __init__(self, config: dict[str, Any], dataset: ray.data.Dataset, storage_path: str, storage: Storage,
-                 max_failures: int) -> None:
+    def __init__(self, runner: StageRunner, stage: StageSpec, dataset: ray.data.Dataset) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        res: Resources = config["resources"]
+        res, storage = stage.resources, stage.storage
+        storage_path = stage.checkpoint_uri.rsplit("/", 2)[0]  # <root>/stage-k/checkpoint -> <root>
         filesystem, path = (None, storage_path)
         if storage.ray_filesystem(storage_path) is not None:
             filesystem, path = storage.arrow(storage_path)
         self.trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
+            train_loop_per_worker, train_loop_config={"stage": stage, "progress": runner.queue},
+            datasets={"train": dataset},
             scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                          resources_per_worker={"CPU": res.cpus_per_worker}),
-            run_config=RunConfig(name=f"stage-{config['task_id']}", storage_path=path, storage_filesystem=filesystem,
-                                 failure_config=FailureConfig(max_failures=max_failures)))
+            run_config=RunConfig(name=f"stage-{stage.task_id}", storage_path=path, storage_filesystem=filesystem,
+                                 failure_config=FailureConfig(max_failures=runner.max_failures)))
         self.scheme = storage_path.split("://", 1)[0] + "://" if filesystem is not None else ""
         self.outcome: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._fit, name=f"fit-stage-{config['task_id']}", daemon=True)
+        self.thread = threading.Thread(target=self._fit, name=f"fit-stage-{stage.task_id}", daemon=True)
         self.thread.start()
 
     def _fit(self) -> None:
@@ -293,10 +290,12 @@ class _TrainerStage:
             self.outcome["error"] = e
 
     def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True once the fit has ended."""
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
     def result(self) -> tuple[dict[str, Any], str]:
+        """``(rank 0's statistics, checkpoint URI)``; raises the fit's error as :class:`TrainingError`."""
         self.thread.join()
         if "error" in self.outcome:
             raise TrainingError(one_line(str(self.outcome["error"])))
@@ -305,22 +304,23 @@ class _TrainerStage:
 
 
 class StageRunner:
-    """Starts the stages of one pipeline run with ``training.executor`` (see the module docstring) and owns the
-    persistent worker group, if any.
+    """Starts the stages of one pipeline run with ``training.executor`` (see the module docstring), owns the
+    persistent worker group, if any, and the queue through which rank 0 reports its progress.
 
     Args:
-        executor: ``"group"`` or ``"ray_train"``. storage: the pipeline's storage (S3 settings).
-        max_failures: restarts allowed per stage after a worker process dies.
+        executor: ``"group"`` or ``"ray_train"``. max_failures: restarts allowed per stage after a worker dies.
     """
 
-    def __init__(self, executor: str, storage: Storage, max_failures: int) -> None:
-        self.executor, self.storage, self.max_failures = executor, storage, max_failures
-        self._group: WorkerGroup | None = None
+    def __init__(self, executor: str, max_failures: int) -> None:
+        from ray.util.queue import Queue
 
-    def prestart(self, resources: Resources,
-                 first_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> None:
+        self.executor, self.max_failures = executor, max_failures
+        self._group: WorkerGroup | None = None
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    def prestart(self, resources: Resources, first_stage: NextStage | None = None) -> None:
         """Start the worker group now (its processes boot while the driver does other work), have it stream
-        ``first_stage`` (``(data config, dataset)``) ahead if given, and pay torch's one-off initialisation."""
+        ``first_stage`` (``(data, dataset)``) ahead if given, and pay torch's one-off initialisation."""
         if self.executor == "group":
             group = self.group(resources)
             if first_stage is not None:
@@ -341,13 +341,20 @@ class StageRunner:
             self._group.shutdown()
             self._group = None
 
-    def start(self, config: dict[str, Any], dataset: ray.data.Dataset, rebuild: Callable[[], ray.data.Dataset],
-              stage_dir: str, next_stage: tuple[dict[str, Any], ray.data.Dataset] | None = None) -> StageHandle:
-        """Start one stage. ``config`` is :func:`orchestrator.stage.run_stage`'s plus ``resources``
-        (:class:`Resources`) and ``lineage``; ``dataset`` is the stage's training data and ``rebuild()`` builds it
-        again for a restarted stage; ``stage_dir`` is the stage's folder (path or URI) on the run's storage;
-        ``next_stage`` (``(data config, dataset)``) is streamed ahead by the worker group while this stage trains."""
+    def close(self) -> None:
+        """Stop the worker group and the progress queue."""
+        self.drop_group()
+        ray.kill(self.queue.actor)
+
+    def start(self, stage: StageSpec, dataset: ray.data.Dataset, rebuild: Callable[[], ray.data.Dataset],
+              next_stage: NextStage | None = None) -> StageHandle:
+        """Start one stage on ``dataset`` (its training data; ``rebuild()`` builds it again for a restarted stage);
+        ``next_stage`` (``(data, dataset)``) is streamed ahead by the worker group while this stage trains."""
         if self.executor == "group":
-            return _GroupStage(self, config, dataset, rebuild, f"{stage_dir.rstrip('/')}/checkpoint",
-                               self.max_failures, next_stage)
-        return _TrainerStage(config, dataset, stage_dir.rsplit("/", 1)[0], self.storage, self.max_failures)
+            return _GroupStage(self, stage, dataset, rebuild, next_stage)
+        return _TrainerStage(self, stage, dataset)
+
+    def progress(self) -> list[Progress]:
+        """The progress reports that have arrived since the last call, oldest first."""
+        n = self.queue.qsize()
+        return list(self.queue.get_nowait_batch(n)) if n else []

@@ -8,9 +8,11 @@ strategy name in the pipeline YAML.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import MappingProxyType
+from typing import Any
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
 
@@ -65,17 +67,70 @@ def resolve_strategy(name: str) -> type[Strategy]:
     raise ValueError(f"unknown strategy '{name}' (known: {', '.join(known_strategies())})")
 
 
-def build_strategies(specs: list[tuple[str, dict]]) -> list[Strategy]:
-    """Instantiate strategies from ``(name, params)`` pairs, in hook order.
+@dataclass(frozen=True)
+class BoundStrategy:
+    """A strategy class with its validated parameters: what crosses to the workers and evaluation actors, which
+    build a fresh instance per stage without validating the parameters again.
+
+    Attributes:
+        cls: the strategy class (importable by the workers). config: its validated ``Config``.
+    """
+
+    cls: type[Strategy]
+    config: StrategyConfig
+
+    @property
+    def name(self) -> str:
+        """The strategy's registry key."""
+        return self.cls.name
+
+    def build(self) -> Strategy:
+        """A fresh instance with no state."""
+        return self.cls(self.config)
+
+
+class StrategyParamError(ValueError):
+    """A strategy of a pipeline cannot be resolved or its parameters are invalid.
+
+    Attributes:
+        index: the strategy's position in the pipeline's list. problem: what is wrong, in one line.
+    """
+
+    def __init__(self, index: int, problem: str) -> None:
+        self.index, self.problem = index, problem
+        super().__init__(f"strategy.{index}: {problem}")
+
+
+def bind_strategies(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[BoundStrategy, ...]:
+    """Resolve each ``(name, params)`` pair and validate its parameters, once per run.
 
     Raises:
-        ValueError: for an unknown strategy; pydantic.ValidationError for bad parameters.
+        StrategyParamError: naming the first strategy that is unknown or has invalid parameters, and every problem
+            of its parameters (``buffer_size: Input should be greater than or equal to 1``).
     """
+    from pydantic import ValidationError
+
     out = []
-    for name, params in specs:
-        cls = resolve_strategy(name)
-        out.append(cls(cls.Config.model_validate(params)))
-    return out
+    for i, (name, params) in enumerate(specs):
+        try:
+            cls = resolve_strategy(name)
+            out.append(BoundStrategy(cls, cls.Config.model_validate(dict(params))))
+        except ValidationError as e:
+            problems = [f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            raise StrategyParamError(i, "; ".join(problems)) from None
+        except ValueError as e:
+            raise StrategyParamError(i, str(e)) from None
+    return tuple(out)
+
+
+def build_strategies(specs: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Strategy]:
+    """Instantiate strategies from ``(name, params)`` pairs, in hook order (tests and benchmarks; a run binds its
+    strategies once with :func:`bind_strategies`).
+
+    Raises:
+        StrategyParamError: for an unknown strategy or bad parameters.
+    """
+    return [b.build() for b in bind_strategies(specs)]
 
 
 def train_domains_of(strategies: list[Strategy], task_id: int) -> list[int]:
@@ -86,5 +141,5 @@ def train_domains_of(strategies: list[Strategy], task_id: int) -> list[int]:
     return sorted(wanted)
 
 
-__all__ = ["BUILTIN", "Batch", "StageContext", "Strategy", "StrategyConfig", "build_strategies",
-           "known_strategies", "resolve_strategy", "train_domains_of"]
+__all__ = ["BUILTIN", "Batch", "BoundStrategy", "StageContext", "Strategy", "StrategyConfig", "StrategyParamError",
+           "bind_strategies", "build_strategies", "known_strategies", "resolve_strategy", "train_domains_of"]

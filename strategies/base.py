@@ -25,19 +25,30 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
-import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict
 
 
-def default_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(pyarrow filesystem, path)`` for a local path or a URI pyarrow resolves by itself (no S3 endpoint)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+class ObjectStore(Protocol):
+    """Where strategies keep state too large for the checkpoint: the pipeline's storage
+    (:class:`orchestrator.storage.Storage`, with its S3 settings), for local paths and URIs alike."""
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The whole content of ``uri``; raises if it is missing or unreadable (naming it)."""
+
+    def write_bytes(self, uri: str, data: bytes, overwrite: bool = False) -> None:
+        """Write ``data`` to ``uri`` atomically; refuses to overwrite an existing object unless ``overwrite``."""
+
+
+def local_store() -> ObjectStore:
+    """The default store of a :class:`StageContext` built outside a run (tests, notebooks): local paths and URIs
+    that need no settings."""
+    from orchestrator.storage import Storage
+
+    return Storage()
 
 
 @dataclass
@@ -99,8 +110,8 @@ class StageContext:
             domain has no such label), from ``HeadLayout.target_table``; None if unknown.
         state_uri: a folder (path or URI) on the pipeline's storage, private to this stage, where strategies may
             write state too large for the checkpoint (Parquet replay buffers); None if the stage has none.
-        filesystem: maps a path or URI to ``(pyarrow filesystem, path)`` with the pipeline's storage settings (S3
-            endpoint and credentials); the default knows local paths and URIs pyarrow resolves on its own.
+        store: the pipeline's storage (S3 endpoint and credentials), where strategies write state too large for the
+            checkpoint; the default (:func:`local_store`) knows local paths and URIs that need no settings.
     """
 
     model: torch.nn.Module
@@ -122,7 +133,7 @@ class StageContext:
     domain_units: torch.Tensor | None = None
     target_table: torch.Tensor | None = None
     state_uri: str | None = None
-    filesystem: Callable[[str], tuple[pafs.FileSystem, str]] = field(default=lambda uri: default_filesystem(uri))
+    store: ObjectStore = field(default_factory=local_store)
 
     def units_of(self) -> torch.Tensor:
         """``[T, K]`` bool: the output units that belong to each domain's labels."""

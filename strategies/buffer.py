@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from strategies.base import StageContext, default_filesystem
+from strategies.base import ObjectStore, StageContext
 
 
 def reservoir_update(n_seen: int, size: int, capacity: int, batch_len: int,
@@ -161,45 +159,34 @@ def table_to_fields(table: pa.Table) -> dict[str, torch.Tensor]:
     return out
 
 
-FileSystemOf = Callable[[str], tuple[pafs.FileSystem, str]]
-
-
-def write_part(folder: str, rank: int, fields: dict[str, torch.Tensor],
-               filesystem: FileSystemOf = default_filesystem) -> str:
-    """Write one worker's buffer part to ``<folder>/part-<rank>.parquet`` atomically (a temporary file in the same
-    folder, then a move: a rename on disk, a server-side copy on S3) and return its URI.
+def write_part(store: ObjectStore, folder: str, rank: int, fields: dict[str, torch.Tensor]) -> str:
+    """Write one worker's buffer part to ``<folder>/part-<rank>.parquet`` atomically (``store.write_bytes``: a
+    temporary key, then a move) and return its URI.
 
     Args:
-        filesystem: resolves ``folder`` to a pyarrow filesystem (``StageContext.filesystem``).
+        store: the pipeline's storage (``StageContext.store``).
     Raises:
         FileExistsError: if the part already exists (parts are never overwritten).
     """
-    fs, path = filesystem(folder)
-    fs.create_dir(path, recursive=True)
-    final = f"{path}/part-{rank:05d}.parquet"
-    if fs.get_file_info(final).type != pafs.FileType.NotFound:
-        raise FileExistsError(f"buffer part {folder}/part-{rank:05d}.parquet already exists")
-    tmp = f"{path}/.part-{rank:05d}.parquet.tmp-{uuid.uuid4().hex}"
+    uri = f"{folder.rstrip('/')}/part-{rank:05d}.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(fields_to_table(fields), sink)
     try:
-        pq.write_table(fields_to_table(fields), tmp, filesystem=fs)
-        fs.move(tmp, final)
-    except BaseException:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
-        raise
-    return f"{folder}/part-{rank:05d}.parquet"
+        store.write_bytes(uri, sink.getvalue().to_pybytes())
+    except FileExistsError:
+        raise FileExistsError(f"buffer part {uri} already exists") from None
+    return uri
 
 
-def read_part(uri: str, filesystem: FileSystemOf = default_filesystem) -> dict[str, torch.Tensor]:
+def read_part(store: ObjectStore, uri: str) -> dict[str, torch.Tensor]:
     """Read a part written by :func:`write_part`.
 
     Raises:
         OSError: if the part is missing or unreadable (the message names it).
     """
-    fs, path = filesystem(uri)
     try:
-        return table_to_fields(pq.read_table(path, filesystem=fs))
-    except (OSError, pa.ArrowInvalid) as e:
+        return table_to_fields(pq.read_table(pa.BufferReader(store.read_bytes(uri))))
+    except Exception as e:  # noqa: BLE001 - the store's own error (missing, unreachable) or a corrupt file
         raise OSError(f"replay buffer part {uri} cannot be read: {e}") from None
 
 
@@ -239,7 +226,7 @@ class SharedBuffer:
         for part in self.state["parts"]:
             first = (ctx.rank - offset) % ctx.world_size  # first local row whose global index is rank (mod world)
             if first < part["rows"]:
-                fields = read_part(part["uri"], ctx.filesystem)
+                fields = read_part(ctx.store, part["uri"])
                 rows.append({k: v[first::ctx.world_size] for k, v in fields.items()})
             offset += part["rows"]
         merged = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if rows else {}
@@ -268,7 +255,7 @@ class SharedBuffer:
         if keep:
             local = reservoir.local()
             kept = {k: v[:keep] for k, v in local.items() if k != "n_seen"}
-            mine = {"uri": write_part(folder, ctx.rank, kept, ctx.filesystem), "rows": keep}
+            mine = {"uri": write_part(ctx.store, folder, ctx.rank, kept), "rows": keep}
         new_parts = [p for p in ctx.all_gather_object(mine) if p]
         old = self.state if append and self.state else {"parts": [], "n_seen": 0}
         self.state = {"parts": old["parts"] + new_parts, "n_seen": old["n_seen"] + sum(n for _, n, _ in info)}

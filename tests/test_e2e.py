@@ -16,6 +16,7 @@ from orchestrator.checkpoint import load_checkpoint, read_lineage
 from orchestrator.dag import RunOptions, run
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.spec import validate_raw
+from orchestrator.storage import Storage
 from strategies import Batch, StageContext, build_strategies
 from strategies.buffer import read_part
 from strategies.ewc import diagonal_fisher
@@ -31,9 +32,7 @@ def split_mnist(n_domains: int, max_rows: int, **overrides: Any) -> dict[str, An
                      "source": {"kind": "mnist", "path": "mnist", "classes": [2 * k, 2 * k + 1], "max_rows": max_rows}}
                     for k in range(n_domains)],
         "model": {"name": "mlp", "hidden": [100]},
-        # One torch thread leaves a core of the two to the evaluation actors, which take only the cycles that training
-        # leaves idle (orchestrator/cpu.py): with it, row k is computed while stage k+1 trains.
-        "training": {"epochs": 2, "batch_size": 64, "threads_per_worker": 1},
+        "training": {"epochs": 2, "batch_size": 64},
         "evaluation": {"num_actors": 2, "cpus_per_actor": 0.2},
     }
     raw.update(overrides)
@@ -101,16 +100,16 @@ def test_lineage_chains_checkpoints(reports: dict[str, dict[str, Any]]) -> None:
     assert len(strategy_states[0]["y"]) == 300  # the replay buffer travels in the checkpoint
 
 
-def test_evaluation_overlaps_the_next_stage(reports: dict[str, dict[str, Any]]) -> None:
+def test_each_row_is_evaluated_once_its_stage_is_committed(reports: dict[str, dict[str, Any]]) -> None:
     events = [json.loads(line) for line in (Path(reports["finetune"]["run_dir"]) / "events.jsonl").open()]
     stage_end = {e["stage"]: e["t"] for e in events if e["event"] == "stage_end"}
-    row0 = [e for e in events if e["event"] == "eval_cell" and e["row"] == 0]
-    assert len(row0) == 2
-    stage_start = {e["stage"]: e["t"] for e in events if e["event"] == "stage_start"}
-    # Row 0 of R is computed from stage 0's checkpoint, while stage 1 trains: its cells start after stage 0 ends,
-    # and the first starts before stage 1 ends (the stages here are short, so the last may end after it).
-    assert all(stage_end[0] <= c["start"] for c in row0)
-    assert stage_start[1] < stage_end[1] and min(c["start"] for c in row0) < stage_end[1]
+    cells = {row: [e for e in events if e["event"] == "eval_cell" and e["row"] == row] for row in (-1, 0, 1)}
+    assert [len(c) for c in cells.values()] == [2, 2, 2]
+    # Row k of R is computed from stage k's committed checkpoint, by actors that run beside the next stage at
+    # background priority (on these 2 cores they take the cycles training leaves idle; the overlap itself is measured
+    # in tests/benchmarks/bench_pipeline.py): every cell of row k starts after stage k ends, rows in stage order.
+    assert all(stage_end[k] <= c["start"] for k in (0, 1) for c in cells[k])
+    assert max(c["start"] for c in cells[-1]) <= min(c["start"] for c in cells[1])
 
 
 def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_root: Path, workdir: Path) -> None:
@@ -156,7 +155,7 @@ def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_r
     parts = derpp_state["parts"]
     assert len(parts) == 2 and sum(p["rows"] for p in parts) == 40 and "x" not in derpp_state
     assert all(Path(p["uri"]).is_relative_to(Path(rep["run_dir"]) / "state" / "stage-0") for p in parts)
-    pq_buffer = torch.cat([read_part(p["uri"])["logits"] for p in parts])
+    pq_buffer = torch.cat([read_part(Storage(), p["uri"])["logits"] for p in parts])
     assert pq_buffer.shape == (40, layout.num_outputs) and bool(torch.isfinite(pq_buffer).all())
     assert set(spg_state["a_max"]) == set(spg.a_max) and set(ncl_state["kron"]) == set(ncl.kron)
     for name, imp in spg.a_max.items():

@@ -62,7 +62,7 @@ def test_split_mnist_runs_with_everything_on_s3(s3_endpoint: str, data_root: Pat
     assert read_lineage(lineage["parent"]["uri"], storage)["model_sha256"] == lineage["parent"]["model_sha256"]
     parts = states[0]["parts"]
     assert sum(p["rows"] for p in parts) == 1100
-    assert sum(len(read_part(p["uri"], storage.arrow)["y"]) for p in parts) == 1100
+    assert sum(len(read_part(storage, p["uri"])["y"]) for p in parts) == 1100
     assert report["R"][4][0] > 0.5 and report["acc"] > 0.6  # replay from the S3 buffer remembers domain 0
 
     # The secret reached no log, no report, no MLflow database and no file of the run.

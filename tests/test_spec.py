@@ -1,5 +1,7 @@
 """Pipeline spec: validation with field paths, overrides, and the validate command."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import SpecError
+from orchestrator.plan import bind
 from orchestrator.spec import apply_overrides, flatten, load_pipeline, validate_raw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,20 +33,32 @@ def test_unknown_keys_are_rejected_with_their_path() -> None:
 
 def test_every_problem_is_reported() -> None:
     raw = {"name": "bad name!", "domains": [{"name": "a", "source": {"kind": "mnist"}}],
-           "training": {"epochs": 0}, "strategy": {"name": "nope"}}
+           "training": {"epochs": 0}, "strategy": {"name": ""}}
     with pytest.raises(SpecError) as e:
         validate_raw(raw, "x.yaml")
     by_path = dict(e.value.problems)
-    assert "name" in by_path and "training.epochs" in by_path
+    assert "name" in by_path and "training.epochs" in by_path and "strategy.0.name" in by_path
     assert "needs a 'path'" in by_path["domains.0.source"]
-    assert "unknown strategy 'nope'" in by_path["strategy.0"] and "replay" in by_path["strategy.0"]
+
+
+def test_the_spec_imports_neither_torch_nor_the_strategies() -> None:
+    code = "import orchestrator.spec, sys; assert 'torch' not in sys.modules and 'strategies' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_strategies_are_bound_once_after_parsing() -> None:
+    spec = validate_raw({**GOOD, "strategy": [{"name": "replay", "buffer_size": 7}, "ewc"]}, "x")
+    replay, ewc = bind(spec, "x")
+    assert replay.name == "replay" and replay.config.buffer_size == 7 and ewc.build().name == "ewc"
+    with pytest.raises(SpecError, match=r"^x: strategy\.1: unknown strategy 'nope' \(known: .*replay"):
+        bind(validate_raw({**GOOD, "strategy": ["finetune", {"name": "nope"}]}, "x"), "x")
 
 
 def test_strategy_parameters_are_checked_against_the_plugin() -> None:
     with pytest.raises(SpecError, match=r"strategy\.0: buffer_size: Input should be greater than or equal to 1"):
-        validate_raw({**GOOD, "strategy": {"name": "replay", "buffer_size": 0}}, "x")
+        bind(validate_raw({**GOOD, "strategy": {"name": "replay", "buffer_size": 0}}, "x"))
     with pytest.raises(SpecError, match="bufer_size: Extra inputs are not permitted"):
-        validate_raw({**GOOD, "strategy": {"name": "replay", "bufer_size": 10}}, "x")
+        bind(validate_raw({**GOOD, "strategy": {"name": "replay", "bufer_size": 10}}, "x"))
 
 
 def test_overrides_set_any_field_with_yaml_types() -> None:

@@ -145,7 +145,7 @@ def test_parquet_replay_buffer_on_s3(s3_bucket: str) -> None:
         ctx = StageContext(model=model, train_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                            task_id=task, num_tasks=2, head_mask=torch.ones(2, 4, dtype=torch.bool),
                            iter_task_batches=lambda data=data: iter(data), state_uri=join(s3_bucket, f"stage-{task}"),
-                           filesystem=storage.arrow)
+                           store=storage)
         fit_task(ctx, [replay], epochs=1)
     (part,) = replay.state_dict()["parts"]
     assert part["uri"].startswith(f"{s3_bucket}/stage-1/replay-") and part["rows"] == 30

@@ -184,28 +184,30 @@ def test_buffer_fields_round_trip_through_arrow() -> None:
 
 
 def test_buffer_part_write_is_atomic_and_never_overwrites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
 
+    from orchestrator.storage import Storage
+
+    store = Storage()
     fields = {"x": torch.ones(3, 2), "y": torch.arange(3), "t": torch.zeros(3, dtype=torch.long)}
-    real_write = pq.write_table
+    real_mv = LocalFileSystem.mv
 
-    def interrupted(table, where, **kw):  # noqa: ANN001, ANN003 - stands in for a crash half-way through the file
-        real_write(table.slice(0, 1), where, **kw)
+    def interrupted(self, src, dst, *a, **k):  # noqa: ANN001, ANN002, ANN003 - a crash as the part is committed
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(pq, "write_table", interrupted)
+    monkeypatch.setattr(LocalFileSystem, "mv", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_part(str(tmp_path / "buf"), 0, fields)
-    assert not (tmp_path / "buf" / "part-00000.parquet").exists()  # no half-written part under the real name
-    monkeypatch.setattr(pq, "write_table", real_write)
-    uri = write_part(str(tmp_path / "buf"), 0, fields)
-    _assert_same(read_part(uri), fields)
+        write_part(store, str(tmp_path / "buf"), 0, fields)
+    assert [p.name for p in (tmp_path / "buf").iterdir()] == []  # no part and no temporary file left
+    monkeypatch.setattr(LocalFileSystem, "mv", real_mv)
+    uri = write_part(store, str(tmp_path / "buf"), 0, fields)
+    _assert_same(read_part(store, uri), fields)
     with pytest.raises(FileExistsError, match="part-00000.parquet already exists"):
-        write_part(str(tmp_path / "buf"), 0, {k: v * 0 for k, v in fields.items()})
-    _assert_same(read_part(uri), fields)  # the first write survives
+        write_part(store, str(tmp_path / "buf"), 0, {k: v * 0 for k, v in fields.items()})
+    _assert_same(read_part(store, uri), fields)  # the first write survives
     (tmp_path / "buf" / "part-00000.parquet").write_bytes(b"not parquet")
     with pytest.raises(OSError, match="part-00000.parquet cannot be read"):
-        read_part(uri)
+        read_part(store, uri)
 
 
 @pytest.mark.parametrize("name", ["replay", "derpp"])

@@ -12,6 +12,7 @@ import ray
 
 from orchestrator.dag import RunOptions, check_resources, run
 from orchestrator.errors import LifelongError, TrainingError
+from orchestrator.plan import StageSpec
 from orchestrator.spec import validate_raw
 from orchestrator.workers import StageRunner
 
@@ -32,11 +33,11 @@ def kill_first_worker(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     struck: list[int] = []
     start = StageRunner.start
 
-    def start_and_kill(self: StageRunner, config: dict[str, Any], *args: Any) -> Any:
-        handle = start(self, config, *args)
-        if config["task_id"] == 1 and not struck:
+    def start_and_kill(self: StageRunner, stage: StageSpec, *args: Any) -> Any:
+        handle = start(self, stage, *args)
+        if stage.task_id == 1 and not struck:
             ray.kill(self._group.workers[0])
-            struck.append(config["task_id"])
+            struck.append(stage.task_id)
         return handle
 
     monkeypatch.setattr(StageRunner, "start", start_and_kill)

@@ -1,17 +1,28 @@
-"""Benchmark: wall time of ``lifelong run pipelines/split_mnist.yaml`` against a plain PyTorch loop.
+"""Benchmark: ``lifelong run`` against a plain single-process PyTorch loop doing the same work, side by side.
 
-Runs, alternating, for finetune and replay(1100):
-- a plain single-process PyTorch loop doing the same training (Hsu et al. 2018 protocol: MLP 784-400-400-10,
-  Adam 1e-3, batch 128, 4 epochs per task) and per-task evaluation on in-memory tensors;
-- ``lifelong run pipelines/split_mnist.yaml --json`` in a subprocess, which starts (and stops) its own local Ray
-  (2 CPUs here): the cold dry run;
-- the same with ``--address`` on a Ray cluster already running on this machine (``ray start --head``, started once
-  before the repeats, stopped after them): a re-run in a warm Ray session, as when data lands again.
+Workloads (each with its plain script beside this file):
 
-Reports each wall time (seconds, process start to end, data loading included), the ratio to the plain loop, the
-ACC of both, and the per-stage overhead (stage wall seconds minus the seconds spent in the training loop). Prints a
-table and writes ``tests/benchmarks/results/pipeline.json``. Not a test: run it by hand,
-``.venv/bin/python tests/benchmarks/bench_pipeline.py [--repeats N] [--data-root DIR]``.
+- ``split_finetune`` / ``split_replay``: ``pipelines/split_mnist.yaml`` (Hsu et al. 2018 protocol, 5 class-IL
+  domains, 4 epochs), finetune and replay with 1,100 samples; plain: ``plain_split_mnist.py``;
+- ``permuted_T10`` / ``permuted_T20``: the ``bench_scaling.py`` pipeline (18,000 training rows per domain, 2 epochs,
+  T^2 + T evaluations on val); plain: ``plain_permuted_mnist.py``.
+
+Each repeat runs, for every workload in turn: the plain script; ``lifelong run`` cold (the run starts and stops its
+own local Ray: the dry run); and warm (``--address`` on a Ray cluster started with ``ray start --head`` just before,
+after one untimed run on it, and stopped by its process ids just after: an idle cluster beside the other runs would
+slow them). Wall times are process wall, from spawn to exit, data loading included.
+
+Reported, per workload and session: the median wall time and the median of the per-repeat ratios to the plain loop,
+ACC beside the plain loop's; the hot loop (an epoch's samples/s against the plain loop's epochs, same model, batch
+size and 2 threads): cached epochs while the next stage's data streams in (epoch 2 of every stage but the last) and
+cached epochs with nothing streaming (the last stage's later epochs); and the cold run's fixed costs, item by item,
+from the report's ``timeline``. An in-process check of the training loop alone (``fit_task`` on cached batches
+against the plain loop, alternating epochs in one process) comes last.
+
+Prints tables and writes ``tests/benchmarks/results/pipeline.json``. Not a test; run it with nothing else on the
+machine:
+
+    .venv/bin/python tests/benchmarks/bench_pipeline.py [--repeats N] [--data-root DIR] [--only W ...]
 """
 
 from __future__ import annotations
@@ -19,147 +30,230 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-# Avalanche 0.6.0 on the same workload, measured side by side with the plain loop on a 2-core machine (issue 4):
-# Naive 24.7 s vs 12.0 s, Replay 31.7 s vs 16.1 s.
-AVALANCHE = {"finetune": 24.7 / 12.0, "replay": 31.7 / 16.1}
-PLAIN = r'''
-import sys, time, json
-t0 = time.time()
-import numpy as np, torch
-from torch import nn
-from orchestrator.shards import load_raw
-from orchestrator.spec import SourceSpec
-from pathlib import Path
-strategy, data_root = sys.argv[1], Path(sys.argv[2])
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_scaling import pipeline as permuted_pipeline  # noqa: E402
+
+# Avalanche 0.6.0 (Naive) on the Permuted-MNIST T = 10 workload, alternating with the plain loop on this 2-core
+# machine class (issue 11): 1.80-1.99x the plain loop.
+AVALANCHE_PERMUTED_T10 = (1.80, 1.99)
+WORKLOADS = ("split_finetune", "split_replay", "permuted_T10", "permuted_T20")
+
+
+def workload_args(name: str, work: Path) -> tuple[list[str], list[str]]:
+    """``(lifelong run arguments, plain script command)`` of a workload."""
+    if name.startswith("split"):
+        strategy = name.removeprefix("split_")
+        sets = ["--set", "strategy.name=replay", "--set", "strategy.buffer_size=1100"] if strategy == "replay" else []
+        return [str(REPO / "pipelines/split_mnist.yaml"), *sets], [str(HERE / "plain_split_mnist.py"), strategy]
+    T = int(name.removeprefix("permuted_T"))
+    spec = work / f"permuted-{T}.yaml"
+    spec.write_text(yaml.safe_dump(permuted_pipeline(T)))
+    return [str(spec)], [str(HERE / "plain_permuted_mnist.py"), str(T)]
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[dict[str, Any], float]:
+    """Run ``cmd``, parse the JSON object it prints last, and return it with the process wall seconds."""
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    wall = time.time() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), wall
+
+
+def lifelong(args: list[str], work: Path, data_root: str, *extra: str) -> tuple[dict[str, Any], float]:
+    """One ``lifelong run --json`` in a fresh process."""
+    return timed([str(REPO / ".venv/bin/lifelong"), "run", *args, "--json", "--no-progress", "--workdir", str(work),
+                  "--data-root", data_root, *extra], work)
+
+
+class RayCluster:
+    """A local Ray cluster (``ray start --head``, 2 CPUs, no dashboard) in its own temp folder, stopped by the ids
+    of the processes it started (never ``ray stop``, which stops every Ray process on the host)."""
+
+    def __init__(self, work: Path) -> None:
+        self.temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        subprocess.run([str(REPO / ".venv/bin/ray"), "start", "--head", "--num-cpus=2", "--include-dashboard=false",
+                        "--disable-usage-stats", f"--temp-dir={self.temp}"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL, to every process whose command line names this cluster's temp folder."""
+        mine = [p for p in psutil.process_iter(["pid", "cmdline"])
+                if any(str(self.temp) in part for part in (p.info["cmdline"] or []))]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in mine:
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            psutil.wait_procs(mine, timeout=10)
+
+
+def epoch_ratios(report: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:
+    """The hot loop: plain epoch seconds over ours (= our samples/s over the plain loop's, same rows per epoch),
+    medians over (a) epoch 2 of every stage but the last (cached, the next stage streaming in) and (b) the last
+    stage's epochs after the first (cached, nothing streaming)."""
+    stages = report["stages"]
+    epochs = len(stages[0]["epoch_seconds"])
+    plain_epoch = statistics.median(plain["epoch_seconds"][e] for e in range(len(plain["epoch_seconds"]))
+                                    if e % epochs > 0)  # the plain loop's epochs after each domain's first
+    prefetching = [s["epoch_seconds"][1] for s in stages[:-1]]
+    alone = stages[-1]["epoch_seconds"][1:]
+    return {"while_prefetching": plain_epoch / statistics.median(prefetching),
+            "cached_alone": plain_epoch / statistics.median(alone)}
+
+
+def fixed_costs(report: dict[str, Any], wall: float) -> dict[str, float]:
+    """The cold run's costs outside training, in seconds, from the report's ``timeline`` (unix seconds)."""
+    t = report["timeline"]
+    s0 = report["stages"][0]
+    last = report["stages"][-1]["end"]
+    return {"python start and imports": t["imports_done"] - t["process_start"],
+            "spec, strategies, manifests": t["ray_init_start"] - t["imports_done"],
+            "ray.init": t["ray_ready"] - t["ray_init_start"],
+            "worker process start (beside validate)": t["workers_ready"] - t["workers_start"],
+            "validate": t["validated"] - t["ray_ready"],
+            "run folder, MLflow run, initial model": s0["start"] - t["validated"],
+            "stage 0 to its first batch": t["first_batch"] - s0["start"],
+            "stages (training and stage changes)": last - t["first_batch"],
+            "last evaluation row, report": t["report_written"] - last,
+            "ray.shutdown": t["shutdown_end"] - t["shutdown_start"],
+            "process exit": wall - (t["shutdown_end"] - t["process_start"])}
+
+
+def one_repeat(name: str, work: Path, data_root: str) -> dict[str, Any]:
+    """Plain, cold and warm runs of one workload."""
+    args, plain_cmd = workload_args(name, work)
+    plain, plain_wall = timed([str(REPO / ".venv/bin/python"), *plain_cmd, data_root], REPO)
+    row: dict[str, Any] = {"workload": name, "plain": {"wall_s": plain_wall, "acc": plain["acc"],
+                                                       "epoch_s": plain["epoch_seconds"]}}
+    for session in ("cold", "warm"):
+        cluster = RayCluster(work) if session == "warm" else None
+        extra = ["--address", "auto"] if cluster else []
+        try:
+            if cluster:  # one untimed run: a session that has run a pipeline before
+                lifelong(args, work, data_root, *extra, "--set", "training.epochs=1")
+            report, wall = lifelong(args, work, data_root, *extra)
+        finally:
+            if cluster:
+                cluster.stop()
+        row[session] = {"wall_s": wall, "ratio": wall / plain_wall, "acc": report["acc"],
+                        "train_s": sum(s["train_seconds"] for s in report["stages"]),
+                        "hot_loop": epoch_ratios(report, plain), "fixed_costs": fixed_costs(report, wall)}
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per workload and session."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == name]
+        entry: dict[str, Any] = {"plain_wall_s": statistics.median(r["plain"]["wall_s"] for r in mine),
+                                 "plain_acc": statistics.median(r["plain"]["acc"] for r in mine)}
+        for session in ("cold", "warm"):
+            runs = [r[session] for r in mine]
+            entry[session] = {
+                "wall_s": statistics.median(r["wall_s"] for r in runs),
+                "ratio": statistics.median(r["ratio"] for r in runs),
+                "acc": statistics.median(r["acc"] for r in runs),
+                "hot_loop": {k: statistics.median(r["hot_loop"][k] for r in runs) for k in runs[0]["hot_loop"]},
+                "fixed_costs": {k: statistics.median(r["fixed_costs"][k] for r in runs)
+                                for k in runs[0]["fixed_costs"]}}
+        out[name] = entry
+    return out
+
+
+HOT_LOOP = r'''
+import json, statistics, sys, time, torch
+from orchestrator.models import HeadLayout, MLP
+from orchestrator.stage import EpochCache, fit_task
+from strategies import Batch, StageContext, build_strategies
+torch.set_num_threads(int(sys.argv[1]))
+N, B = 18000, 128
+x, y = torch.rand(N, 1, 28, 28), torch.randint(0, 10, (N,))
+data = Batch(x, y, torch.zeros(N, dtype=torch.long))
+layout = HeadLayout.build("domain_il", [list(range(10))])
+def ours(model, optimizer):
+    cache = EpochCache(lambda: iter([data.select(slice(i, i + B)) for i in range(0, N, B)]), 2**31, B, True, 0)
+    cache.cached = data  # an epoch over cached data
+    ctx = StageContext(model=model, train_model=model, optimizer=optimizer, task_id=0, num_tasks=1,
+                       head_mask=layout.head_mask(), iter_task_batches=cache)
+    return fit_task(ctx, build_strategies([("finetune", {})]), 1)["epoch_seconds"][0]
+def plain(model, optimizer):
+    t0 = time.perf_counter()
+    order = torch.randperm(N)
+    for i in range(0, N, B):
+        idx = order[i:i + B]
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+    return time.perf_counter() - t0
 torch.manual_seed(0)
-raw = load_raw(SourceSpec(kind="mnist", path="mnist"), data_root)
-def split(part, k):
-    keep = np.isin(part.y, [2 * k, 2 * k + 1])
-    return torch.from_numpy(part.x[keep].astype(np.float32) / 255.0), torch.from_numpy(part.y[keep])
-train = [split(raw.train, k) for k in range(5)]
-test = [split(raw.test, k) for k in range(5)]
-model = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
-bx, by, n_seen, cap = [], [], 0, 1100
-rng = np.random.default_rng(0)
-R = []
-for k in range(5):
-    x, y = train[k]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(4):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 128):
-            idx = perm[i:i + 128]
-            xb, yb = x[idx], y[idx]
-            if strategy == "replay":
-                if bx:
-                    j = torch.randint(0, len(bx), (len(idx),))
-                    xb = torch.cat([xb, torch.stack(bx)[j]]); yb = torch.cat([yb, torch.stack(by)[j]])
-                if epoch == 0:
-                    for r in idx.tolist():
-                        n_seen += 1
-                        if len(bx) < cap:
-                            bx.append(x[r]); by.append(y[r])
-                        else:
-                            s = int(rng.integers(0, n_seen))
-                            if s < cap:
-                                bx[s], by[s] = x[r], y[r]
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            opt.zero_grad(); loss.backward(); opt.step()
-    with torch.no_grad():
-        R.append([float((model(tx).argmax(1) == ty).float().mean()) for tx, ty in test])
-print(json.dumps({"acc": float(np.mean(R[-1])), "R": R, "wall_seconds": time.time() - t0}))
+m1, m2 = MLP(784, [400, 400], 10), MLP(784, [400, 400], 10)
+o1, o2 = torch.optim.Adam(m1.parameters(), 1e-3), torch.optim.Adam(m2.parameters(), 1e-3)
+plain(m1, o1); ours(m2, o2)
+pairs = [(plain(m1, o1), ours(m2, o2)) for _ in range(int(sys.argv[2]))]
+print(json.dumps({"plain_epoch_s": [p for p, _ in pairs], "ours_epoch_s": [o for _, o in pairs],
+                  "ratio": statistics.median(p / o for p, o in pairs)}))
 '''
 
 
-def run_lifelong(strategy: str, data_root: str, workdir: str, *extra: str) -> dict:
-    sets = ["--set", "strategy.name=replay", "--set", "strategy.buffer_size=1100"] if strategy == "replay" else []
-    sets += list(extra)
-    t0 = time.time()
-    out = subprocess.run([str(REPO / ".venv/bin/lifelong"), "run", str(REPO / "pipelines/split_mnist.yaml"), "--json",
-                          "--no-progress", "--workdir", workdir, "--data-root", data_root, *sets],
-                         capture_output=True, text=True, check=True)
-    report = json.loads(out.stdout)
-    report["process_wall_seconds"] = time.time() - t0
-    return report
-
-
-def run_plain(strategy: str, data_root: str) -> dict:
-    t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", PLAIN, strategy, data_root], capture_output=True, text=True,
-                         check=True, cwd=REPO)
-    result = json.loads(out.stdout)
-    result["process_wall_seconds"] = time.time() - t0
-    return result
-
-
-def start_ray_cluster() -> str:
-    """Start a local Ray cluster (``ray start --head``, 2 CPUs, no dashboard) and return its address for
-    ``--address`` (``auto``: the cluster of this machine, with the session's own auth token)."""
-    subprocess.run([str(REPO / ".venv/bin/ray"), "start", "--head", "--num-cpus=2", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True)
-    return "auto"
+def print_summary(summary: dict[str, Any]) -> None:
+    """The tables of the module docstring."""
+    print(f"\n{'workload':15s} {'plain s':>8s} {'ACC':>6s} | {'cold s':>7s} {'x':>5s} {'ACC':>6s} | "
+          f"{'warm s':>7s} {'x':>5s} {'ACC':>6s} | hot loop cold: prefetching / alone")
+    for name, e in summary.items():
+        c, w = e["cold"], e["warm"]
+        print(f"{name:15s} {e['plain_wall_s']:8.1f} {e['plain_acc']:6.3f} | {c['wall_s']:7.1f} {c['ratio']:5.2f} "
+              f"{c['acc']:6.3f} | {w['wall_s']:7.1f} {w['ratio']:5.2f} {w['acc']:6.3f} | "
+              f"{c['hot_loop']['while_prefetching']:.2f} / {c['hot_loop']['cached_alone']:.2f}")
+    print(f"(Avalanche 0.6.0 on permuted_T10: {AVALANCHE_PERMUTED_T10[0]:.2f}-{AVALANCHE_PERMUTED_T10[1]:.2f}x)")
+    for name, e in summary.items():
+        print(f"\nfixed costs, cold {name} (median s): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in e["cold"]["fixed_costs"].items()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--only", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results/pipeline.json"))
     args = parser.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory() as work:
-        # Untimed: builds the shards (a dry run normally finds them in storage) and warms the file cache.
-        run_lifelong("finetune", args.data_root, f"{work}/w", "--set", "training.epochs=1")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.only:  # untimed: builds each workload's shards once and warms the file cache
+            lifelong(workload_args(name, work)[0], work, args.data_root, "--set", "training.epochs=1")
         for rep in range(args.repeats):
-            for strategy in ("finetune", "replay"):
-                plain = run_plain(strategy, args.data_root)
-                row: dict = {"repeat": rep, "strategy": strategy, "plain_wall_s": plain["process_wall_seconds"],
-                             "plain_acc": plain["acc"]}
-                for session in ("cold", "warm"):
-                    extra = []
-                    if session == "warm":  # a running cluster that an earlier run has used (untimed)
-                        extra = ["--address", start_ray_cluster()]
-                        run_lifelong(strategy, args.data_root, f"{work}/w", *extra, "--set", "training.epochs=1")
-                    try:
-                        ours = run_lifelong(strategy, args.data_root, f"{work}/w", *extra)
-                    finally:
-                        if extra:  # an idle cluster beside the other runs slowed them down (cold runs 1.5x)
-                            subprocess.run([str(REPO / ".venv/bin/ray"), "stop"], capture_output=True)
-                    stages = ours["stages"]
-                    row[session] = {
-                        "wall_s": ours["process_wall_seconds"], "acc": ours["acc"],
-                        "ratio": ours["process_wall_seconds"] / plain["process_wall_seconds"],
-                        "run_wall_s": ours["wall_seconds"],
-                        "stage_wall_s": [s["wall_seconds"] for s in stages],
-                        "stage_train_s": [s["train_seconds"] for s in stages],
-                        "epoch_s": [s.get("epoch_seconds", []) for s in stages]}
-                rows.append(row)
-                sessions = " | ".join(
-                    f"{session} {row[session]['wall_s']:5.1f}s ACC {row[session]['acc']:.3f} ratio "
-                    f"{row[session]['ratio']:.2f} (stages {sum(row[session]['stage_wall_s']):.1f}s, training "
-                    f"loops {sum(row[session]['stage_train_s']):.1f}s)" for session in ("cold", "warm"))
-                print(f"{strategy:9s} plain {row['plain_wall_s']:5.1f}s ACC {row['plain_acc']:.3f} | {sessions}",
-                      flush=True)
+            for name in args.only:
+                rows.append({"repeat": rep, **one_repeat(name, work, args.data_root)})
+                r = rows[-1]
+                print(f"{rep} {name:15s} plain {r['plain']['wall_s']:5.1f}s ACC {r['plain']['acc']:.3f} | " + " | ".join(
+                    f"{s} {r[s]['wall_s']:5.1f}s x{r[s]['ratio']:.2f} ACC {r[s]['acc']:.3f} hot "
+                    f"{r[s]['hot_loop']['while_prefetching']:.2f}/{r[s]['hot_loop']['cached_alone']:.2f}"
+                    for s in ("cold", "warm")), flush=True)
+    hot = json.loads(subprocess.run([str(REPO / ".venv/bin/python"), "-c", HOT_LOOP, "2", "7"], capture_output=True,
+                                    text=True, check=True, cwd=REPO).stdout)
+    summary = summarise(rows)
+    print_summary(summary)
+    print(f"\ntraining loop alone, in one process (2 threads, cached epochs of 18,000 rows): fit_task at "
+          f"{hot['ratio']:.2f}x the plain loop's samples/s (median of {len(hot['plain_epoch_s'])} alternating pairs)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    summary = {}
-    for strategy in ("finetune", "replay"):
-        mine = [r for r in rows if r["strategy"] == strategy]
-        summary[strategy] = {"plain_wall_s": statistics.median(r["plain_wall_s"] for r in mine),
-                             "avalanche_ratio_reference": AVALANCHE[strategy]}
-        for session in ("cold", "warm"):
-            summary[strategy][session] = {"wall_s": statistics.median(r[session]["wall_s"] for r in mine),
-                                          "ratio_median": statistics.median(r[session]["ratio"] for r in mine)}
-        print(f"{strategy:9s} median ratio: cold {summary[strategy]['cold']['ratio_median']:.2f}, warm Ray session "
-              f"{summary[strategy]['warm']['ratio_median']:.2f} (Avalanche 0.6.0 reference {AVALANCHE[strategy]:.2f})")
-    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary,
+    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary, "hot_loop_in_process": hot,
                                           "machine": {"cpus": os.cpu_count()}}, indent=1))
     print(f"wrote {args.out}")
 

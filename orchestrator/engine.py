@@ -1,0 +1,207 @@
+"""The stage engine: a short loop over the domains that emits events to listeners.
+
+For each domain k the engine builds stage k's description from stage k-1's checkpoint, starts it on the executor
+(``orchestrator/workers.py``) with stage k+1's data streamed ahead, forwards the workers' progress while it trains,
+and commits it. Every other concern is a :class:`Listener` in its own module, and none of them copies this loop:
+
+- evaluation scheduling (``evaluation.py``): sends row k of R to the evaluation actors once stage k is committed;
+- MLflow stage runs (``lineage.py``): one child run per stage, with its dataset inputs, metrics and lineage;
+- progress, the event log and the report (``report.py``);
+- and, to come: the Tune reporter (which may stop a run early, :meth:`Listener.should_stop`), resume (which skips
+  committed stages), the model registry.
+
+Events, in order: ``run_started``; per stage ``stage_started``, ``progress`` (many), then ``stage_committed`` or
+``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the last stage (listeners
+finish their own work there: the evaluation waits for the last row).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.data
+
+from orchestrator.checkpoint import read_lineage
+from orchestrator.errors import TrainingError
+from orchestrator.plan import StagePlan, StageSpec
+from orchestrator.stage import Progress
+from orchestrator.workers import StageRunner
+
+POLL_SECONDS = 0.5  # how often the driver forwards progress and lets listeners work while a stage trains
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The run the engine drives.
+
+    Attributes:
+        run_id: the run's id. plan: its stage plan. init_checkpoint: the initial model's checkpoint (the lineage
+            root, evaluated as row -1 for FWT). code: the code version recorded in every lineage record.
+    """
+
+    run_id: str
+    plan: StagePlan
+    init_checkpoint: str
+    code: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A committed stage.
+
+    Attributes:
+        checkpoint: its checkpoint (path or URI). stats: rank 0's statistics (``epoch_loss``, ``epoch_seconds``,
+            ``train_seconds``, ``samples_per_second``, ``setup_seconds``). start, end: unix seconds on the driver.
+    """
+
+    checkpoint: str
+    stats: Mapping[str, Any]
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell R[row][col] of the accuracy matrix (row -1: the initial model).
+
+    Attributes:
+        acc: accuracy in [0, 1]. n: samples scored. start, end: unix seconds on the evaluation actor.
+    """
+
+    row: int
+    col: int
+    acc: float
+    n: int
+    start: float
+    end: float
+
+
+class Listener:
+    """A concern plugged into the stage engine. Every method is optional; the defaults do nothing."""
+
+    def run_started(self, run: RunInfo) -> None:
+        """Before stage 0 starts."""
+
+    def stage_started(self, stage: StageSpec) -> None:
+        """Stage ``stage.task_id`` has been submitted to the workers."""
+
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """Rank 0 reported progress (every ``training.progress_every`` steps, and at the end of each epoch)."""
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """The stage's checkpoint is committed (its ``lineage.json`` written)."""
+
+    def stage_failed(self, stage: StageSpec, error: str) -> None:
+        """The stage failed with ``error`` (one line); the run stops."""
+
+    def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
+        """Row ``row`` of R is complete (``cells`` in column order)."""
+
+    def poll(self) -> None:
+        """Called about every 0.5 s while a stage trains: do pending work, raise a pending error."""
+
+    def should_stop(self) -> bool:
+        """True to end the run after the stage just committed (e.g. a Tune trial stopped by its scheduler)."""
+        return False
+
+    def run_finished(self) -> None:
+        """After the last stage: finish outstanding work (the evaluation waits for its last row here)."""
+
+
+@dataclass
+class Listeners(Listener):
+    """Several listeners as one: each event goes to every listener, in list order."""
+
+    members: list[Listener] = field(default_factory=list)
+
+    def run_started(self, run: RunInfo) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.run_started(run)
+
+    def stage_started(self, stage: StageSpec) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.stage_started(stage)
+
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.progress(stage, report)
+
+    def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.stage_committed(stage, result)
+
+    def stage_failed(self, stage: StageSpec, error: str) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.stage_failed(stage, error)
+
+    def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.row_evaluated(row, cells)
+
+    def poll(self) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.poll()
+
+    def should_stop(self) -> bool:
+        """True if any listener asks to stop (every listener is asked)."""
+        return any([m.should_stop() for m in self.members])
+
+    def run_finished(self) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.run_finished()
+
+
+def run_stages(run: RunInfo, runner: StageRunner, listener: Listener,
+               first: ray.data.Dataset | None = None) -> list[StageResult]:
+    """Run the stages of ``run.plan`` in order on ``runner``, each from the previous one's checkpoint.
+
+    ``first`` is stage 0's dataset if the workers already stream it. Returns the committed stages (fewer than T if
+    a listener stopped the run).
+
+    Raises:
+        TrainingError: ``stage k (<domain>) failed: <why>``, after ``stage_failed`` reached the listeners.
+    """
+    plan = run.plan
+    listener.run_started(run)
+    parent, results = run.init_checkpoint, []
+    ahead = first if first is not None else plan.dataset(0)
+    for k in range(plan.num_stages):
+        stage = plan.stage(k, parent, read_lineage(parent, plan.storage), run.run_id, run.code)
+        after = plan.dataset(k + 1) if k + 1 < plan.num_stages else None
+        start = time.time()
+        handle = runner.start(stage, ahead, lambda k=k: plan.dataset(k),
+                              None if after is None else (plan.data(k + 1), after))
+        listener.stage_started(stage)
+        while not handle.wait(POLL_SECONDS):
+            _forward_progress(runner, stage, listener)
+            listener.poll()
+        _forward_progress(runner, stage, listener)
+        try:
+            stats, checkpoint = handle.result()
+        except TrainingError as e:
+            listener.stage_failed(stage, str(e))
+            raise TrainingError(f"stage {k} ({stage.domain}) failed: {e}") from None
+        results.append(StageResult(checkpoint, stats, start, time.time()))
+        listener.stage_committed(stage, results[-1])
+        parent, ahead = checkpoint, after
+        if listener.should_stop():
+            break
+    listener.run_finished()
+    return results
+
+
+def _forward_progress(runner: StageRunner, stage: StageSpec, listener: Listener) -> None:
+    for report in runner.progress():
+        listener.progress(stage, report)
+

@@ -1,0 +1,245 @@
+"""The run plan: the validated pipeline resolved against its shards, and the typed description of every stage.
+
+Everything a worker or an evaluation actor receives from the driver is built here, once, as a frozen object that
+holds validated objects (the :class:`~orchestrator.spec.Pipeline`, bound strategies, the head layout), never a dict
+read by string keys:
+
+- :func:`bind` checks each strategy's parameters against its ``Config`` (once per run);
+- :class:`StagePlan` holds what every stage of a run shares: the domains and their manifests, the head layout, the
+  input format, the bound strategies, the worker resources and the run's storage root;
+- :class:`StageData` is what a worker needs to stream a stage's data (known before the stage's parent exists, so
+  that the workers can prefetch it);
+- :class:`StageSpec` is one stage: its data, the parent checkpoint, where its checkpoint and state go, and the
+  lineage record its checkpoint will carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray.data
+
+from orchestrator.checkpoint import lineage_record
+from orchestrator.errors import LifelongError, ShardError, SpecError
+from orchestrator.ingest import stage_dataset
+from orchestrator.models import HeadLayout
+from orchestrator.spec import Pipeline
+from orchestrator.storage import Storage, join
+from strategies import BoundStrategy, StrategyParamError, bind_strategies, train_domains_of
+
+
+def bind(pipeline: Pipeline, source: str = "pipeline") -> tuple[BoundStrategy, ...]:
+    """The pipeline's strategies, resolved and with their parameters validated.
+
+    Raises:
+        SpecError: ``<source>: strategy.<i>: <problem>`` for an unknown strategy or invalid parameters, or a strategy
+            that does not support several workers when ``training.num_workers`` > 1.
+    """
+    try:
+        bound = bind_strategies([(s.name, s.params()) for s in pipeline.strategy])
+    except StrategyParamError as e:
+        raise SpecError(source, [(f"strategy.{e.index}", e.problem)]) from None
+    if pipeline.training.num_workers > 1:
+        for i, b in enumerate(bound):
+            if not b.cls.supports_distributed:
+                raise SpecError(source, [(f"strategy.{i}", f"'{b.name}' does not support training.num_workers > 1")])
+    return bound
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A resolved domain: its name, shard URI and manifest (see ``orchestrator/shards.py``)."""
+
+    name: str
+    uri: str
+    manifest: Mapping[str, Any]
+
+    def train_inputs(self) -> dict[str, Any]:
+        """This domain's training split as a lineage input: ``{"domain", "uri", "split", "digest", "shards"}``."""
+        train = self.manifest["splits"]["train"]
+        return {"domain": self.name, "uri": self.uri, "split": "train", "digest": train["digest"],
+                "shards": [{key: s[key] for key in ("path", "sha256", "rows")} for s in train["shards"]]}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one stage's worker group reserves: ``num_workers`` actors of ``cpus_per_worker`` CPUs (fractional
+    allowed) and one GPU each when ``use_gpu``; ``threads`` is each worker's torch intra-op thread count."""
+
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    threads: int
+
+
+@dataclass(frozen=True)
+class InputFormat:
+    """How shard rows become model inputs: ``[*shape]`` uint8 features in column ``features`` times ``scale``, and
+    integer labels in column ``label``."""
+
+    shape: tuple[int, ...]
+    scale: float
+    features: str
+    label: str
+
+
+@dataclass(frozen=True)
+class StageData:
+    """What a worker needs to stream stage ``task_id``'s training data (no parent checkpoint needed).
+
+    Attributes:
+        task_id: the stage. train_domains: indices of the domains it streams (its own; 0..k for joint).
+        layout: the head layout (maps raw labels to output units). input: the shards' input format.
+        batch_size: samples per worker step. shuffle: ``files | local | full``. shuffle_rows: rows in the local
+            shuffle buffer (0: none). cache_bytes: a worker keeps its part in memory up to this many bytes.
+        seed: the pipeline seed.
+    """
+
+    task_id: int
+    train_domains: tuple[int, ...]
+    layout: HeadLayout
+    input: InputFormat
+    batch_size: int
+    shuffle: str
+    shuffle_rows: int
+    cache_bytes: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage, as the driver sends it to every worker.
+
+    Attributes:
+        data: the stage's data description. domain: its domain's name. pipeline: the validated pipeline.
+        strategies: the bound strategies, in hook order. parent: the checkpoint the stage starts from (path/URI).
+        checkpoint_uri: where rank 0 writes the stage's checkpoint. state_uri: the stage's folder for strategy state
+            too large for the checkpoint (Parquet buffers). lineage: the record its checkpoint carries.
+        storage: how to reach the URIs. resources: the worker group's. train_rows: rows per epoch, all workers.
+    """
+
+    data: StageData
+    domain: str
+    pipeline: Pipeline
+    strategies: tuple[BoundStrategy, ...]
+    parent: str
+    checkpoint_uri: str
+    state_uri: str
+    lineage: Mapping[str, Any]
+    storage: Storage
+    resources: Resources
+    train_rows: int
+
+    @property
+    def task_id(self) -> int:
+        """The stage's index (its domain's position in the stream)."""
+        return self.data.task_id
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What every stage of one run shares.
+
+    Attributes:
+        pipeline, domains, storage: the validated spec, its resolved domains and the storage they live on.
+        strategies: the bound strategies. layout: the head layout. input: the shards' input format.
+        resources: the worker group's resources. root: where the run's checkpoints and state go (path or URI).
+    """
+
+    pipeline: Pipeline
+    domains: tuple[Domain, ...]
+    storage: Storage
+    strategies: tuple[BoundStrategy, ...]
+    layout: HeadLayout
+    input: InputFormat
+    resources: Resources
+    root: str
+
+    @classmethod
+    def build(cls, pipeline: Pipeline, domains: list[Domain], storage: Storage, strategies: tuple[BoundStrategy, ...],
+              resources: Resources, root: str) -> StagePlan:
+        """Check that the domains agree on their input format and build the plan.
+
+        Raises:
+            ShardError: two domains have different input shapes.
+        """
+        first = domains[0].manifest["schema"]
+        for d in domains[1:]:
+            shape = d.manifest["schema"]["features"]["shape"]
+            if shape != first["features"]["shape"]:
+                raise ShardError(f"domain '{d.name}': input shape {shape} differs from domain '{domains[0].name}' "
+                                 f"({first['features']['shape']})")
+        layout = HeadLayout.build(pipeline.scenario, [list(d.manifest["label_set"]) for d in domains])
+        features = first["features"]
+        form = InputFormat(tuple(features["shape"]), float(features["scale"]), features["column"],
+                           first["label"]["column"])
+        return cls(pipeline, tuple(domains), storage, strategies, layout, form, resources, root)
+
+    @property
+    def num_stages(self) -> int:
+        """T, the number of domains."""
+        return len(self.domains)
+
+    def train_domains(self, k: int) -> list[int]:
+        """Indices of the domains stage k trains on (only k, except for strategies such as joint)."""
+        return train_domains_of([b.build() for b in self.strategies], k)
+
+    def train_rows(self, k: int) -> int:
+        """Training rows stage k streams per epoch (all workers together)."""
+        return sum(self.domains[j].manifest["splits"]["train"]["rows"] for j in self.train_domains(k))
+
+    def data(self, k: int) -> StageData:
+        """Stage k's data description."""
+        t = self.pipeline.training
+        domains = tuple(self.train_domains(k))
+        # A stage that streams several domains (joint) gets a proportionally larger shuffle buffer, so that its
+        # batches mix the domains instead of following the order in which their shards are read.
+        rows = t.shuffle_buffer * len(domains) if t.shuffle == "local" else 0
+        return StageData(k, domains, self.layout, self.input, t.batch_size, t.shuffle, rows, int(t.cache_mb * 2**20),
+                         self.pipeline.seed)
+
+    def dataset(self, k: int) -> ray.data.Dataset:
+        """Stage k's training data: lazy (streamed by the workers), or read into the object store first
+        (``training.materialize``; the driver then holds block references only)."""
+        t = self.pipeline.training
+        ds = stage_dataset([(d.uri, d.manifest) for d in self.domains], self.train_domains(k), t.shuffle,
+                           self.pipeline.seed * 1000 + k, self.storage, readers=t.readers)
+        return ds.materialize() if t.materialize else ds
+
+    def stage(self, k: int, parent: str, parent_lineage: Mapping[str, Any], run_id: str,
+              code: Mapping[str, str]) -> StageSpec:
+        """Stage k's description, starting from ``parent`` (whose ``lineage.json`` is ``parent_lineage``)."""
+        inputs = [self.domains[j].train_inputs() for j in self.train_domains(k)]
+        domain = self.domains[k].name
+        lineage = lineage_record(self.pipeline.name, run_id, k, domain, parent, dict(parent_lineage), inputs,
+                                self.pipeline.spec_hash(), dict(code))
+        return StageSpec(self.data(k), domain, self.pipeline, self.strategies, parent,
+                         join(self.root, f"stage-{k}", "checkpoint"), join(self.root, "state", f"stage-{k}"), lineage,
+                         self.storage, self.resources, self.train_rows(k))
+
+
+def check_workers(resources: Resources, cluster_cpus: float, pipeline: Pipeline, read_cpus: float) -> None:
+    """Refuse resources that would starve Ray Data and hang the first stage.
+
+    Measured on Ray 2.60 with 2 CPUs: the read tasks (``read_cpus`` each) need that much left over by the training
+    workers and the evaluation actors; with ``executor: ray_train``, Train's ingest read tasks only get scheduled
+    when the workers reserve at most half of the cluster's CPUs (0.5 of 2 runs, 0.75 hangs forever).
+
+    Raises:
+        LifelongError: naming the fields to change and the cluster's CPU count.
+    """
+    e = pipeline.evaluation
+    workers = resources.num_workers * resources.cpus_per_worker
+    reserved = workers + (e.num_actors * e.cpus_per_actor if e.enabled else 0.0)
+    if cluster_cpus - reserved < read_cpus:
+        raise LifelongError(f"training.num_workers x training.cpus_per_worker + evaluation.num_actors x "
+                            f"evaluation.cpus_per_actor = {reserved:g} CPUs, which leaves less than {read_cpus:g} of "
+                            f"this Ray cluster's {cluster_cpus:g} CPUs to Ray Data's readers; the run would hang. "
+                            f"Lower training.cpus_per_worker or evaluation.cpus_per_actor")
+    if pipeline.training.executor == "ray_train" and workers > cluster_cpus / 2:
+        raise LifelongError(f"training.num_workers x training.cpus_per_worker = {workers:g} CPUs, more than half of "
+                            f"this Ray cluster's {cluster_cpus:g} CPUs; with training.executor ray_train, Ray Data's "
+                            f"readers would starve and the stage would hang. Lower training.cpus_per_worker (e.g. "
+                            f"--set training.cpus_per_worker={cluster_cpus / 2 / resources.num_workers:g})")
