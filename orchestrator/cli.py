@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,6 +66,8 @@ def run(
     from orchestrator.plan import bind
     from orchestrator.report import print_report
 
+    imports_done = time.time()
+
     path = _pipeline_path(pipeline)
     console = Console(stderr=True)
     try:
@@ -80,13 +83,16 @@ def run(
     finally:
         import ray
 
+        shutdown_start = time.time()
         if ray.is_initialized():
             ray.shutdown()
+    report["timeline"].update(imports_done=imports_done, shutdown_start=shutdown_start, shutdown_end=time.time())
     print_report(report, console)
     console.print(f"run folder: {report['run_dir']}\nMLflow: {report['tracking_uri']} run {report['mlflow_run_id']}")
     if json_out:
         keys = ("pipeline", "strategy", "scenario", "domains", "R", "b", "acc", "bwt", "fwt", "forgetting",
-                "avg_forgetting", "wall_seconds", "mlflow_run_id", "run_id", "run_dir", "tracking_uri", "stages")
+                "avg_forgetting", "wall_seconds", "mlflow_run_id", "run_id", "run_dir", "tracking_uri", "stages",
+                "timeline")
         typer.echo(json.dumps({k: report[k] for k in keys}))
 
 

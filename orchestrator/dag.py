@@ -178,34 +178,40 @@ def stage_root(pipeline: Pipeline, run_id: str, run_dir: Path) -> str:
 
 def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     """Run a pipeline end to end on Ray and return the report (see :class:`orchestrator.report.ReportBuilder` for
-    its fields, plus ``wall_seconds``, ``run_dir``, ``run_id``, ``tracking_uri`` and ``mlflow_run_id``).
+    its fields, plus ``wall_seconds``, ``run_dir``, ``run_id``, ``tracking_uri``, ``mlflow_run_id`` and
+    ``timeline``: unix seconds of ``run_start``, ``ray_init_start``, ``ray_ready``, ``workers_start``,
+    ``workers_ready``, ``validated``, ``first_batch`` and ``report_written``, where the fixed costs of a run show).
 
     Raises:
         SpecError: a strategy is unknown or has invalid parameters.
         LifelongError: bad shards, unreachable tracking URI, or a diverged stage (message names the culprit).
     """
-    started = time.time()
+    timeline = {"run_start": time.time()}
     strategies = bind(pipeline, pipeline.name)
     storage = Storage.from_settings(pipeline.storage.s3)
     domains = prepare_domains(pipeline, options, storage, lambda m: options.console.print(f"[dim]{m}[/dim]"))
+    timeline["ray_init_start"] = time.time()
     init_ray(options.address)
+    timeline["ray_ready"] = time.time()
     resources = check_resources(pipeline)
     plan = StagePlan.build(pipeline, domains, storage, strategies, resources, root="")  # root: once the run id is known
     runner = StageRunner(pipeline.training.executor, pipeline.training.max_failures)
     try:
         # The worker processes boot and start streaming stage 0's data while the shards are validated.
         first = None if pipeline.training.materialize else plan.dataset(0)
+        timeline["workers_start"] = time.time()
         runner.prestart(resources, None if first is None else (plan.data(0), first))
         validate_domains(domains, storage)
-        return _tracked_run(plan, options, runner, first, started)
+        timeline["validated"] = time.time()
+        return _tracked_run(plan, options, runner, first, timeline)
     finally:
         runner.close()
 
 
 def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, first: ray.data.Dataset | None,
-                 started: float) -> dict[str, Any]:
+                 timeline: dict[str, float]) -> dict[str, Any]:
     """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report. ``first`` is
-    stage 0's dataset if the worker group is already streaming it."""
+    stage 0's dataset if the worker group is already streaming it; ``timeline`` gains the run's later marks."""
     pipeline = plan.pipeline
     options.workdir.mkdir(parents=True, exist_ok=True)
     tracker = _start_tracker(pipeline, options)
@@ -226,8 +232,10 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, firs
         plan = replace(plan, root=stage_root(pipeline, run_id, run_dir))
         run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code)
         report = _stages(run, runner, first, options, [events, MlflowStages(tracker, parent, run_id)])
-        report.update(wall_seconds=time.time() - started, run_dir=str(run_dir), run_id=run_id,
-                      tracking_uri=tracker.uri)
+        timeline.update(workers_ready=runner.ready_at() or float("nan"),
+                        first_batch=report["stages"][0]["first_batch_at"], report_written=time.time())
+        report.update(wall_seconds=timeline["report_written"] - timeline["run_start"], run_dir=str(run_dir),
+                      run_id=run_id, tracking_uri=tracker.uri, timeline=timeline)
         _write_report(report, run_dir, tracker, parent, events)
         ok = True
     finally:

@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from orchestrator.cpu import background_priority
 from orchestrator.errors import ShardError
 from orchestrator.shards import shard_uris, verify_domain
 from orchestrator.storage import Storage
@@ -58,7 +57,6 @@ class ReadShards:
 
     def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
         """``[F]`` file rows in; for each file, its ``[N]`` data rows out."""
-        background_priority()
         for uri, t in zip(files.column("uri").to_pylist(), files.column("t").to_pylist()):
             fs, path = self.storage.arrow(uri)
             table = pq.read_table(path, columns=self.columns, filesystem=fs)

@@ -241,7 +241,8 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
 
     Returns:
         ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
-        "train_seconds": float}`` (seconds of ``after_task`` count in ``train_seconds`` only).
+        "train_seconds": float, "first_batch_at": unix seconds when the first batch arrived}`` (seconds of
+        ``after_task`` count in ``train_seconds`` only).
     Raises:
         TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step).
     """
@@ -250,11 +251,13 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
         s.before_task(ctx)
     ctx.train_model.train()
     start = time.perf_counter()
-    epoch_losses, epoch_seconds, samples = [], [], 0
+    epoch_losses, epoch_seconds, samples, first_batch_at = [], [], 0, float("nan")
     for epoch in range(epochs):
         ctx.epoch = epoch
         total, count = 0.0, 0
         for batch in ctx.iter_task_batches():
+            if ctx.step == 0:
+                first_batch_at = time.time()
             new = len(batch)
             batch = batch.to(ctx.device)
             for s in strategies:
@@ -284,7 +287,7 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     for s in strategies:
         s.after_task(ctx)
     return {"epoch_loss": epoch_losses, "epoch_seconds": epoch_seconds, "samples": samples,
-            "train_seconds": time.perf_counter() - start}
+            "train_seconds": time.perf_counter() - start, "first_batch_at": first_batch_at}
 
 
 def make_stream(data: StageData, shard: Any) -> Callable[[], Iterator[Batch]]:

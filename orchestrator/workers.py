@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import datetime
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -40,6 +42,7 @@ from orchestrator.plan import Resources, StageData, StageSpec
 from orchestrator.stage import Prefetch, Progress, make_stream, prefetch_batches, run_stage, train_loop_per_worker
 from orchestrator.storage import Storage
 
+GIL_SWITCH_SECONDS = 0.0005
 NextStage = tuple[StageData, Any]  # the next stage's data description and its dataset (or one worker's part)
 
 
@@ -59,15 +62,19 @@ class StageWorker:
             raise RuntimeError(f"training worker {rank}: training.use_gpu is set but no GPU is visible to it")
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.prefetched: Prefetch | None = None
+        # The training thread needs the GIL for every operation it dispatches; while the next stage's data streams
+        # in on other threads, a short switch interval hands it back sooner (the default is 5 ms).
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> float:
         """Pay torch's one-off lazy initialisation now, before the first stage waits on it: the first optimizer
         built in a process imports ``torch._dynamo`` (1.3 s on 2 cores), and the first backward pass sets up
-        autograd's engine."""
+        autograd's engine. Returns the unix time at which the worker is ready."""
         layer = torch.nn.Linear(2, 2).to(self.device)
         optimizer = torch.optim.Adam(layer.parameters())
         layer(torch.zeros(1, 2, device=self.device)).sum().backward()
         optimizer.step()
+        return time.time()
 
     def rendezvous_address(self) -> str:
         """``tcp://<this node's IP>:<a free port>``, where rank 0 hosts the torch process group's store."""
@@ -157,6 +164,8 @@ class WorkerGroup:
     def __init__(self, resources: Resources, timeout_s: float = 300.0) -> None:
         self.resources = resources
         world = resources.num_workers
+        # Ray starts worker processes at niceness 15; the training workers are what every other step waits on, so they
+        # run at the normal priority (orchestrator/cpu.py), as Ray Jobs runs its drivers.
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
                             max_restarts=0, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
@@ -178,10 +187,10 @@ class WorkerGroup:
             w.prefetch.remote(data, shard)
         self.prefetched = data.task_id
 
-    def warm_up(self) -> None:
-        """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) now."""
-        for w in self.workers:
-            w.warm_up.remote()
+    def warm_up(self) -> list[ray.ObjectRef]:
+        """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) now; one reference per
+        worker to the unix time it was ready."""
+        return [w.warm_up.remote() for w in self.workers]
 
     def start(self, stage: StageSpec, dataset: ray.data.Dataset, checkpoint_uri: str,
               next_stage: NextStage | None = None, progress: Any = None) -> list[ray.ObjectRef]:
@@ -317,6 +326,7 @@ class StageRunner:
         self.executor, self.max_failures = executor, max_failures
         self._group: WorkerGroup | None = None
         self.queue = Queue(actor_options={"num_cpus": 0})
+        self._ready: list[ray.ObjectRef] = []
 
     def prestart(self, resources: Resources, first_stage: NextStage | None = None) -> None:
         """Start the worker group now (its processes boot while the driver does other work), have it stream
@@ -325,7 +335,15 @@ class StageRunner:
             group = self.group(resources)
             if first_stage is not None:
                 group.prefetch(*first_stage)
-            group.warm_up()
+            self._ready = group.warm_up()
+
+    def ready_at(self) -> float | None:
+        """Unix time at which the last prestarted worker was ready; waits for it. None if no worker was prestarted
+        or one of them has died since."""
+        try:
+            return max(ray.get(self._ready)) if self._ready else None
+        except ray.exceptions.RayError:
+            return None
 
     def group(self, resources: Resources) -> WorkerGroup:
         """The worker group for ``resources``, started (or replaced, if the resources differ) on demand."""
