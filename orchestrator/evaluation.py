@@ -18,12 +18,13 @@ import torch
 from ray.util import ActorPool
 
 from orchestrator.checkpoint import load_checkpoint
-from orchestrator.cpu import background_priority
+from orchestrator.cpu import BACKGROUND_NICE, background_priority
 from orchestrator.engine import Cell, Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError, one_line
 from orchestrator.models import HeadLayout, build_model, masked_logits
 from orchestrator.plan import InputFormat, StagePlan, StageSpec
 from orchestrator.shards import read_split
+from orchestrator.stage import Progress
 from orchestrator.spec import ModelSpec
 from orchestrator.storage import Storage
 from strategies import BoundStrategy
@@ -45,7 +46,8 @@ class Evaluator:
     def __init__(self, domains: list[tuple[str, Any]], split: str, layout: HeadLayout, model: ModelSpec,
                  form: InputFormat, batch_size: int, strategies: tuple[BoundStrategy, ...],
                  storage: Storage | None = None) -> None:
-        background_priority()  # before torch starts its threads: they inherit it
+        background_priority()  # the process starts at this priority already (EvaluationScheduler); here for
+        # evaluators created elsewhere: the threads torch starts below inherit it
         torch.set_num_threads(1)
         self.strategies = [b.build() for b in strategies]
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
@@ -89,8 +91,10 @@ class Evaluator:
 class EvaluationScheduler(Listener):
     """Fills the accuracy matrix: row -1 (the initial model, for FWT) and row k once stage k is committed.
 
-    The actors start once stage 0 is under way: on a small machine their start would otherwise compete with the first
-    training worker's, which every later step waits on. Completed rows go to ``downstream`` (the other listeners).
+    The actors start once stage 0 trains (its first progress report): on a small machine their start would otherwise
+    compete with the first training worker's and with stage 0's first read, which every later step waits on. They run
+    at background CPU priority from the start of their processes (``orchestrator/cpu.py``). Completed rows go to
+    ``downstream`` (the other listeners).
 
     Args:
         downstream: receives ``row_evaluated`` for every complete row.
@@ -108,12 +112,17 @@ class EvaluationScheduler(Listener):
         """Remember the plan and the initial checkpoint."""
         self.plan, self.init_checkpoint = run.plan, run.init_checkpoint
 
-    def stage_started(self, stage: StageSpec) -> None:
-        """At stage 0: start the actors and send them row -1."""
-        if stage.task_id != 0 or self.plan is None:
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """Start the actors at stage 0's first report."""
+        self._start()
+
+    def _start(self) -> None:
+        """Start the actors and send them row -1 (once)."""
+        if self.actors or self.plan is None:
             return
         plan, e = self.plan, self.plan.pipeline.evaluation
-        remote = ray.remote(num_cpus=e.cpus_per_actor)(Evaluator)
+        remote = ray.remote(num_cpus=e.cpus_per_actor,
+                            runtime_env={"env_vars": {"RAY_worker_niceness": str(BACKGROUND_NICE)}})(Evaluator)
         args = ([(d.uri, d.manifest) for d in plan.domains], e.split, plan.layout, plan.pipeline.model, plan.input,
                 e.batch_size, plan.strategies, plan.storage)
         self.actors = [remote.remote(*args) for _ in range(e.num_actors)]
@@ -122,7 +131,9 @@ class EvaluationScheduler(Listener):
         self._submit(-1, self.init_checkpoint)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
-        """Send row k (stage k's checkpoint on every domain) to the actors."""
+        """Send row k (stage k's checkpoint on every domain) to the actors (started now if stage 0 reported no
+        progress)."""
+        self._start()
         self._submit(stage.task_id, result.checkpoint)
 
     def poll(self) -> None:

@@ -23,6 +23,10 @@ from torch import nn
 
 from orchestrator.errors import LifelongError
 from orchestrator.spec import ModelSpec
+from strategies.base import head_cross_entropy as criterion
+from strategies.base import masked_logits
+
+__all__ = ["CNN", "MLP", "HeadLayout", "build_model", "criterion", "masked_logits"]
 
 
 @dataclass(frozen=True)
@@ -89,24 +93,6 @@ class HeadLayout:
         for j, labels in enumerate(self.label_sets):
             units[j, table[j, list(labels)]] = True
         return units
-
-
-def masked_logits(logits: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor) -> torch.Tensor:
-    """Mask logits ``[B, K]`` outside each sample's head (task ids ``t``: ``[B]``) with -inf; a no-op if all True."""
-    return logits.masked_fill(~head_mask[t], float("-inf"))
-
-
-def criterion(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor,
-              reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over each sample's own head.
-
-    Args:
-        logits: ``[B, K]`` raw outputs. y: ``[B]`` output-unit targets. t: ``[B]`` domain ids.
-        head_mask: ``[T, K]`` from :meth:`HeadLayout.head_mask`.
-    Returns:
-        scalar loss (``reduction="mean"``) or ``[B]`` per-sample losses (``"none"``).
-    """
-    return nn.functional.cross_entropy(masked_logits(logits, t, head_mask), y, reduction=reduction)
 
 
 class MLP(nn.Module):

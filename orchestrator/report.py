@@ -225,7 +225,8 @@ class ProgressBar(Listener):
     def progress(self, stage: StageSpec, report: Progress) -> None:
         """Advance by the samples all workers have seen."""
         seen = report.samples * stage.resources.num_workers
-        self.bar.update(self.task, completed=self.done + seen, rate=f"{seen / max(report.seconds, 1e-9):,.0f} samples/s",
+        rate = f"{seen / max(report.seconds, 1e-9):,.0f} samples/s"
+        self.bar.update(self.task, completed=self.done + seen, rate=rate,
                         description=f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: epoch "
                                     f"{report.epoch + 1}/{self.epochs}")
 

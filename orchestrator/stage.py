@@ -1,6 +1,6 @@
 """One stage: training the model on one domain, on every worker of the stage's executor.
 
-The story of a stage, on every worker (:func:`run_stage`, given the driver's typed :class:`~orchestrator.plan.StageSpec`):
+The story of a stage, on every worker (:func:`run_stage`, given the driver's :class:`~orchestrator.plan.StageSpec`):
 
 1. build the model and the bound strategies, and load the previous stage's checkpoint (weights and strategy state);
 2. wrap the model in DDP when there are several workers;
@@ -38,6 +38,7 @@ from orchestrator.models import build_model
 from orchestrator.plan import StageData, StageSpec
 from orchestrator.spec import Pipeline
 from strategies import Batch, StageContext, Strategy
+from strategies.base import LossTerms
 
 
 
@@ -234,15 +235,16 @@ def make_optimizer(pipeline: Pipeline, model: torch.nn.Module) -> torch.optim.Op
 
 def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
              on_progress: ProgressFn | None = None, progress_every: int = 20) -> dict[str, Any]:
-    """Train ``ctx.train_model`` on the current domain for ``epochs`` epochs with the strategies' hooks.
+    """Train ``ctx.train_model`` on the current domain for ``epochs`` epochs with the strategies' hooks, then for as
+    many more as the strategies ask for (``extra_epochs``: PackNet's retraining after pruning), through the same loop.
 
     Each epoch is one pass over ``ctx.iter_task_batches()``. ``on_progress`` receives a :class:`Progress` of kind
     ``step`` every ``progress_every`` steps and one of kind ``epoch`` per epoch, with the epoch's mean loss.
 
     Returns:
         ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
-        "train_seconds": float, "first_batch_at": unix seconds when the first batch arrived}`` (seconds of
-        ``after_task`` count in ``train_seconds`` only).
+        "train_seconds": float, "first_batch_at": unix seconds when the first batch arrived}`` (every epoch,
+        extra ones included; seconds of ``after_task`` count in ``train_seconds`` only).
     Raises:
         TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step).
     """
@@ -251,43 +253,67 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
         s.before_task(ctx)
     ctx.train_model.train()
     start = time.perf_counter()
-    epoch_losses, epoch_seconds, samples, first_batch_at = [], [], 0, float("nan")
-    for epoch in range(epochs):
+    stats: dict[str, Any] = {"epoch_loss": [], "epoch_seconds": [], "samples": 0, "first_batch_at": float("nan")}
+    planned, epoch = epochs, 0
+    while epoch < planned:
         ctx.epoch = epoch
-        total, count = 0.0, 0
-        for batch in ctx.iter_task_batches():
-            if ctx.step == 0:
-                first_batch_at = time.time()
-            new = len(batch)
-            batch = batch.to(ctx.device)
-            for s in strategies:
-                batch = s.train_batch(ctx, batch)
-            outputs = ctx.train_model(batch.x)
-            loss = ctx.criterion(outputs, batch)
-            for s in strategies:
-                loss = s.loss(ctx, batch, outputs, loss)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"domain {ctx.task_id}: loss is {loss.item()} at epoch {epoch}, step {ctx.step}")
-            ctx.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for s in strategies:
-                s.after_backward(ctx)
-            ctx.optimizer.step()
-            for s in strategies:
-                s.after_step(ctx)
-            ctx.step += 1
-            samples += new
-            total += loss.item() * new
-            count += new
-            if ctx.step % progress_every == 0:
-                emit(Progress(ctx.task_id, "step", epoch, ctx.step, samples, loss.item(), time.perf_counter() - start))
-        epoch_losses.append(total / max(count, 1))
-        epoch_seconds.append(time.perf_counter() - start - sum(epoch_seconds))
-        emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, samples, epoch_losses[-1], time.perf_counter() - start))
+        loss = _train_epoch(ctx, strategies, stats, emit, progress_every, start)
+        stats["epoch_loss"].append(loss)
+        stats["epoch_seconds"].append(time.perf_counter() - start - sum(stats["epoch_seconds"]))
+        emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, stats["samples"], loss, time.perf_counter() - start))
+        epoch += 1
+        if epoch == epochs:  # the planned epochs are done: the strategies may ask for more
+            planned += max([s.extra_epochs(ctx) for s in strategies], default=0)
     for s in strategies:
         s.after_task(ctx)
-    return {"epoch_loss": epoch_losses, "epoch_seconds": epoch_seconds, "samples": samples,
-            "train_seconds": time.perf_counter() - start, "first_batch_at": first_batch_at}
+    stats["train_seconds"] = time.perf_counter() - start
+    return stats
+
+
+def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str, Any], emit: ProgressFn,
+                 progress_every: int, start: float) -> float:
+    """One pass over ``ctx.iter_task_batches()``; adds the new-domain samples to ``stats`` and returns the epoch's
+    mean loss per new sample."""
+    total, count = 0.0, 0
+    for batch in ctx.iter_task_batches():
+        if ctx.step == 0:
+            stats["first_batch_at"] = time.time()
+        new = len(batch)
+        loss = train_step(ctx, strategies, batch.to(ctx.device))
+        ctx.step += 1
+        stats["samples"] += new
+        value = loss.item()
+        total, count = total + value * new, count + new
+        if ctx.step % progress_every == 0:
+            emit(Progress(ctx.task_id, "step", ctx.epoch, ctx.step, stats["samples"], value,
+                          time.perf_counter() - start))
+    return total / max(count, 1)
+
+
+def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> torch.Tensor:
+    """One optimizer step on ``batch`` with every strategy's hooks (see ``strategies/base.py``); returns the loss
+    (``LossTerms.total()``, a scalar tensor).
+
+    Raises:
+        TrainingError: if the loss is NaN or infinite (naming the domain, epoch and step).
+    """
+    for s in strategies:
+        batch = s.train_batch(ctx, batch)
+    outputs = ctx.train_model(batch.x)
+    terms = LossTerms(ce=ctx.criterion(outputs, batch))
+    for s in strategies:
+        s.loss(ctx, batch, outputs, terms)
+    loss = terms.total()
+    if not torch.isfinite(loss):
+        raise TrainingError(f"domain {ctx.task_id}: loss is {loss.item()} at epoch {ctx.epoch}, step {ctx.step}")
+    ctx.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for s in strategies:
+        s.after_backward(ctx)
+    ctx.optimizer.step()
+    for s in strategies:
+        s.after_step(ctx)
+    return loss
 
 
 def make_stream(data: StageData, shard: Any) -> Callable[[], Iterator[Batch]]:

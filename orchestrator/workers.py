@@ -40,7 +40,6 @@ from orchestrator.checkpoint import write_checkpoint
 from orchestrator.errors import TrainingError, one_line
 from orchestrator.plan import Resources, StageData, StageSpec
 from orchestrator.stage import Prefetch, Progress, make_stream, prefetch_batches, run_stage, train_loop_per_worker
-from orchestrator.storage import Storage
 
 GIL_SWITCH_SECONDS = 0.0005
 NextStage = tuple[StageData, Any]  # the next stage's data description and its dataset (or one worker's part)

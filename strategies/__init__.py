@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from types import MappingProxyType
 from typing import Any
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import Batch, LossTerms, StageContext, Strategy, StrategyConfig
 
 BUILTIN: Mapping[str, str] = MappingProxyType({
     "finetune": "strategies.finetune:Finetune",
@@ -141,5 +141,6 @@ def train_domains_of(strategies: list[Strategy], task_id: int) -> list[int]:
     return sorted(wanted)
 
 
-__all__ = ["BUILTIN", "Batch", "BoundStrategy", "StageContext", "Strategy", "StrategyConfig", "StrategyParamError",
+__all__ = ["BUILTIN", "Batch", "BoundStrategy", "LossTerms", "StageContext", "Strategy", "StrategyConfig",
+           "StrategyParamError",
            "bind_strategies", "build_strategies", "known_strategies", "resolve_strategy", "train_domains_of"]

@@ -7,10 +7,12 @@ for every strategy in the pipeline's list, in list order (see ``orchestrator/sta
     for each epoch, for each batch of new-domain samples:
         batch = train_batch(ctx, batch)          # chained: each strategy sees the previous one's batch
         outputs = model(batch.x)
-        loss = loss(ctx, batch, outputs, loss)   # chained: penalties and distillation terms are added
-        loss.backward()                          # DDP all-reduces gradients here
+        terms = LossTerms(ce=cross-entropy of batch)
+        loss(ctx, batch, outputs, terms)         # named terms: penalties added, "ce" restricted or scaled
+        terms.total().backward()                 # DDP all-reduces gradients here
         after_backward(ctx)                      # gradient surgery on the all-reduced gradients
         optimizer.step(); after_step(ctx)
+    n = max(extra_epochs(ctx)); n more epochs as above   # PackNet: retraining after pruning
     after_task(ctx)                              # importance / Fisher / buffer consolidation, all-reduced
     state_dict()                                 # saved into the stage checkpoint by rank 0
 
@@ -22,7 +24,6 @@ state of the whole worker group; ``load_state_dict`` receives that state at the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -86,6 +87,66 @@ class Batch:
         return cls(fields["x"], fields["y"], fields["t"])
 
 
+def masked_logits(logits: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, K]`` with the units outside each sample's head (domain ids ``t``: ``[B]``; ``head_mask``:
+    ``[T, K]`` bool) set to -inf; unchanged where every unit is in every head (class-IL, domain-IL)."""
+    return logits.masked_fill(~head_mask.to(logits.device)[t], float("-inf"))
+
+
+def head_cross_entropy(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over each sample's own head: the training loss of every stage (task-IL with one head per domain
+    is the same as a separate linear head per task).
+
+    Args:
+        logits: ``[B, K]`` raw outputs. y: ``[B]`` output-unit targets. t: ``[B]`` domain ids.
+        head_mask: ``[T, K]`` bool, which units each domain's head has (``HeadLayout.head_mask``).
+    Returns:
+        a scalar (``reduction="mean"``) or ``[B]`` per-sample losses (``"none"``).
+    """
+    return torch.nn.functional.cross_entropy(masked_logits(logits, t, head_mask), y, reduction=reduction)
+
+
+class LossTerms:
+    """The named terms of a training step's loss; the step minimises ``sum_k weight_k * term_k``.
+
+    The stage loop starts every step with one term, ``ce`` (the cross-entropy of the whole training batch over each
+    sample's head). Each strategy's ``loss`` hook then adds its own terms (``ewc``, ``derpp.mse``, ``lwf.kd``, ...),
+    replaces a term's value by its own definition (DER++ restricts ``ce`` to the new samples), or scales a term's
+    weight (LwF's ``beta`` on ``ce``). Values and weights are kept apart so that a replacement and a scaling commute:
+    strategies composed in either order give the same terms.
+
+    Attributes:
+        values: name -> scalar tensor. weights: name -> float (1.0 unless scaled).
+    """
+
+    def __init__(self, **values: torch.Tensor) -> None:
+        self.values: dict[str, torch.Tensor] = dict(values)
+        self.weights: dict[str, float] = {name: 1.0 for name in values}
+
+    def add(self, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+        """A new term ``name`` (scalar tensor) with ``weight``.
+
+        Raises:
+            ValueError: if ``name`` is taken (two strategies adding the same term would be summed silently).
+        """
+        if name in self.values:
+            raise ValueError(f"loss term '{name}' is already defined")
+        self.values[name], self.weights[name] = value, weight
+
+    def replace(self, name: str, value: torch.Tensor) -> None:
+        """Redefine the value of an existing term; its weight is kept."""
+        self.values[name] = value
+
+    def scale(self, name: str, factor: float) -> None:
+        """Multiply the weight of an existing term by ``factor``."""
+        self.weights[name] *= factor
+
+    def total(self) -> torch.Tensor:
+        """``sum_k weight_k * value_k``: the scalar the step minimises."""
+        return sum(self.weights[k] * v for k, v in self.values.items())  # type: ignore[return-value]
+
+
 @dataclass
 class StageContext:
     """What a strategy sees during a stage.
@@ -140,9 +201,8 @@ class StageContext:
         return self.head_mask if self.domain_units is None else self.domain_units
 
     def criterion(self, logits: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
-        """Cross-entropy of ``logits`` ``[B, K]`` over each sample's own head; ``[B]`` if ``reduction="none"``."""
-        logits = logits.masked_fill(~self.head_mask.to(logits.device)[batch.t], float("-inf"))
-        return torch.nn.functional.cross_entropy(logits, batch.y, reduction=reduction)
+        """:func:`head_cross_entropy` of ``logits`` ``[B, K]`` on ``batch``; ``[B]`` if ``reduction="none"``."""
+        return head_cross_entropy(logits, batch.y, batch.t, self.head_mask, reduction)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU ``torch.Generator`` seeded from (seed, task_id, rank, salt): reproducible, distinct per worker."""
@@ -198,9 +258,15 @@ class Strategy:
         """Return the batch to train on (e.g. with replay samples mixed in)."""
         return batch
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Return the loss to minimise; ``outputs`` are the logits ``[B, K]`` of ``batch``."""
-        return loss
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """Add, replace or scale named loss terms (see :class:`LossTerms`); ``outputs`` are the logits ``[B, K]``
+        of ``batch``."""
+
+    def extra_epochs(self, ctx: StageContext) -> int:
+        """Called once the stage's epochs are done: the number of further epochs to train through the same loop,
+        with every strategy's hooks (PackNet's retraining after pruning); 0 by default. The stage trains the
+        largest number any strategy asks for."""
+        return 0
 
     def after_backward(self, ctx: StageContext) -> None:
         """Called after ``loss.backward()``, when gradients are all-reduced across workers."""

@@ -10,8 +10,8 @@ to the cross-entropy on the new batch. Samples are offered to the reservoir at e
 step (as in the authors' code, Mammoth ``models/derpp.py``).
 
 Hook use: ``train_batch`` appends the two buffer batches to the new batch so one forward pass (one DDP forward)
-serves all three terms; ``loss`` replaces the stage's cross-entropy over the whole batch by the DER++ objective on
-the three slices, keeping whatever earlier strategies added. Distributed and ``storage``: as replay
+serves all three terms; ``loss`` restricts the ``ce`` term to the new samples and adds ``derpp.mse`` and
+``derpp.ce`` on the two buffer slices (terms other strategies add or scale are kept). Distributed and ``storage``: as replay
 (``strategies/buffer.py``).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy
+from strategies.base import Batch, LossTerms, StageContext, Strategy
 from strategies.buffer import Reservoir, SharedBuffer, local_capacity
 from strategies.replay import RehearsalConfig
 
@@ -72,19 +72,20 @@ class DERPP(Strategy):
                 out = out.cat(Batch.from_fields(d).to(batch.x.device))
         return out
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """``loss - CE(all) + CE(new) + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')``; stores new samples."""
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """Restrict ``ce`` to the new samples and add ``derpp.mse`` = ``alpha * MSE(f(x'), z')`` and ``derpp.ce`` =
+        ``beta * CE(f(x''), y'')``; store the new samples with their logits."""
         n = self.n_new
         head = batch.select(slice(0, n))
-        total = loss - ctx.criterion(outputs, batch) + ctx.criterion(outputs[:n], head)
-        first, second = self.drawn
+        terms.replace("ce", ctx.criterion(outputs[:n], head))
+        first, _ = self.drawn
         if first:
             m = len(first["y"])
-            total = total + self.config.alpha * derpp_terms(outputs[n:n + m], first["logits"].to(outputs.device))
+            logits = first["logits"].to(outputs.device)
+            terms.add("derpp.mse", self.config.alpha * derpp_terms(outputs[n:n + m], logits))
             sl = slice(n + m, n + 2 * m)
-            total = total + self.config.beta * ctx.criterion(outputs[sl], batch.select(sl))
+            terms.add("derpp.ce", self.config.beta * ctx.criterion(outputs[sl], batch.select(sl)))
         self.buffer.insert({"x": head.x, "y": head.y, "t": head.t, "logits": outputs[:n].detach()})
-        return total
 
     def after_task(self, ctx: StageContext) -> None:
         """Merge the workers' reservoirs into one global buffer of at most ``buffer_size`` samples."""

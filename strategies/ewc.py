@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import Batch, LossTerms, StageContext, Strategy, StrategyConfig
 from strategies.importance import mean_grad_stat, nll_objective, per_worker, quadratic_penalty
 
 
@@ -70,13 +70,13 @@ class EWC(Strategy):
         self.fishers: list[dict[str, torch.Tensor]] = []
         self.anchors: list[dict[str, torch.Tensor]] = []
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Add ``lambda * sum_k 0.5 * sum_i F_k,i (theta_i - theta*_k,i)^2``."""
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """Add the term ``ewc`` = ``lambda * sum_k 0.5 * sum_i F_k,i (theta_i - theta*_k,i)^2``."""
         if not self.fishers or self.config.ewc_lambda == 0:
-            return loss
+            return
         params = dict(ctx.model.named_parameters())
         penalty = sum(ewc_penalty(params, f, a) for f, a in zip(self.fishers, self.anchors))
-        return loss + self.config.ewc_lambda * penalty
+        terms.add("ewc", self.config.ewc_lambda * penalty)
 
     def after_task(self, ctx: StageContext) -> None:
         """Compute the task's Fisher (all-reduced) and store the anchor ``theta*``."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import Batch, LossTerms, StageContext, Strategy, StrategyConfig
 from strategies.units import Unit, gated, model_units
 
 
@@ -104,10 +104,10 @@ class HAT(Strategy):
         self.batch_in_epoch += 1
         return batch
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Add ``c * capacity_reg(a^t, a^{<t})``."""
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """Add the term ``hat`` = ``c * capacity_reg(a^t, a^{<t})``."""
         previous = {n: v.to(ctx.device) for n, v in self.cumulative.items()}
-        return loss + self.config.c * capacity_reg(self._gates(), previous)
+        terms.add("hat", self.config.c * capacity_reg(self._gates(), previous))
 
     def after_backward(self, ctx: StageContext) -> None:
         """All-reduce the embedding gradients, compensate them (Eq. 4), and condition the weight gradients."""

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import Batch, LossTerms, StageContext, Strategy, StrategyConfig
 
 
 class LwFConfig(StrategyConfig):
@@ -196,25 +196,26 @@ class LwF(Strategy):
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """``beta * CE + alpha * KD``, the terms chosen by ``head`` (see the module docstring). Terms that earlier
-        strategies in the list added to ``loss`` are kept unweighted."""
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """``beta * CE + alpha * KD`` with the terms chosen by ``head`` (see the module docstring): scale ``ce`` by
+        beta (``extend`` first replaces it by ExtendNER's cross-entropy on new-class samples) and add ``lwf.kd`` =
+        ``alpha * KD``. Terms other strategies add keep their own weights."""
         alpha, beta = self.weights
-        ce = ctx.criterion(outputs, batch)
-        rest = loss - ce
         teacher = None
         if self.teacher is not None:
             with torch.no_grad():
                 teacher = self.teacher(batch.x)
         if self.config.head == "extend":
             ce, kd = extend_loss(outputs, teacher, batch.y, self.units, self.active, self.config.temperature)
+            terms.replace("ce", ce)
         elif teacher is None:
             kd = outputs.sum() * 0.0
         elif self.config.head == "add":
             kd = add_kd_loss(outputs, teacher, self.heads, self.config.temperature)
         else:
             kd = kd_loss(outputs[:, self.units], teacher[:, self.units], self.config.temperature)
-        return rest + beta * ce + alpha * kd
+        terms.scale("ce", beta)
+        terms.add("lwf.kd", alpha * kd)
 
     def after_task(self, ctx: StageContext) -> None:
         """Drop the teacher; the next stage's teacher is this stage's checkpoint."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import Batch, LossTerms, StageContext, Strategy, StrategyConfig
 from strategies.importance import mean_grad_stat, output_norm_objective, per_worker, quadratic_penalty
 
 
@@ -49,12 +49,12 @@ class MAS(Strategy):
         self.omega: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Add ``lambda * sum_i Omega_i (theta_i - theta*_i)^2``."""
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """Add the term ``mas`` = ``lambda * sum_i Omega_i (theta_i - theta*_i)^2``."""
         if not self.omega or self.config.mas_lambda == 0:
-            return loss
-        return loss + self.config.mas_lambda * quadratic_penalty(dict(ctx.model.named_parameters()), self.omega,
-                                                                 self.anchor)
+            return
+        terms.add("mas", self.config.mas_lambda * quadratic_penalty(dict(ctx.model.named_parameters()), self.omega,
+                                                                    self.anchor))
 
     def after_task(self, ctx: StageContext) -> None:
         """Accumulate this task's importance and move the anchor to the current parameters."""

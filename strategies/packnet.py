@@ -113,8 +113,10 @@ class PackNet(Strategy):
                 fixed = ~self._trainable(n).to(params[n].device)
                 params[n][fixed] = self.frozen[n].to(params[n].device)[fixed]
 
-    def after_task(self, ctx: StageContext) -> None:
-        """Prune the free weights, give the rest to this task, and retrain them with the pruned ones at 0."""
+    def extra_epochs(self, ctx: StageContext) -> int:
+        """Once the stage's epochs are done: prune the free weights, give the rest to this task, and ask for
+        ``retrain_epochs`` epochs in which only this task's weights train, with the pruned ones at 0 (Mallya &
+        Lazebnik 2018, §3). They run through the stage loop, with every strategy's hooks and the loss checks."""
         params = dict(ctx.model.named_parameters())
         with torch.no_grad():
             for n in self.owner:
@@ -122,15 +124,10 @@ class PackNet(Strategy):
                 params[n][(self.owner[n] == FREE).to(params[n].device)] = 0.0
         self.frozen = {n: params[n].detach().clone() for n in self.owner}
         self.trainable_task = ctx.task_id
-        for _ in range(self.config.retrain_epochs):
-            for batch in ctx.iter_task_batches():
-                batch = batch.to(ctx.device)
-                loss = ctx.criterion(ctx.train_model(batch.x), batch)
-                ctx.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.after_backward(ctx)
-                ctx.optimizer.step()
-                self.after_step(ctx)
+        return self.config.retrain_epochs
+
+    def after_task(self, ctx: StageContext) -> None:
+        """End the retraining: the next task trains the weights that are still free."""
         self.trainable_task = None
 
     def inference_model(self, model: torch.nn.Module, task_id: int) -> torch.nn.Module:

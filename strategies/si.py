@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from strategies.base import Batch, StageContext, Strategy, StrategyConfig
+from strategies.base import Batch, LossTerms, StageContext, Strategy, StrategyConfig
 from strategies.importance import quadratic_penalty
 
 
@@ -58,12 +58,12 @@ class SI(Strategy):
         self.start = {n: p.detach().clone() for n, p in self._params(ctx).items()}
         self.path = {n: torch.zeros_like(p) for n, p in self.start.items()}
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        """Add ``c * sum_i Omega_i (theta_i - theta*_i)^2``."""
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        """Add the term ``si`` = ``c * sum_i Omega_i (theta_i - theta*_i)^2``."""
         if not self.omega_big or self.config.si_lambda == 0:
-            return loss
-        return loss + self.config.si_lambda * quadratic_penalty(dict(ctx.model.named_parameters()), self.omega_big,
-                                                                self.anchor)
+            return
+        terms.add("si", self.config.si_lambda * quadratic_penalty(dict(ctx.model.named_parameters()), self.omega_big,
+                                                                  self.anchor))
 
     def after_backward(self, ctx: StageContext) -> None:
         """Keep the (all-reduced) gradient and the parameters before the step."""

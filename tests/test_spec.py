@@ -11,6 +11,7 @@ from orchestrator.cli import app
 from orchestrator.errors import SpecError
 from orchestrator.plan import bind
 from orchestrator.spec import apply_overrides, flatten, load_pipeline, validate_raw
+from strategies import Strategy
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"name": "p", "domains": [{"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}]}
@@ -52,6 +53,22 @@ def test_strategies_are_bound_once_after_parsing() -> None:
     assert replay.name == "replay" and replay.config.buffer_size == 7 and ewc.build().name == "ewc"
     with pytest.raises(SpecError, match=r"^x: strategy\.1: unknown strategy 'nope' \(known: .*replay"):
         bind(validate_raw({**GOOD, "strategy": ["finetune", {"name": "nope"}]}, "x"), "x")
+
+
+class SingleWorkerOnly(Strategy):
+    """A third-party strategy that is not correct under DDP."""
+
+    name = "single-worker-only"
+    supports_distributed = False
+
+
+def test_a_strategy_that_cannot_run_on_several_workers_is_refused_there() -> None:
+    raw = {**GOOD, "strategy": "tests.test_spec:SingleWorkerOnly"}
+    (bound,) = bind(validate_raw(raw, "x"), "x")  # one worker: fine
+    assert bound.name == "single-worker-only"
+    refused = r"strategy\.0: 'single-worker-only' does not support training\.num_workers > 1"
+    with pytest.raises(SpecError, match=refused):
+        bind(validate_raw({**raw, "training": {"num_workers": 2}}, "x"), "x")
 
 
 def test_strategy_parameters_are_checked_against_the_plugin() -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from strategies import BUILTIN, Batch, StageContext, build_strategies, resolve_strategy, train_domains_of
+from strategies import BUILTIN, Batch, LossTerms, StageContext, build_strategies, resolve_strategy, train_domains_of
 from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
 from strategies.buffer import SharedBuffer, fields_to_table, read_part, reservoir_update, table_to_fields, write_part
 from strategies.replay import Replay, ReplayConfig, replay_count
@@ -345,8 +345,9 @@ def test_two_workers_match_one_worker(tmp_path: Path) -> None:
 class _Diverge(Finetune):
     """A strategy whose loss turns NaN at the third step (stands in for a diverging run)."""
 
-    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-        return loss * float("nan") if ctx.step == 2 else loss
+    def loss(self, ctx: StageContext, batch: Batch, outputs: torch.Tensor, terms: LossTerms) -> None:
+        if ctx.step == 2:
+            terms.scale("ce", float("nan"))
 
 
 def test_nan_loss_names_domain_epoch_and_step() -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from orchestrator.stage import fit_task
-from strategies import Batch, StageContext, build_strategies
+from strategies import Batch, LossTerms, StageContext, Strategy, build_strategies
 from strategies.agem import AGEM, AGEMConfig, agem_project, balance_memory
 from strategies.das import gate_importance, loss_objective
 from strategies.derpp import DERPP, DERPPConfig
@@ -29,6 +29,13 @@ from strategies.spg import (
     soft_mask,
     standardized_importance,
 )
+
+
+def total_loss(strategy: Strategy, ctx: StageContext, batch: Batch, out: torch.Tensor) -> torch.Tensor:
+    """The step's loss with ``strategy``'s ``loss`` hook applied to the stage's cross-entropy."""
+    terms = LossTerms(ce=ctx.criterion(out, batch))
+    strategy.loss(ctx, batch, out, terms)
+    return terms.total()
 
 
 def ctx_for(model: nn.Module, batches: list[Batch], task: int = 0, tasks: int = 2, width: int = 4) -> StageContext:
@@ -196,7 +203,7 @@ def test_lwf_extend_routes_old_and_other_samples_to_kd_and_new_ones_to_ce() -> N
     pt = torch.softmax(teacher[[0, 2]][:, :2] / 2, 1)
     kl = (pt * (pt.log() - torch.log_softmax(out[[0, 2]][:, :2] / 2, 1))).sum(1)
     expected = ce_1 / 3 + 4.0 * kl.sum() / 3
-    total = lwf.loss(ctx, batch, out, ctx.criterion(out, batch))
+    total = total_loss(lwf, ctx, batch, out)
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
     ce, kd = extend_loss(out, teacher, y, lwf.units, lwf.active, 2.0)
     assert (ce + kd).item() == pytest.approx(expected.item(), rel=1e-5)
@@ -220,7 +227,7 @@ def test_lwf_extend_first_domain_is_plain_cross_entropy_over_its_units() -> None
     out = model(x)
     batch = Batch(x, y, torch.zeros(4, dtype=torch.long))
     expected = nn.functional.cross_entropy(out[:, :2], y)
-    assert lwf.loss(ctx, batch, out, ctx.criterion(out, batch)).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert total_loss(lwf, ctx, batch, out).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_lwf_add_distils_each_old_head_with_its_own_softmax() -> None:
@@ -239,7 +246,7 @@ def test_lwf_add_distils_each_old_head_with_its_own_softmax() -> None:
     kd = kd_loss(out[:, :2], teacher[:, :2], 1.0) + kd_loss(out[:, 2:4], teacher[:, 2:4], 1.0)
     assert add_kd_loss(out, teacher, lwf.heads, 1.0).item() == pytest.approx(kd.item(), rel=1e-6)
     ce = ctx.criterion(out, batch)
-    assert lwf.loss(ctx, batch, out, ce).item() == pytest.approx((ce + 0.5 * kd).item(), rel=1e-6)
+    assert total_loss(lwf, ctx, batch, out).item() == pytest.approx((ce + 0.5 * kd).item(), rel=1e-6)
 
 
 def test_merge_heads_picks_o_unless_a_head_claims_a_class() -> None:
@@ -316,8 +323,7 @@ def test_derpp_loss_hand_computed() -> None:
     batch = der.train_batch(ctx, new)
     assert len(batch) == 5 + 2 + 2
     out = model(batch.x)
-    base = ctx.criterion(out, batch)
-    total = der.loss(ctx, batch, out, base)
+    total = total_loss(der, ctx, batch, out)
     first, second = der.drawn
     expected = (nn.functional.cross_entropy(out[:5], new.y)
                 + 0.3 * nn.functional.mse_loss(out[5:7], first["logits"])
@@ -547,3 +553,49 @@ def test_lwf_distils_only_earlier_classes_in_class_il() -> None:
     assert bool(layout.head_mask().all())  # class-IL may predict every class ...
     assert old_units(layout.domain_units(), 2).tolist() == [True] * 4 + [False] * 2  # ... but distils old ones only
     assert old_units(HeadLayout.build("domain_il", [[0, 1], [0, 1]]).domain_units(), 1).tolist() == [True, True]
+
+
+# ---------------------------------------------------------------- composition
+
+
+@pytest.mark.parametrize("head", ["shared", "add"])
+def test_derpp_and_lwf_give_the_same_loss_terms_in_either_order(head: str) -> None:
+    """DER++ restricts ``ce`` to the new samples, LwF scales it by beta and adds its distillation: composed in either
+    order, one step has the same named terms, weights and total."""
+    scenario, labels = ("class_il", [[0, 1], [2, 3]]) if head == "shared" else ("task_il", [[0, 1], [0, 1]])
+    results = []
+    for order in (("derpp", "lwf"), ("lwf", "derpp")):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 4)
+        params = {"derpp": {"buffer_size": 8, "alpha": 0.3, "beta": 0.7, "replay_batch": 2},
+                  "lwf": {"alpha": 0.5, "beta": 0.25, "head": head, "temperature": 2.0}}
+        strategies = build_strategies([(name, params[name]) for name in order])
+        ctx = lwf_ctx(model, scenario, labels, task=1)
+        for s in strategies:
+            s.before_task(ctx)
+        der = strategies[order.index("derpp")]
+        der.buffer.insert({"x": torch.randn(8, 3), "y": torch.tensor([0, 1] * 4), "t": torch.zeros(8, dtype=torch.long),
+                           "logits": torch.randn(8, 4)})
+        batch = Batch(torch.randn(5, 3), torch.tensor([2, 3, 2, 3, 2]), torch.ones(5, dtype=torch.long))
+        for s in strategies:
+            batch = s.train_batch(ctx, batch)
+        out = model(batch.x)
+        terms = LossTerms(ce=ctx.criterion(out, batch))
+        for s in strategies:
+            s.loss(ctx, batch, out, terms)
+        results.append(({k: round(v.item(), 6) for k, v in terms.values.items()}, dict(terms.weights),
+                        terms.total().item()))
+    (values_a, weights_a, total_a), (values_b, weights_b, total_b) = results
+    assert set(values_a) == {"ce", "derpp.mse", "derpp.ce", "lwf.kd"} and values_a["lwf.kd"] > 0
+    assert values_a == values_b and weights_a == weights_b == {"ce": 0.25, "derpp.mse": 1.0, "derpp.ce": 1.0,
+                                                               "lwf.kd": 1.0}
+    assert total_a == pytest.approx(total_b, rel=1e-6)
+
+
+def test_a_term_is_defined_once() -> None:
+    terms = LossTerms(ce=torch.tensor(1.0))
+    terms.add("ewc", torch.tensor(2.0), weight=0.5)
+    terms.scale("ce", 3.0)
+    assert terms.total().item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="loss term 'ewc' is already defined"):
+        terms.add("ewc", torch.tensor(1.0))

@@ -259,7 +259,8 @@ def main() -> None:
             for name in args.only:
                 rows.append({"repeat": rep, **one_repeat(name, work, args.data_root)})
                 r = rows[-1]
-                print(f"{rep} {name:15s} plain {r['plain']['wall_s']:5.1f}s ACC {r['plain']['acc']:.3f} | " + " | ".join(
+                head = f"{rep} {name:15s} plain {r['plain']['wall_s']:5.1f}s ACC {r['plain']['acc']:.3f} | "
+                print(head + " | ".join(
                     f"{s} {r[s]['wall_s']:5.1f}s x{r[s]['ratio']:.2f} ACC {r[s]['acc']:.3f} hot "
                     f"{r[s]['hot_loop']['while_prefetching']:.2f}/{r[s]['hot_loop']['cached_alone']:.2f}"
                     for s in ("cold", "warm")), flush=True)

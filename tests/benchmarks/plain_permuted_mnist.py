@@ -79,7 +79,8 @@ def main() -> None:
         model.eval()
         R.append([accuracy(model, e["val"]) for e in data])
     train = sum(epoch_seconds)
-    print(json.dumps({"acc": float(np.mean(R[-1])), "R": R[1:], "b": R[0], "train_seconds": train, "epoch_seconds": epoch_seconds, "threads": torch.get_num_threads(),
+    print(json.dumps({"acc": float(np.mean(R[-1])), "R": R[1:], "b": R[0], "train_seconds": train,
+                      "epoch_seconds": epoch_seconds, "threads": torch.get_num_threads(),
                       "samples_per_second": samples / train}))
 
 
