@@ -22,7 +22,11 @@ against the plain loop, alternating epochs in one process) comes first.
 Prints tables and writes ``tests/benchmarks/results/pipeline.json``. Not a test; run it with nothing else on the
 machine:
 
-    .venv/bin/python tests/benchmarks/bench_pipeline.py [--repeats N] [--data-root DIR] [--only W ...]
+    .venv/bin/python tests/benchmarks/bench_pipeline.py [--repeats N] [--data-root DIR] [--only W ...] [--before REV]
+
+``--before REV`` adds cold runs of ``split_finetune`` and ``permuted_T10`` with an earlier revision's code,
+alternating with this checkout's, and reports what both can tell (process wall, training loops, stage overheads,
+time outside the stages).
 """
 
 from __future__ import annotations
@@ -78,10 +82,52 @@ def timed(cmd: list[str], cwd: Path) -> tuple[dict[str, Any], float]:
     return result, wall
 
 
-def lifelong(args: list[str], work: Path, data_root: str, *extra: str) -> tuple[dict[str, Any], float]:
-    """One ``lifelong run --json`` in a fresh process."""
-    return timed([str(REPO / ".venv/bin/lifelong"), "run", *args, "--json", "--no-progress", "--workdir", str(work),
-                  "--data-root", data_root, *extra], work)
+def lifelong(args: list[str], work: Path, data_root: str, *extra: str,
+             code: Path | None = None) -> tuple[dict[str, Any], float]:
+    """One ``lifelong run --json`` in a fresh process; with ``code``, that checkout's ``orchestrator`` and
+    ``strategies`` run instead of this one's (through ``PYTHONPATH``, which the Ray workers inherit)."""
+    cmd = [str(REPO / ".venv/bin/python"), "-m", "orchestrator.cli", "run", *args, "--json", "--no-progress",
+           "--workdir", str(work), "--data-root", data_root, *extra]
+    if code is None:
+        return timed(cmd, work)
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    t0 = time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1]), time.time() - t0
+
+
+def coarse_costs(report: dict[str, Any], wall: float) -> dict[str, float]:
+    """What any version's report tells: process wall, the training loops, stage 0's overhead (its wall minus its
+    training loop: worker start, first read) and everything outside the stages (imports, Ray's start and stop,
+    validation, the last evaluation row, the report, the exit), in seconds."""
+    stages = report["stages"]
+    return {"process wall": wall, "training loops": sum(s["train_seconds"] for s in stages),
+            "stage 0 overhead": stages[0]["overhead_seconds"],
+            "stages 1.. overhead": sum(s["overhead_seconds"] for s in stages[1:]),
+            "outside the stages": wall - sum(s["wall_seconds"] for s in stages)}
+
+
+def before_and_after(rev: str, work: Path, data_root: str, repeats: int) -> dict[str, Any]:
+    """Cold runs of ``split_finetune`` and ``permuted_T10`` with the code at git revision ``rev`` (a worktree under
+    /tmp) and with this checkout, alternating; medians of :func:`coarse_costs`."""
+    tree = Path(tempfile.gettempdir()) / f"lifelong-{rev[:12]}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)
+    out: dict[str, Any] = {"revision": rev}
+    for name in ("split_finetune", "permuted_T10"):
+        args = workload_args(name, work)[0]
+        runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+        for _ in range(repeats):
+            for label, code in (("before", tree), ("after", REPO)):
+                report, wall = lifelong(args, work, data_root, code=code)
+                runs[label].append(coarse_costs(report, wall))
+        out[name] = {label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()}
+        print(f"{name}: " + " | ".join(f"{label} " + ", ".join(f"{k} {v:.1f}" for k, v in out[name][label].items())
+                                      for label in ("before", "after")), flush=True)
+    return out
 
 
 class RayCluster:
@@ -245,6 +291,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--only", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="also compare cold runs with the code at this git revision (e.g. 9ba694b)")
     parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results/pipeline.json"))
     args = parser.parse_args()
     # First, with nothing else running: the training loop alone, in one process.
@@ -264,13 +312,15 @@ def main() -> None:
                     f"{s} {r[s]['wall_s']:5.1f}s x{r[s]['ratio']:.2f} ACC {r[s]['acc']:.3f} hot "
                     f"{r[s]['hot_loop']['while_prefetching']:.2f}/{r[s]['hot_loop']['cached_alone']:.2f}"
                     for s in ("cold", "warm")), flush=True)
+        compared = before_and_after(args.before, work, args.data_root, args.repeats) if args.before else None
     summary = summarise(rows)
     print_summary(summary)
     print(f"\ntraining loop alone, in one process (2 threads, cached epochs of 18,000 rows): fit_task at "
           f"{hot['ratio']:.2f}x the plain loop's samples/s (median of {len(hot['plain_epoch_s'])} alternating pairs)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary, "hot_loop_in_process": hot,
-                                          "machine": {"cpus": os.cpu_count()}}, indent=1))
+                                          "before_and_after": compared, "machine": {"cpus": os.cpu_count()}},
+                                         indent=1))
     print(f"wrote {args.out}")
 
 
