@@ -18,13 +18,12 @@ import torch
 from ray.util import ActorPool
 
 from orchestrator.checkpoint import load_checkpoint
-from orchestrator.cpu import BACKGROUND_NICE, background_priority
+from orchestrator.cpu import background_priority
 from orchestrator.engine import Cell, Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError, one_line
 from orchestrator.models import HeadLayout, build_model, masked_logits
 from orchestrator.plan import InputFormat, StagePlan, StageSpec
 from orchestrator.shards import read_split
-from orchestrator.stage import Progress
 from orchestrator.spec import ModelSpec
 from orchestrator.storage import Storage
 from strategies import BoundStrategy
@@ -46,8 +45,7 @@ class Evaluator:
     def __init__(self, domains: list[tuple[str, Any]], split: str, layout: HeadLayout, model: ModelSpec,
                  form: InputFormat, batch_size: int, strategies: tuple[BoundStrategy, ...],
                  storage: Storage | None = None) -> None:
-        background_priority()  # the process starts at this priority already (EvaluationScheduler); here for
-        # evaluators created elsewhere: the threads torch starts below inherit it
+        background_priority()  # once booted; the threads torch starts below inherit it
         torch.set_num_threads(1)
         self.strategies = [b.build() for b in strategies]
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
@@ -91,10 +89,10 @@ class Evaluator:
 class EvaluationScheduler(Listener):
     """Fills the accuracy matrix: row -1 (the initial model, for FWT) and row k once stage k is committed.
 
-    The actors start once stage 0 trains (its first progress report): on a small machine their start would otherwise
-    compete with the first training worker's and with stage 0's first read, which every later step waits on. They run
-    at background CPU priority from the start of their processes (``orchestrator/cpu.py``). Completed rows go to
-    ``downstream`` (the other listeners).
+    The actors start with stage 0, while its worker boots and streams its data, at Ray's default priority: booted at
+    the lowest priority beside a training worker that fills the cores, an actor would get almost no CPU until the
+    last stage ends, and every row would wait for the end of the run. Once booted, an actor drops to background
+    priority (:class:`Evaluator`). Completed rows go to ``downstream`` (the other listeners).
 
     Args:
         downstream: receives ``row_evaluated`` for every complete row.
@@ -112,8 +110,8 @@ class EvaluationScheduler(Listener):
         """Remember the plan and the initial checkpoint."""
         self.plan, self.init_checkpoint = run.plan, run.init_checkpoint
 
-    def progress(self, stage: StageSpec, report: Progress) -> None:
-        """Start the actors at stage 0's first report."""
+    def stage_started(self, stage: StageSpec) -> None:
+        """At stage 0: start the actors and send them row -1."""
         self._start()
 
     def _start(self) -> None:
@@ -121,8 +119,7 @@ class EvaluationScheduler(Listener):
         if self.actors or self.plan is None:
             return
         plan, e = self.plan, self.plan.pipeline.evaluation
-        remote = ray.remote(num_cpus=e.cpus_per_actor,
-                            runtime_env={"env_vars": {"RAY_worker_niceness": str(BACKGROUND_NICE)}})(Evaluator)
+        remote = ray.remote(num_cpus=e.cpus_per_actor)(Evaluator)
         args = ([(d.uri, d.manifest) for d in plan.domains], e.split, plan.layout, plan.pipeline.model, plan.input,
                 e.batch_size, plan.strategies, plan.storage)
         self.actors = [remote.remote(*args) for _ in range(e.num_actors)]
@@ -131,9 +128,7 @@ class EvaluationScheduler(Listener):
         self._submit(-1, self.init_checkpoint)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
-        """Send row k (stage k's checkpoint on every domain) to the actors (started now if stage 0 reported no
-        progress)."""
-        self._start()
+        """Send row k (stage k's checkpoint on every domain) to the actors."""
         self._submit(stage.task_id, result.checkpoint)
 
     def poll(self) -> None:

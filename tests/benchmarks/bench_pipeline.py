@@ -140,26 +140,38 @@ class RayCluster:
                         "--disable-usage-stats", f"--temp-dir={self.temp}"], check=True, capture_output=True)
 
     def pids(self) -> list[int]:
-        """Ids of the live processes whose command line names this cluster's temp folder (Linux ``/proc``)."""
-        out = []
+        """Ids of this cluster's live processes: those whose command line names its temp folder (GCS, raylet,
+        monitors) and all their descendants (workers and agents, whose titles Ray rewrites), from Linux ``/proc``."""
+        parents: dict[int, int] = {}
+        roots = []
         for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and str(self.temp).encode() in (proc / "cmdline").read_bytes():
-                    out.append(int(proc.name))
-            except OSError:  # gone meanwhile
+            if not proc.name.isdigit():
                 continue
-        return out
+            try:
+                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if str(self.temp).encode() in (proc / "cmdline").read_bytes():
+                    roots.append(int(proc.name))
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+        mine, grew = set(roots), True
+        while grew:
+            before = len(mine)
+            mine |= {pid for pid, parent in parents.items() if parent in mine}
+            grew = len(mine) > before
+        return sorted(mine)
 
     def stop(self) -> None:
-        """SIGTERM to this cluster's processes, then SIGKILL to those still there after 10 s."""
+        """SIGTERM to this cluster's processes (collected once, before any exits and its children are re-parented),
+        then SIGKILL to those still there after 10 s."""
+        victims = self.pids()
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.pids():
+            for pid in victims:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.time() + 10
-            while self.pids() and time.time() < deadline:
+            while any(Path(f"/proc/{pid}").exists() for pid in victims) and time.time() < deadline:
                 time.sleep(0.2)  # waiting for processes to exit, not synchronising a test
 
 

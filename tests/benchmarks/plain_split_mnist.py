@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# Run as a file, this script's folder comes first on sys.path, where strategies.py would shadow the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from orchestrator.models import MLP
-from orchestrator.shards import load_raw, make_domain_splits
-from orchestrator.spec import SourceSpec
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from orchestrator.models import MLP  # noqa: E402
+from orchestrator.shards import load_raw, make_domain_splits  # noqa: E402
+from orchestrator.spec import SourceSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
