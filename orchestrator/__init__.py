@@ -6,7 +6,7 @@ Python API::
     report = run(load_pipeline("pipelines/split_mnist.yaml"), RunOptions(workdir=Path("lifelong-runs")))
 
 All four are imported lazily: light commands (``lifelong validate``) do not load Ray, and Ray Data's read tasks,
-which import ``orchestrator.ingest``, do not load torch (the spec imports it through the strategies).
+which import ``orchestrator.ingest``, do not load torch (the spec imports neither torch nor the strategies).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def run(
     cluster (`ray start --head`), the run skips Ray's own start and stop."""
     from orchestrator.dag import RunOptions
     from orchestrator.dag import run as run_pipeline
-    from orchestrator.plan import bind
+    from orchestrator.spec import bind
     from orchestrator.report import print_report
 
     imports_done = time.time()
@@ -103,8 +103,8 @@ def validate(
     workdir: WorkdirOpt = Path("lifelong-runs"),
 ) -> None:
     """Check a pipeline: print every problem with its field path (exit 2 if any)."""
-    from orchestrator.plan import bind
     from orchestrator.shards import MANIFEST, domain_uri
+    from orchestrator.spec import bind
     from orchestrator.storage import Storage
 
     try:

@@ -4,7 +4,8 @@ Everything a worker or an evaluation actor receives from the driver is built her
 holds validated objects (the :class:`~orchestrator.spec.Pipeline`, bound strategies, the head layout), never a dict
 read by string keys:
 
-- :func:`bind` checks each strategy's parameters against its ``Config`` (once per run);
+- :func:`~orchestrator.spec.bind` (re-exported here) checks each strategy's parameters against its ``Config``, once
+  per run;
 - :class:`StagePlan` holds what every stage of a run shares: the domains and their manifests, the head layout, the
   input format, the bound strategies, the worker resources and the run's storage root;
 - :class:`StageData` is what a worker needs to stream a stage's data (known before the stage's parent exists, so
@@ -22,30 +23,14 @@ from typing import Any
 import ray.data
 
 from orchestrator.checkpoint import lineage_record
-from orchestrator.errors import LifelongError, ShardError, SpecError
+from orchestrator.errors import LifelongError, ShardError
 from orchestrator.ingest import stage_dataset
 from orchestrator.models import HeadLayout
-from orchestrator.spec import Pipeline
+from orchestrator.spec import Pipeline, bind
 from orchestrator.storage import Storage, join
-from strategies import BoundStrategy, StrategyParamError, bind_strategies, train_domains_of
+from strategies import BoundStrategy, train_domains_of
 
-
-def bind(pipeline: Pipeline, source: str = "pipeline") -> tuple[BoundStrategy, ...]:
-    """The pipeline's strategies, resolved and with their parameters validated.
-
-    Raises:
-        SpecError: ``<source>: strategy.<i>: <problem>`` for an unknown strategy or invalid parameters, or a strategy
-            that does not support several workers when ``training.num_workers`` > 1.
-    """
-    try:
-        bound = bind_strategies([(s.name, s.params()) for s in pipeline.strategy])
-    except StrategyParamError as e:
-        raise SpecError(source, [(f"strategy.{e.index}", e.problem)]) from None
-    if pipeline.training.num_workers > 1:
-        for i, b in enumerate(bound):
-            if not b.cls.supports_distributed:
-                raise SpecError(source, [(f"strategy.{i}", f"'{b.name}' does not support training.num_workers > 1")])
-    return bound
+__all__ = ["Domain", "InputFormat", "Resources", "StageData", "StagePlan", "StageSpec", "bind", "check_workers"]
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ built from), a model, one or more CL strategies, and the training, evaluation, t
 reported with its field path (see :class:`orchestrator.errors.SpecError`).
 
 This module imports neither torch nor the strategies: a strategy's parameters are kept as written here and checked
-against the strategy's own ``Config`` after parsing, once per run (:func:`orchestrator.plan.bind`).
+against the strategy's own ``Config`` after parsing, once per run (:func:`bind`, which imports them only then).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ModelSpec(_Strict):
 
 class StrategySpec(BaseModel):
     """One CL strategy: ``name`` (registry key or ``package.module:Class``) plus that strategy's own parameters,
-    which are checked against the strategy's ``Config`` after parsing (:func:`orchestrator.plan.bind`)."""
+    which are checked against the strategy's ``Config`` after parsing (:func:`bind`)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = Field(min_length=1)
@@ -335,3 +335,25 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(d) if isinstance(d, list) else str(d)
     return out
+
+
+def bind(pipeline: Pipeline, source: str = "pipeline") -> tuple[Any, ...]:
+    """The pipeline's strategies, resolved and with their parameters validated against each strategy's ``Config``:
+    ``strategies.BoundStrategy`` objects, in hook order. Called once per run, after parsing; it imports the
+    strategies (and torch), which this module itself does not.
+
+    Raises:
+        SpecError: ``<source>: strategy.<i>: <problem>`` for an unknown strategy or invalid parameters, or a strategy
+            that does not support several workers when ``training.num_workers`` > 1.
+    """
+    from strategies import StrategyParamError, bind_strategies
+
+    try:
+        bound = bind_strategies([(s.name, s.params()) for s in pipeline.strategy])
+    except StrategyParamError as e:
+        raise SpecError(source, [(f"strategy.{e.index}", e.problem)]) from None
+    if pipeline.training.num_workers > 1:
+        for i, b in enumerate(bound):
+            if not b.cls.supports_distributed:
+                raise SpecError(source, [(f"strategy.{i}", f"'{b.name}' does not support training.num_workers > 1")])
+    return bound
