@@ -131,6 +131,8 @@ class StagePlan:
         pipeline, domains, storage: the validated spec, its resolved domains and the storage they live on.
         strategies: the bound strategies. layout: the head layout. input: the shards' input format.
         resources: the worker group's resources. root: where the run's checkpoints and state go (path or URI).
+        stage_domains: for each stage k, the indices of the domains it streams (only k, except for strategies such
+            as joint), asked of the strategies once.
     """
 
     pipeline: Pipeline
@@ -141,6 +143,7 @@ class StagePlan:
     input: InputFormat
     resources: Resources
     root: str
+    stage_domains: tuple[tuple[int, ...], ...]
 
     @classmethod
     def build(cls, pipeline: Pipeline, domains: list[Domain], storage: Storage, strategies: tuple[BoundStrategy, ...],
@@ -160,7 +163,9 @@ class StagePlan:
         features = first["features"]
         form = InputFormat(tuple(features["shape"]), float(features["scale"]), features["column"],
                            first["label"]["column"])
-        return cls(pipeline, tuple(domains), storage, strategies, layout, form, resources, root)
+        instances = [b.build() for b in strategies]
+        stage_domains = tuple(tuple(train_domains_of(instances, k)) for k in range(len(domains)))
+        return cls(pipeline, tuple(domains), storage, strategies, layout, form, resources, root, stage_domains)
 
     @property
     def num_stages(self) -> int:
@@ -169,7 +174,7 @@ class StagePlan:
 
     def train_domains(self, k: int) -> list[int]:
         """Indices of the domains stage k trains on (only k, except for strategies such as joint)."""
-        return train_domains_of([b.build() for b in self.strategies], k)
+        return list(self.stage_domains[k])
 
     def train_rows(self, k: int) -> int:
         """Training rows stage k streams per epoch (all workers together)."""
