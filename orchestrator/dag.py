@@ -4,7 +4,7 @@ The story of :func:`run`:
 
 1. bind the strategies (their parameters checked once), resolve every domain's URI and build missing shards from
    their declared ``source`` (cached; digests checked);
-2. ``validate``: a Ray task re-hashes every shard and checks its schema before anything is written, while the
+2. ``validate``: the driver re-hashes every shard and checks its schema before anything is written, while the
    worker group's processes start and stream stage 0's data;
 3. create the run folder ``<workdir>/<pipeline>/<run_id>`` and the MLflow parent run (MLflow calls run on a
    background thread from here on);
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import time
 import uuid
@@ -36,9 +35,9 @@ from rich.console import Console
 from orchestrator import shards
 from orchestrator.checkpoint import code_version, write_checkpoint
 from orchestrator.engine import Listener, Listeners, RunInfo, run_stages
-from orchestrator.errors import LifelongError, ShardError, check_reachable, one_line
+from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
-from orchestrator.ingest import READ_CPUS, validate_node
+from orchestrator.ingest import validate_domains as verify_shards
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, default_tracking_uri
 from orchestrator.models import build_model
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_workers
@@ -106,12 +105,12 @@ def same_source(manifest: dict[str, Any], source: SourceSpec) -> bool:
 
 
 def validate_domains(domains: list[Domain], storage: Storage) -> None:
-    """Run the ``validate`` node on Ray and re-raise its error as a one-line :class:`ShardError`."""
-    try:
-        ray.get(validate_node.remote([(d.name, d.uri, d.manifest) for d in domains], storage))
-    except ray.exceptions.RayTaskError as e:
-        cause = e.as_instanceof_cause()
-        raise ShardError(one_line(str(cause), ("ShardError: ",))) from None
+    """The ``validate`` node: re-hash every shard (on the driver, while the workers boot and stream stage 0).
+
+    Raises:
+        ShardError: at the first fault, naming the domain and the shard.
+    """
+    verify_shards([(d.name, d.uri, d.manifest) for d in domains], storage)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -141,10 +140,6 @@ def init_ray(address: str | None = None) -> None:
         except (ConnectionError, RuntimeError) as e:
             raise LifelongError(f"the Ray cluster at --address {address} is unreachable: "
                                 f"{str(e).strip().splitlines()[0]}") from None
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 def worker_resources(pipeline: Pipeline) -> Resources:
@@ -156,14 +151,14 @@ def worker_resources(pipeline: Pipeline) -> Resources:
 
 
 def check_resources(pipeline: Pipeline) -> Resources:
-    """The worker group's resources, refused if they would starve Ray Data on this cluster (see
+    """The worker group's resources, refused if they and the evaluation actors would not fit this cluster (see
     :func:`orchestrator.plan.check_workers`).
 
     Raises:
         LifelongError: naming the fields to change and the cluster's CPU count.
     """
     resources = worker_resources(pipeline)
-    check_workers(resources, ray.cluster_resources().get("CPU", 0.0), pipeline, READ_CPUS)
+    check_workers(resources, ray.cluster_resources().get("CPU", 0.0), pipeline)
     return resources
 
 
@@ -198,20 +193,19 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     runner = StageRunner(pipeline.training.executor, pipeline.training.max_failures)
     try:
         # The worker processes boot and start streaming stage 0's data while the shards are validated.
-        first = None if pipeline.training.materialize else plan.dataset(0)
         timeline["workers_start"] = time.time()
-        runner.prestart(resources, None if first is None else (plan.data(0), first))
+        runner.prestart(resources, plan.data(0))
         validate_domains(domains, storage)
         timeline["validated"] = time.time()
-        return _tracked_run(plan, options, runner, first, timeline)
+        return _tracked_run(plan, options, runner, timeline)
     finally:
         runner.close()
 
 
-def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, first: ray.data.Dataset | None,
+def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
                  timeline: dict[str, float]) -> dict[str, Any]:
-    """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report. ``first`` is
-    stage 0's dataset if the worker group is already streaming it; ``timeline`` gains the run's later marks."""
+    """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report; ``timeline``
+    gains the run's later marks."""
     pipeline = plan.pipeline
     options.workdir.mkdir(parents=True, exist_ok=True)
     tracker = _start_tracker(pipeline, options)
@@ -231,7 +225,7 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, firs
     try:
         plan = replace(plan, root=stage_root(pipeline, run_id, run_dir))
         run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code)
-        report = _stages(run, runner, first, options, [events, MlflowStages(tracker, parent, run_id)])
+        report = _stages(run, runner, options, [events, MlflowStages(tracker, parent, run_id)])
         timeline.update(workers_ready=runner.ready_at() or float("nan"),
                         first_batch=report["stages"][0]["first_batch_at"], report_written=time.time())
         report.update(wall_seconds=timeline["report_written"] - timeline["run_start"], run_dir=str(run_dir),
@@ -269,7 +263,7 @@ def _initial_checkpoint(plan: StagePlan, run_id: str, code: dict[str, str]) -> s
                                 [b.build().state_dict() for b in plan.strategies], lineage, plan.storage))
 
 
-def _stages(run: RunInfo, runner: StageRunner, first: ray.data.Dataset | None, options: RunOptions,
+def _stages(run: RunInfo, runner: StageRunner, options: RunOptions,
             listeners: list[Listener]) -> dict[str, Any]:
     """Run the stage engine with the run's listeners and return the report's stages, R and CL metrics."""
     evaluate = run.plan.pipeline.evaluation.enabled
@@ -278,7 +272,7 @@ def _stages(run: RunInfo, runner: StageRunner, first: ray.data.Dataset | None, o
     recorders = Listeners([bar, builder, *listeners])
     scheduler = EvaluationScheduler(recorders) if evaluate else None
     try:
-        run_stages(run, runner, Listeners([recorders, *([scheduler] if scheduler else [])]), first)
+        run_stages(run, runner, Listeners([recorders, *([scheduler] if scheduler else [])]))
     finally:
         bar.close()
         if scheduler is not None:

@@ -22,8 +22,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray.data
-
 from orchestrator.checkpoint import read_lineage
 from orchestrator.errors import TrainingError
 from orchestrator.plan import StagePlan, StageSpec
@@ -162,12 +160,10 @@ class Listeners(Listener):
             m.run_finished()
 
 
-def run_stages(run: RunInfo, runner: StageRunner, listener: Listener,
-               first: ray.data.Dataset | None = None) -> list[StageResult]:
+def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[StageResult]:
     """Run the stages of ``run.plan`` in order on ``runner``, each from the previous one's checkpoint.
 
-    ``first`` is stage 0's dataset if the workers already stream it. Returns the committed stages (fewer than T if
-    a listener stopped the run).
+    Returns the committed stages (fewer than T if a listener stopped the run).
 
     Raises:
         TrainingError: ``stage k (<domain>) failed: <why>``, after ``stage_failed`` reached the listeners.
@@ -175,13 +171,10 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener,
     plan = run.plan
     listener.run_started(run)
     parent, results = run.init_checkpoint, []
-    ahead = first if first is not None else plan.dataset(0)
     for k in range(plan.num_stages):
         stage = plan.stage(k, parent, read_lineage(parent, plan.storage), run.run_id, run.code)
-        after = plan.dataset(k + 1) if k + 1 < plan.num_stages else None
         start = time.time()
-        handle = runner.start(stage, ahead, lambda k=k: plan.dataset(k),
-                              None if after is None else (plan.data(k + 1), after))
+        handle = runner.start(stage, plan.data(k + 1) if k + 1 < plan.num_stages else None)
         listener.stage_started(stage)
         while not handle.wait(POLL_SECONDS):
             _forward_progress(runner, stage, listener)
@@ -194,7 +187,7 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener,
             raise TrainingError(f"stage {k} ({stage.domain}) failed: {e}") from None
         results.append(StageResult(checkpoint, stats, start, time.time()))
         listener.stage_committed(stage, results[-1])
-        parent, ahead = checkpoint, after
+        parent = checkpoint
         if listener.should_stop():
             break
     listener.run_finished()

@@ -1,116 +1,175 @@
-"""A stage's training data as a Ray Dataset: read the domains' shards, tag each row with its domain, shuffle.
+"""A stage's training data: which shard files it streams, and each worker's part of them, read with pyarrow.
 
-The shards listed in each domain's manifest are read by Ray Data tasks (``training.readers`` of them, a fraction of a
-CPU each, each streaming its share of the files file by file) with pyarrow, from wherever they live (local disk or
-object storage, through the pipeline's :class:`orchestrator.storage.Storage`); they are streamed to the workers
-and never collected on the driver. The manifest already names every shard and its row count, so nothing is listed
-or sampled: ``ray.data.read_parquet`` does both when a dataset is built (with 1-CPU tasks, measured at about 1 s
-per stage on 2 cores, and a hang when workers and evaluators leave less than one CPU free) or, with its second
-datasource, on every epoch (2-4 s here).
+The driver lists a stage's shard files once, from the manifests (:func:`stage_files`: URI, domain, row count; nothing
+is listed or sampled on storage). Each training worker then reads its own part straight from storage (local disk or
+object storage, through the pipeline's :class:`orchestrator.storage.Storage`), row group by row group, on a thread
+of its own process (:class:`WorkerShard`). Nothing passes through the driver or the Ray object store, and no other
+process is started: on 2 cores, Ray Data's read tasks (one process each, plus its statistics actor) cost 3-6 s of
+CPU at the start of a run and took a third of the training thread's cycles while they prefetched the next stage.
 
-``training.shuffle`` picks how much the order is mixed, cheapest first:
+A worker's part is an equal share of the stage's rows (``rows // world`` each, the last few dropped with several
+workers, as DDP needs the same number of steps on every rank). ``training.shuffle`` picks how the order is mixed,
+cheapest first:
 
-- ``files``: the shard files of each domain in a seeded random order; rows keep their order within a file;
-- ``local`` (default): as ``files``, plus a shuffle buffer of ``training.shuffle_buffer`` rows in each worker's
-  batch iterator (``iter_torch_batches(local_shuffle_buffer_size=...)``, see ``orchestrator/stage.py``);
-- ``full``: Ray Data's global ``random_shuffle`` of all rows (an all-to-all exchange: a full extra pass over the
-  data before training).
+- ``files``: the shard files of each domain in a seeded random order (several domains' files interleaved); each
+  worker takes a contiguous run of that stream; rows keep their order within a file;
+- ``local`` (default): as ``files``, plus a shuffle buffer of ``training.shuffle_buffer`` rows in each worker
+  (``orchestrator.stage.local_shuffle``);
+- ``full``: a seeded permutation of all the stage's rows; worker r takes positions ``[r n, (r + 1) n)`` of it. Each
+  worker reads every file once and keeps its own rows, so its share is held in memory before its first batch.
 
-Epochs after the first that a worker keeps in memory are re-shuffled there (``stage.EpochCache``).
+Only ``files`` and ``local`` stream: memory stays at a row group per worker whatever the domain's size. Epochs after
+the first that a worker keeps in memory are re-shuffled there (``stage.EpochCache``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-import ray.data
 
 from orchestrator.errors import ShardError
 from orchestrator.shards import shard_uris, verify_domain
 from orchestrator.storage import Storage
 
 ShuffleMode = Literal["files", "local", "full"]
-READ_CPUS = 0.25  # CPUs each read task reserves: a fraction, the training workers hold the rest
 
 
-class ReadShards:
-    """Ray Data map: read the shard files named in a batch of ``{"uri", "t"}`` rows, one after the other, and yield
-    each file's rows (the manifest's feature and label columns) with an int64 column ``t``, the domain index.
+@dataclass(frozen=True)
+class ShardFile:
+    """One training shard of a stage: its URI, the index of its domain in the stream, and its row count."""
 
-    Yielding file by file streams a task's output: one task reads many files without holding them all, and the
-    per-task cost is paid once per reader rather than once per file (measured on 2 cores: 0.65x raw pyarrow
-    throughput with one task per file, 0.97-1.06x with 7-14 files per task).
-
-    Args:
-        columns: the columns to read. storage: how to reach the URIs (S3 endpoint and credentials).
-    Raises:
-        OSError (pyarrow's): if a shard cannot be read (the message names its path).
-    """
-
-    def __init__(self, columns: list[str], storage: Storage) -> None:
-        self.columns, self.storage = columns, storage
-
-    def __call__(self, files: pa.Table) -> Iterator[pa.Table]:
-        """``[F]`` file rows in; for each file, its ``[N]`` data rows out."""
-        for uri, t in zip(files.column("uri").to_pylist(), files.column("t").to_pylist()):
-            fs, path = self.storage.arrow(uri)
-            table = pq.read_table(path, columns=self.columns, filesystem=fs)
-            yield table.append_column("t", pa.array(np.full(table.num_rows, t, dtype=np.int64)))
+    uri: str
+    domain: int
+    rows: int
 
 
-def stage_dataset(domains: list[tuple[str, dict[str, Any]]], indices: list[int], shuffle: ShuffleMode, seed: int,
-                  storage: Storage, num_cpus: float = READ_CPUS, readers: int | None = None) -> ray.data.Dataset:
-    """The training rows of domains ``indices`` (``(uri, manifest)`` each, in stream order), tagged and shuffled.
-
-    Args:
-        shuffle: see the module docstring. seed: base seed of the file order and of the full shuffle.
-        num_cpus: CPUs each read task reserves (fractional: the training workers hold the rest).
-        readers: read tasks, each streaming its consecutive share of the files (None: one task per file, as many
-            at once as the free CPUs allow); each new task process costs a start (about 1 s of CPU here).
-    Returns:
-        a lazy Dataset with the manifest's feature and label columns plus ``t`` (int64 domain index).
-    """
+def stage_files(domains: Sequence[tuple[str, Mapping[str, Any]]], indices: Sequence[int], shuffle: ShuffleMode,
+                seed: int) -> tuple[ShardFile, ...]:
+    """The train-split shard files of domains ``indices`` (``(uri, manifest)`` each, in stream order), in the order
+    the stage streams them: seeded random per domain and interleaved across domains for ``files``/``local``, the
+    manifests' order for ``full`` (its permutation is over rows)."""
     rng = np.random.default_rng(seed)
-    files, columns = [], None
+    files: list[ShardFile] = []
     for j in indices:
         uri, manifest = domains[j]
-        schema = manifest["schema"]
-        columns = columns or [schema["features"]["column"], schema["label"]["column"]]
-        uris = shard_uris(uri, manifest, "train")
+        uris = shard_uris(uri, dict(manifest), "train")
+        rows = [int(s["rows"]) for s in manifest["splits"]["train"]["shards"]]
         order = rng.permutation(len(uris)) if shuffle in ("files", "local") else range(len(uris))
-        files += [{"uri": uris[i], "t": j} for i in order]
+        files += [ShardFile(uris[i], j, rows[i]) for i in order]
     if shuffle in ("files", "local") and len(indices) > 1:
         files = [files[i] for i in rng.permutation(len(files))]  # several domains (joint): interleave their files
-    # One read task per reader, each streaming its consecutive share of the files (one per file without a limit).
-    tasks = min(len(files), readers or len(files))
-    dataset = (ray.data.from_items(files, override_num_blocks=tasks)
-               .map_batches(ReadShards(columns or [], storage), batch_size=None, batch_format="pyarrow",
-                            num_cpus=num_cpus, compute=ray.data.TaskPoolStrategy(size=readers)))
-    # Blocks leave in file order, not in the order the read tasks finish: the same seed gives the same stream.
-    dataset.context.execution_options.preserve_order = True
-    dataset.context.print_on_execution_start = False  # the driver runs it with training.materialize: keep stdout
-    if shuffle == "full":
-        dataset = dataset.random_shuffle(seed=seed)
-    return dataset
+    return tuple(files)
 
 
-@ray.remote(num_cpus=READ_CPUS)
-def validate_node(domains: list[tuple[str, str, dict[str, Any]]], storage: Storage) -> None:
-    """The ``validate`` DAG node: re-hash every shard of every ``(name, uri, manifest)`` domain and check its schema.
+@dataclass(frozen=True)
+class WorkerShard:
+    """Worker ``rank``'s part of a stage's training data (see the module docstring), read where it runs.
 
-    It lives here, on the data path, so that its worker process imports no more than the read tasks do (no torch)
-    and can serve them afterwards.
+    Attributes:
+        files: the stage's shard files in stream order. columns: ``(features, label)`` column names.
+        storage: how to reach the URIs. rank, world: this worker and the number of workers.
+        permutation_seed: for ``shuffle: full``, the seed of the permutation of all rows; None streams in file order.
+    """
+
+    files: tuple[ShardFile, ...]
+    columns: tuple[str, str]
+    storage: Storage
+    rank: int = 0
+    world: int = 1
+    permutation_seed: int | None = None
+
+    @property
+    def rows(self) -> int:
+        """Rows this worker reads per pass: the stage's rows divided equally (rounded down)."""
+        return sum(f.rows for f in self.files) // self.world
+
+    def tables(self, chunk_rows: int) -> Iterator[pa.Table]:
+        """One pass over this worker's rows as Arrow tables of exactly ``chunk_rows`` rows (the last one possibly
+        fewer), with the feature and label columns and an int64 ``t`` (the domain index).
+
+        Raises:
+            ShardError: if a shard cannot be read or lacks a column (naming its URI).
+        """
+        if self.permutation_seed is None:
+            start = self.rank * self.rows
+            yield from _rechunk(self._read(start, start + self.rows), chunk_rows)
+        else:
+            yield from _rechunk(iter([self._permuted()]), chunk_rows)
+
+    def _read(self, start: int, stop: int) -> Iterator[pa.Table]:
+        """Rows ``[start, stop)`` of the stage's stream, row group by row group, tagged with their domain."""
+        offset = 0
+        for f in self.files:
+            lo, hi = max(start, offset) - offset, min(stop, offset + f.rows) - offset
+            offset += f.rows
+            if lo >= hi:
+                continue
+            for table, at in self._row_groups(f):
+                a, b = max(lo, at), min(hi, at + table.num_rows)
+                if a < b:
+                    part = table.slice(a - at, b - a)
+                    yield part.append_column("t", pa.array(np.full(part.num_rows, f.domain, dtype=np.int64)))
+
+    def _row_groups(self, f: ShardFile) -> Iterator[tuple[pa.Table, int]]:
+        """``(row group, its first row)`` of one shard file, read one at a time."""
+        try:
+            fs, path = self.storage.arrow(f.uri)
+            with fs.open_input_file(path) as handle:
+                reader, at = pq.ParquetFile(handle), 0
+                for i in range(reader.num_row_groups):
+                    table = reader.read_row_group(i, columns=list(self.columns))
+                    yield table, at
+                    at += table.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"shard {f.uri}: {str(e).strip().splitlines()[0]}") from None
+
+    def _permuted(self) -> pa.Table:
+        """This worker's rows of the seeded permutation of all the stage's rows, in permutation order."""
+        total = sum(f.rows for f in self.files)
+        mine = np.random.default_rng(self.permutation_seed).permutation(total)[self.rank * self.rows:
+                                                                             (self.rank + 1) * self.rows]
+        wanted = np.sort(mine)
+        kept, offset = [], 0
+        for table in self._read(0, total):
+            lo, hi = np.searchsorted(wanted, [offset, offset + table.num_rows])
+            if hi > lo:
+                kept.append(table.take(pa.array(wanted[lo:hi] - offset)))
+            offset += table.num_rows
+        if not kept:
+            return pa.table({})
+        rows = pa.concat_tables(kept)  # in stream order; put them in permutation order
+        return rows.take(pa.array(np.searchsorted(wanted, mine)))
+
+
+def _rechunk(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables``, in order, as tables of exactly ``rows`` rows (the last one possibly fewer)."""
+    pending: list[pa.Table] = []
+    count = 0
+    for table in tables:
+        pending.append(table)
+        count += table.num_rows
+        while count >= rows:
+            merged = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            yield merged.slice(0, rows)
+            rest = merged.slice(rows)
+            pending, count = ([rest] if rest.num_rows else []), rest.num_rows
+    if count:
+        yield pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+
+
+def validate_domains(domains: Sequence[tuple[str, str, Mapping[str, Any]]], storage: Storage) -> None:
+    """Re-hash every shard of every ``(name, uri, manifest)`` domain and check its schema and row count.
 
     Raises:
         ShardError: at the first fault, naming the domain and the shard.
     """
     for name, uri, manifest in domains:
         try:
-            verify_domain(uri, manifest, storage=storage)
+            verify_domain(uri, dict(manifest), storage=storage)
         except ShardError as e:
             raise ShardError(f"domain '{name}': {e}") from None

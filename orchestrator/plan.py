@@ -20,11 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import ray.data
-
 from orchestrator.checkpoint import lineage_record
 from orchestrator.errors import LifelongError, ShardError
-from orchestrator.ingest import stage_dataset
+from orchestrator.ingest import ShardFile, WorkerShard, stage_files
 from orchestrator.models import HeadLayout
 from orchestrator.spec import Pipeline, bind
 from orchestrator.storage import Storage, join
@@ -76,6 +74,7 @@ class StageData:
 
     Attributes:
         task_id: the stage. train_domains: indices of the domains it streams (its own; 0..k for joint).
+        files: its shard files, in stream order. storage: how to reach them.
         layout: the head layout (maps raw labels to output units). input: the shards' input format.
         batch_size: samples per worker step. shuffle: ``files | local | full``. shuffle_rows: rows in the local
             shuffle buffer (0: none). cache_bytes: a worker keeps its part in memory up to this many bytes.
@@ -84,6 +83,8 @@ class StageData:
 
     task_id: int
     train_domains: tuple[int, ...]
+    files: tuple[ShardFile, ...]
+    storage: Storage
     layout: HeadLayout
     input: InputFormat
     batch_size: int
@@ -91,6 +92,11 @@ class StageData:
     shuffle_rows: int
     cache_bytes: int
     seed: int
+
+    def shard(self, rank: int, world: int) -> WorkerShard:
+        """Worker ``rank`` of ``world``'s part of the stage's training data (see ``orchestrator/ingest.py``)."""
+        full = self.seed * 1000 + self.task_id if self.shuffle == "full" else None
+        return WorkerShard(self.files, (self.input.features, self.input.label), self.storage, rank, world, full)
 
 
 @dataclass(frozen=True)
@@ -187,16 +193,10 @@ class StagePlan:
         # A stage that streams several domains (joint) gets a proportionally larger shuffle buffer, so that its
         # batches mix the domains instead of following the order in which their shards are read.
         rows = t.shuffle_buffer * len(domains) if t.shuffle == "local" else 0
-        return StageData(k, domains, self.layout, self.input, t.batch_size, t.shuffle, rows, int(t.cache_mb * 2**20),
-                         self.pipeline.seed)
-
-    def dataset(self, k: int) -> ray.data.Dataset:
-        """Stage k's training data: lazy (streamed by the workers), or read into the object store first
-        (``training.materialize``; the driver then holds block references only)."""
-        t = self.pipeline.training
-        ds = stage_dataset([(d.uri, d.manifest) for d in self.domains], self.train_domains(k), t.shuffle,
-                           self.pipeline.seed * 1000 + k, self.storage, readers=t.readers)
-        return ds.materialize() if t.materialize else ds
+        files = stage_files([(d.uri, d.manifest) for d in self.domains], domains, t.shuffle,
+                            self.pipeline.seed * 1000 + k)
+        return StageData(k, domains, files, self.storage, self.layout, self.input, t.batch_size, t.shuffle, rows,
+                         int(t.cache_mb * 2**20), self.pipeline.seed)
 
     def stage(self, k: int, parent: str, parent_lineage: Mapping[str, Any], run_id: str,
               code: Mapping[str, str]) -> StageSpec:
@@ -210,12 +210,9 @@ class StagePlan:
                          self.storage, self.resources, self.train_rows(k))
 
 
-def check_workers(resources: Resources, cluster_cpus: float, pipeline: Pipeline, read_cpus: float) -> None:
-    """Refuse resources that would starve Ray Data and hang the first stage.
-
-    Measured on Ray 2.60 with 2 CPUs: the read tasks (``read_cpus`` each) need that much left over by the training
-    workers and the evaluation actors; with ``executor: ray_train``, Train's ingest read tasks only get scheduled
-    when the workers reserve at most half of the cluster's CPUs (0.5 of 2 runs, 0.75 hangs forever).
+def check_workers(resources: Resources, cluster_cpus: float, pipeline: Pipeline) -> None:
+    """Refuse a worker group and evaluation actors that together reserve more CPUs than the cluster has: Ray would
+    wait for them forever and the run would hang.
 
     Raises:
         LifelongError: naming the fields to change and the cluster's CPU count.
@@ -223,13 +220,8 @@ def check_workers(resources: Resources, cluster_cpus: float, pipeline: Pipeline,
     e = pipeline.evaluation
     workers = resources.num_workers * resources.cpus_per_worker
     reserved = workers + (e.num_actors * e.cpus_per_actor if e.enabled else 0.0)
-    if cluster_cpus - reserved < read_cpus:
+    if reserved > cluster_cpus:
         raise LifelongError(f"training.num_workers x training.cpus_per_worker + evaluation.num_actors x "
-                            f"evaluation.cpus_per_actor = {reserved:g} CPUs, which leaves less than {read_cpus:g} of "
-                            f"this Ray cluster's {cluster_cpus:g} CPUs to Ray Data's readers; the run would hang. "
-                            f"Lower training.cpus_per_worker or evaluation.cpus_per_actor")
-    if pipeline.training.executor == "ray_train" and workers > cluster_cpus / 2:
-        raise LifelongError(f"training.num_workers x training.cpus_per_worker = {workers:g} CPUs, more than half of "
-                            f"this Ray cluster's {cluster_cpus:g} CPUs; with training.executor ray_train, Ray Data's "
-                            f"readers would starve and the stage would hang. Lower training.cpus_per_worker (e.g. "
-                            f"--set training.cpus_per_worker={cluster_cpus / 2 / resources.num_workers:g})")
+                            f"evaluation.cpus_per_actor = {reserved:g} CPUs, more than this Ray cluster's "
+                            f"{cluster_cpus:g}; the run would wait for them forever. Lower training.cpus_per_worker "
+                            f"or evaluation.cpus_per_actor")

@@ -114,19 +114,14 @@ class TrainingSpec(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker; Ray Data needs the rest")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (Ray scheduling; the torch threads are threads_per_worker)")
     shuffle: Literal["files", "local", "full"] = Field(
         "local", description="files: shard files in random order; local: plus a per-worker shuffle buffer; "
         "full: a global shuffle of all rows (a full extra pass)")
     shuffle_buffer: int = Field(8192, ge=1, description="rows in each worker's local shuffle buffer (shuffle: local)")
-    readers: int | None = Field(2, ge=1, description="Ray Data read tasks of a stage running at once (each reads "
-                                "whole shard files); null: as many as the free CPUs allow")
     cache_mb: float = Field(1024.0, ge=0, description="a worker keeps its part of the stage's data in memory after "
                             "the first epoch when it takes at most this many MB (float32 features), and later epochs "
                             "re-shuffle it there; 0 streams every epoch from the shards")
-    materialize: bool = Field(False, description="read a stage's training blocks into the Ray object store (spilled "
-                              "to disk when larger) before the stage starts, so that epochs that are not cached re-read "
-                              "no shards")
     executor: Literal["group", "ray_train"] = Field(
         "group", description="group: one persistent worker group per pipeline (workers started once, a checkpoint "
         "per stage); ray_train: one Ray Train fit per stage (about 19 s of start-up each on 2 cores)")

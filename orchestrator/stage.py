@@ -4,7 +4,7 @@ The story of a stage, on every worker (:func:`run_stage`, given the driver's :cl
 
 1. build the model and the bound strategies, and load the previous stage's checkpoint (weights and strategy state);
 2. wrap the model in DDP when there are several workers;
-3. for each epoch, stream this worker's part of the domain's training data (Ray Data ``iter_torch_batches``; kept
+3. for each epoch, stream this worker's part of the domain's training data (``orchestrator/ingest.py``; kept
    in memory after the first epoch when it fits, see :class:`EpochCache`) and run the strategy hooks around forward,
    backward and the optimizer step (see ``strategies/base.py``);
 4. ``after_task``: the strategies consolidate their state across workers;
@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from ray.data.collate_fn import ArrowBatchCollateFn
 
 from orchestrator.checkpoint import load_checkpoint, write_checkpoint
 from orchestrator.errors import TrainingError
+from orchestrator.ingest import WorkerShard
+from orchestrator.shards import feature_matrix
 from orchestrator.models import build_model
 from orchestrator.plan import StageData, StageSpec
 from orchestrator.spec import Pipeline
@@ -64,45 +65,75 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
-class ToBatch(ArrowBatchCollateFn):
-    """Collate an Arrow batch of shard rows into a :class:`Batch`.
+class ToBatch:
+    """Collate an Arrow table of shard rows into a :class:`Batch`.
 
-    Features (uint8, flattened) are scaled to floats and reshaped to ``[B, *input_shape]``; labels are mapped to
-    output units through the head layout's target table ``[T, max_label + 1]`` using the ``t`` column.
+    Features (uint8, flattened) are scaled to float32 with numpy (one pass, off the GIL, so that a prefetching thread
+    leaves the training thread alone) and reshaped to ``[B, *input_shape]``; labels are mapped to output units
+    through the head layout's target table ``[T, max_label + 1]`` using the ``t`` column.
+
+    Raises:
+        TrainingError: (when called) a label is outside its domain's label set (naming the label and the domain).
     """
 
     def __init__(self, features: str, label: str, input_shape: tuple[int, ...], scale: float,
                  targets: torch.Tensor) -> None:
-        super().__init__()
         self.features, self.label, self.input_shape = features, label, input_shape
-        self.scale, self.targets = scale, targets
+        self.scale, self.targets, self.width = np.float32(scale), targets, math.prod(input_shape)
 
     def __call__(self, table: pa.Table) -> Batch:
-        """Arrow table with the feature, label and ``t`` columns -> :class:`Batch`."""
+        """Arrow table of ``[N]`` rows with the feature, label and ``t`` columns -> :class:`Batch`."""
         n = table.num_rows
-        raw = table.column(self.features).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        x = torch.from_numpy(raw.reshape(n, *self.input_shape).astype(np.float32)) * self.scale
+        raw = feature_matrix(table.column(self.features), self.width)
+        x = torch.from_numpy(np.multiply(raw.reshape(n, *self.input_shape), self.scale, dtype=np.float32))
         labels = torch.from_numpy(table.column(self.label).to_numpy().astype(np.int64))
         t = torch.from_numpy(table.column("t").to_numpy().astype(np.int64))
         y = self.targets[t, labels.clamp(0, self.targets.shape[1] - 1)]
-        bad = (labels >= self.targets.shape[1]) | (y < 0)
+        bad = (labels >= self.targets.shape[1]) | (labels < 0) | (y < 0)
         if bool(bad.any()):
             raise TrainingError(f"label {int(labels[bad][0])} of domain {int(t[bad][0])} is not in its label set")
         return Batch(x, y, t)
 
 
-def stream_batches(shard: Any, collate: ToBatch, batch_size: int, shuffle_rows: int = 0,
-                   seed: int = 0) -> Iterator[Batch]:
-    """One streaming pass over a worker's ``shard`` (anything with Ray Data's ``iter_torch_batches``) as training
-    batches of ``batch_size`` samples (the last one possibly smaller).
+def local_shuffle(tables: Iterator[pa.Table], rows: int, seed: int) -> Iterator[pa.Table]:
+    """Mix a stream of Arrow tables through a shuffle buffer of ``rows`` rows (seeded by ``seed``).
 
-    Ray Data hands over blocks of about 2048 rows, cut here into training batches: its per-batch cost is paid 16
-    times less often (measured on 2 cores: 0.66 s instead of 0.9 s per epoch of 11,400 MNIST rows while training).
-    ``shuffle_rows`` > 0 mixes rows through a local shuffle buffer of that many rows, seeded by ``seed``.
+    Once the buffer holds ``2 rows`` rows, it is permuted and all but ``rows`` random rows leave (rounded down to
+    whole input tables' lengths); at the end, the rest leaves permuted. A row can travel up to the whole stream's
+    length. It works on the shards' raw columns (uint8 features), before collation: each row is copied about twice,
+    at a quarter of the bytes of float32 features.
+    """
+    rng = np.random.default_rng(seed)
+    pool: list[pa.Table] = []
+    size = block = 0
+    for table in tables:
+        block = block or table.num_rows
+        pool.append(table)
+        size += table.num_rows
+        if size >= 2 * rows:
+            mixed = pa.concat_tables(pool).take(pa.array(rng.permutation(size)))
+            out = max(block, (size - rows) // block * block)
+            yield mixed.slice(0, out)
+            pool, size = [mixed.slice(out)], size - out
+    if size:
+        yield pa.concat_tables(pool).take(pa.array(rng.permutation(size)))
+
+
+def stream_batches(shard: WorkerShard, collate: ToBatch, batch_size: int, shuffle_rows: int = 0,
+                   seed: int = 0) -> Iterator[Batch]:
+    """One streaming pass over a worker's ``shard`` as training batches of ``batch_size`` samples (the last one
+    possibly smaller).
+
+    The shard is read in blocks of about 2048 rows (a whole number of batches), mixed through :func:`local_shuffle`
+    when ``shuffle_rows`` > 0 (seeded by ``seed``), collated once per block and cut into training batches, so that
+    the per-block cost is paid 16 times less often than per batch.
     """
     chunk = batch_size * max(1, 2048 // batch_size)
-    for block in shard.iter_torch_batches(batch_size=chunk, collate_fn=collate,
-                                          local_shuffle_buffer_size=shuffle_rows or None, local_shuffle_seed=seed):
+    tables = shard.tables(chunk)
+    if shuffle_rows:
+        tables = local_shuffle(tables, shuffle_rows, seed)
+    for table in tables:
+        block = collate(table)
         for i in range(0, len(block), batch_size):
             yield block.select(slice(i, i + batch_size))
 
@@ -166,20 +197,19 @@ class Prefetch:
     """A stage's first pass over a worker's shard, streamed into memory ahead of the stage on a background thread.
 
     The persistent worker group streams stage k+1's data while stage k trains (and stage 0's while the driver
-    validates the shards), so that a stage's first epoch does not wait on Ray Data's start-up (0.5-1 s per stage on
-    2 cores; about 3 s for the first stage of a run). The batches are the ones the stage would have streamed itself,
-    in the same order.
+    validates the shards and the model is built), so that a stage's first epoch does not wait on the first reads
+    (opening the shards, a round trip each on object storage). The batches are the ones the stage would have
+    streamed itself, in the same order.
 
     Args:
-        task_id: the stage whose data this is. shard: the worker's part of the stage's data (kept for later
-            epochs that do not fit the cache). stream: the streaming pass (``[B, ...]`` batches).
+        task_id: the stage whose data this is. stream: the streaming pass (``[B, ...]`` batches).
         max_batches: how many batches may wait in memory before the stage consumes them (the thread then blocks).
     """
 
     _END = object()
 
-    def __init__(self, task_id: int, shard: Any, stream: Callable[[], Iterator[Batch]], max_batches: int) -> None:
-        self.task_id, self.shard = task_id, shard
+    def __init__(self, task_id: int, stream: Callable[[], Iterator[Batch]], max_batches: int) -> None:
+        self.task_id = task_id
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, max_batches))
         self.cancelled = threading.Event()
         self.thread = threading.Thread(target=self._fill, args=(stream,), name=f"prefetch-stage-{task_id}",
@@ -316,15 +346,17 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> t
     return loss
 
 
-def make_stream(data: StageData, shard: Any) -> Callable[[], Iterator[Batch]]:
-    """The streaming pass of stage ``data.task_id`` over this worker's ``shard``: Ray Data blocks collated into
-    training batches (``[B, *input_shape]`` floats, targets, domain ids) of ``data.batch_size`` samples.
+def make_stream(data: StageData, rank: int, world: int) -> Callable[[], Iterator[Batch]]:
+    """The streaming pass of stage ``data.task_id`` over worker ``rank`` of ``world``'s part of its data
+    (:meth:`StageData.shard`): training batches (``[B, *input_shape]`` floats, targets, domain ids) of
+    ``data.batch_size`` samples.
 
     Only the stage's data description is needed, so the pass can start before the stage's parent checkpoint exists
     (:class:`Prefetch`).
     """
     form = data.input
     collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table())
+    shard = data.shard(rank, world)
     return lambda: stream_batches(shard, collate, data.batch_size, data.shuffle_rows, data.seed + data.task_id)
 
 
@@ -347,7 +379,7 @@ def stage_context(stage: StageSpec, rank: int, world: int, model: torch.nn.Modul
                         target_table=layout.target_table(), state_uri=stage.state_uri, store=stage.storage)
 
 
-def run_stage(stage: StageSpec, rank: int, world: int, shard: Any, device: torch.device,
+def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
               wrap_model: Callable[[torch.nn.Module], torch.nn.Module], first_pass: Iterator[Batch] | None = None,
               after_first_pass: Callable[[], None] | None = None, on_progress: ProgressFn | None = None
               ) -> tuple[dict[str, Any], torch.nn.Module, list[Strategy]]:
@@ -355,11 +387,9 @@ def run_stage(stage: StageSpec, rank: int, world: int, shard: Any, device: torch
 
     Args:
         stage: the driver's description of the stage. rank, world: this worker's rank and the number of workers.
-        shard: this worker's part of the stage's training data: anything with Ray Data's ``iter_torch_batches``
-            (a ``Dataset`` with one worker, a ``DataIterator`` from ``streaming_split`` or Ray Train otherwise).
         device: where the model trains. wrap_model: wraps the model for data parallelism (DDP) or returns it.
-        first_pass: the first epoch's batches, already streaming from ``shard`` (:class:`Prefetch`), if any.
-        after_first_pass: called once the first epoch's pass over ``shard`` is complete.
+        first_pass: the first epoch's batches, already streaming (:class:`Prefetch`), if any.
+        after_first_pass: called once the first epoch's pass over this worker's data is complete.
         on_progress: receives rank 0's :class:`Progress` reports.
     Returns:
         ``(stats, model, strategies)``: :func:`fit_task`'s statistics plus ``setup_seconds`` and
@@ -380,7 +410,7 @@ def run_stage(stage: StageSpec, rank: int, world: int, shard: Any, device: torch
     for s, state in zip(strategies, strategy_states):
         s.load_state_dict(state)
     train_model = wrap_model(model) if world > 1 else model
-    batches = EpochCache(make_stream(stage.data, shard), stage.data.cache_bytes, stage.data.batch_size,
+    batches = EpochCache(make_stream(stage.data, rank, world), stage.data.cache_bytes, stage.data.batch_size,
                          shuffle=stage.data.shuffle != "files",
                          seed=hash((pipeline.seed, stage.task_id, rank)) & 0x7FFF_FFFF,
                          first_pass=first_pass, after_first_pass=after_first_pass)
@@ -410,8 +440,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     queue = config.get("progress")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    stats, model, strategies = run_stage(stage, rank, world, ray.train.get_dataset_shard("train"),
-                                         ray.train.torch.get_device(), ray.train.torch.prepare_model,
+    stats, model, strategies = run_stage(stage, rank, world, ray.train.torch.get_device(),
+                                         ray.train.torch.prepare_model,
                                          on_progress=None if queue is None else queue.put_nowait)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None

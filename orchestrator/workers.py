@@ -6,8 +6,7 @@ processes, torch import, process group, storage sync), so one fit per stage make
 
 - ``group`` (default): :class:`WorkerGroup`, N long-lived Ray actors (one per worker) started once per pipeline,
   with one torch process group (gloo on CPU, NCCL on GPU) set up once. Every stage still starts from its parent
-  checkpoint, streams its own Ray Dataset (``streaming_split`` across the workers, as Ray Train does), writes its
-  own checkpoint and reports its own statistics; the group only keeps the processes. A stage whose resources differ
+  checkpoint, reads its own equal part of the stage's shards (``orchestrator/ingest.py``), writes its own checkpoint and reports its own statistics; the group only keeps the processes. A stage whose resources differ
   from the group's gets a new group. If a worker process dies, the group is rebuilt and the stage restarts from its
   parent checkpoint, up to ``training.max_failures`` times (errors raised by the training itself, such as a NaN
   loss, are not retried: they would recur).
@@ -15,8 +14,8 @@ processes, torch import, process group, storage sync), so one fit per stage make
   worker-level fault tolerance (``FailureConfig``) and its checkpoint persistence under the run's storage path.
 
 With ``group``, each worker streams the next stage's data into memory while the current stage trains
-(and stage 0's while the driver validates the shards), so that no stage waits on Ray Data's start
-(:class:`orchestrator.stage.Prefetch`).
+(and stage 0's while the driver validates the shards), so that no stage waits on its first reads
+(:class:`orchestrator.stage.Prefetch`). With ``ray_train``, each worker streams its part when its stage starts.
 
 Both run the same stage body, :func:`orchestrator.stage.run_stage`. :meth:`StageRunner.start` returns a handle the
 driver polls (``wait``) while it shows progress and collects evaluation cells, then asks for the ``result``.
@@ -33,7 +32,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
-import ray.data
 import torch
 
 from orchestrator.checkpoint import write_checkpoint
@@ -42,7 +40,6 @@ from orchestrator.plan import Resources, StageData, StageSpec
 from orchestrator.stage import Prefetch, Progress, make_stream, prefetch_batches, run_stage, train_loop_per_worker
 
 GIL_SWITCH_SECONDS = 0.0005
-NextStage = tuple[StageData, Any]  # the next stage's data description and its dataset (or one worker's part)
 
 
 class StageWorker:
@@ -95,42 +92,42 @@ class StageWorker:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def prefetch(self, data: StageData, shard: Any) -> None:
-        """Start streaming the first pass of stage ``data.task_id`` over ``shard`` into memory now, on a background
-        thread (:class:`orchestrator.stage.Prefetch`). Replaces an earlier prefetch."""
+    def prefetch(self, data: StageData) -> None:
+        """Start streaming the first pass of this worker's part of stage ``data.task_id``'s data into memory now, on
+        a background thread (:class:`orchestrator.stage.Prefetch`). Replaces an earlier prefetch."""
         if self.prefetched is not None:
             self.prefetched.cancel()
-        self.prefetched = Prefetch(data.task_id, shard, make_stream(data, shard), prefetch_batches(data))
+        self.prefetched = Prefetch(data.task_id, make_stream(data, self.rank, self.world), prefetch_batches(data))
 
-    def run(self, stage: StageSpec, shard: Any, checkpoint_uri: str, next_stage: NextStage | None = None,
+    def run(self, stage: StageSpec, checkpoint_uri: str, next_stage: StageData | None = None,
             progress: Any = None) -> dict[str, Any]:
-        """Train one stage on this worker's ``shard``; rank 0 then writes the checkpoint at ``checkpoint_uri``.
+        """Train one stage on this worker's part of its data; rank 0 then writes the checkpoint at ``checkpoint_uri``.
+
+        The first epoch takes the batches that :meth:`prefetch` is streaming for this stage, if it was called, and
+        streams them itself otherwise.
 
         Args:
-            stage: the stage's description. shard: this worker's part of the stage's data, or None to train on the
-                data that :meth:`prefetch` is streaming for this stage.
+            stage: the stage's description.
             checkpoint_uri: where rank 0 writes the stage's checkpoint (path or URI; a restarted stage's differs
                 from ``stage.checkpoint_uri``).
-            next_stage: ``(data, shard)`` of the next stage, prefetched once this stage's first epoch has
-                streamed its own data.
+            next_stage: the next stage's data, prefetched once this stage's first epoch has streamed its own.
             progress: a ``ray.util.queue.Queue`` for rank 0's :class:`orchestrator.stage.Progress` reports, or None.
         Returns:
             the stage statistics of :func:`orchestrator.stage.run_stage` (rank 0's are the stage's).
         Raises:
             TrainingError, FileNotFoundError, ValueError: as :func:`orchestrator.stage.run_stage`.
+            ShardError: if a shard cannot be read.
             FileExistsError: if a checkpoint already exists at ``checkpoint_uri`` (nothing is overwritten).
-            RuntimeError: if ``shard`` is None and no prefetch of this stage was started.
         """
+        ahead, self.prefetched = self.prefetched, None
         first_pass = None
-        if shard is None:
-            ahead = self.prefetched
-            if ahead is None or ahead.task_id != stage.task_id:
-                raise RuntimeError(f"training worker {self.rank}: stage {stage.task_id} was not prefetched")
-            self.prefetched, shard, first_pass = None, ahead.shard, ahead.batches()
-
-        start_next = None if next_stage is None else (lambda: self.prefetch(*next_stage))
+        if ahead is not None and ahead.task_id == stage.task_id:
+            first_pass = ahead.batches()
+        elif ahead is not None:
+            ahead.cancel()
+        start_next = None if next_stage is None else (lambda: self.prefetch(next_stage))
         report: Callable[[Progress], None] | None = None if progress is None else progress.put_nowait
-        stats, model, strategies = run_stage(stage, self.rank, self.world, shard, self.device, self._wrap,
+        stats, model, strategies = run_stage(stage, self.rank, self.world, self.device, self._wrap,
                                              first_pass=first_pass, after_first_pass=start_next, on_progress=report)
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
@@ -168,46 +165,31 @@ class WorkerGroup:
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
                             max_restarts=0, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
-        self.prefetched: int | None = None  # the stage whose data the workers are streaming ahead
         if world > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
             backend = "nccl" if resources.use_gpu else "gloo"
             ray.get([w.init_process_group.remote(address, backend, timeout_s) for w in self.workers])
 
-    def _split(self, dataset: ray.data.Dataset) -> list[Any]:
-        """One part of ``dataset`` per worker: the dataset itself for one worker, else an equal
-        ``streaming_split`` (a fresh execution of the dataset each time it is called)."""
-        world = self.resources.num_workers
-        return [dataset] if world == 1 else dataset.streaming_split(world, equal=True)
-
-    def prefetch(self, data: StageData, dataset: ray.data.Dataset) -> None:
-        """Have every worker start streaming its part of stage ``data.task_id``'s ``dataset`` now."""
-        for w, shard in zip(self.workers, self._split(dataset)):
-            w.prefetch.remote(data, shard)
-        self.prefetched = data.task_id
+    def prefetch(self, data: StageData) -> None:
+        """Have every worker start streaming its part of stage ``data.task_id``'s data now."""
+        for w in self.workers:
+            w.prefetch.remote(data)
 
     def warm_up(self) -> list[ray.ObjectRef]:
         """Have the workers pay torch's one-off initialisation (:meth:`StageWorker.warm_up`) now; one reference per
         worker to the unix time it was ready."""
         return [w.warm_up.remote() for w in self.workers]
 
-    def start(self, stage: StageSpec, dataset: ray.data.Dataset, checkpoint_uri: str,
-              next_stage: NextStage | None = None, progress: Any = None) -> list[ray.ObjectRef]:
-        """Start a stage on every worker: worker r trains on part r of ``dataset`` (an equal ``streaming_split``),
-        or on the part it is already prefetching; with ``next_stage`` (``(data, dataset)``), the workers prefetch
-        the next stage's parts once this stage's first epoch has streamed. Rank 0 reports to ``progress``.
+    def start(self, stage: StageSpec, checkpoint_uri: str, next_stage: StageData | None = None,
+              progress: Any = None) -> list[ray.ObjectRef]:
+        """Start a stage on every worker (each on its part of the stage's data, already streaming if it was
+        prefetched); with ``next_stage``, the workers prefetch the next stage's data once this stage's first epoch
+        has streamed. Rank 0 reports to ``progress``.
 
         Returns:
             one Ray object reference per worker, for its stage statistics.
         """
-        world = self.resources.num_workers
-        shards = [None] * world if self.prefetched == stage.task_id else self._split(dataset)
-        nexts: list[Any] = [None] * world
-        if next_stage is not None:
-            nexts = [(next_stage[0], part) for part in self._split(next_stage[1])]
-        self.prefetched = next_stage[0].task_id if next_stage is not None else None
-        return [w.run.remote(stage, shard, checkpoint_uri, nxt, progress)
-                for w, shard, nxt in zip(self.workers, shards, nexts)]
+        return [w.run.remote(stage, checkpoint_uri, next_stage, progress) for w in self.workers]
 
     def shutdown(self) -> None:
         """Stop the worker processes."""
@@ -219,20 +201,19 @@ class WorkerGroup:
 class _GroupStage:
     """A stage running on a :class:`WorkerGroup`; rebuilds the group and restarts the stage when a worker dies."""
 
-    def __init__(self, runner: StageRunner, stage: StageSpec, dataset: ray.data.Dataset,
-                 rebuild: Callable[[], ray.data.Dataset], next_stage: NextStage | None) -> None:
-        self.runner, self.stage, self.rebuild = runner, stage, rebuild
+    def __init__(self, runner: StageRunner, stage: StageSpec, next_stage: StageData | None) -> None:
+        self.runner, self.stage = runner, stage
         self.failures_left, self.attempt = runner.max_failures, 0
         self.error: str | None = None
-        self._submit(dataset, next_stage)
+        self._submit(next_stage)
 
-    def _submit(self, dataset: ray.data.Dataset, next_stage: NextStage | None = None) -> None:
+    def _submit(self, next_stage: StageData | None = None) -> None:
         # A restarted stage writes a checkpoint of its own: nothing of the failed attempt is overwritten. It runs on
         # a fresh group, which streams the next stage's data when that stage starts (no prefetch).
         base = self.stage.checkpoint_uri
         self.uri = base if self.attempt == 0 else f"{base}-retry{self.attempt}"
         group = self.runner.group(self.stage.resources)
-        self.refs = group.start(self.stage, dataset, self.uri, next_stage, self.runner.queue)
+        self.refs = group.start(self.stage, self.uri, next_stage, self.runner.queue)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True once the stage has finished (successfully or not)."""
@@ -251,7 +232,7 @@ class _GroupStage:
                 else:
                     self.failures_left -= 1
                     self.attempt += 1
-                    self._submit(self.rebuild())
+                    self._submit()
                     return False
             if self.error is not None:
                 self.runner.drop_group()
@@ -270,7 +251,7 @@ class _GroupStage:
 class _TrainerStage:
     """A stage running as one Ray Train ``TorchTrainer.fit()`` in a driver thread."""
 
-    def __init__(self, runner: StageRunner, stage: StageSpec, dataset: ray.data.Dataset) -> None:
+    def __init__(self, runner: StageRunner, stage: StageSpec) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -281,7 +262,6 @@ class _TrainerStage:
             filesystem, path = storage.arrow(storage_path)
         self.trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"stage": stage, "progress": runner.queue},
-            datasets={"train": dataset},
             scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                          resources_per_worker={"CPU": res.cpus_per_worker}),
             run_config=RunConfig(name=f"stage-{stage.task_id}", storage_path=path, storage_filesystem=filesystem,
@@ -327,13 +307,13 @@ class StageRunner:
         self.queue = Queue(actor_options={"num_cpus": 0})
         self._ready: list[ray.ObjectRef] = []
 
-    def prestart(self, resources: Resources, first_stage: NextStage | None = None) -> None:
+    def prestart(self, resources: Resources, first_stage: StageData | None = None) -> None:
         """Start the worker group now (its processes boot while the driver does other work), have it stream
-        ``first_stage`` (``(data, dataset)``) ahead if given, and pay torch's one-off initialisation."""
+        ``first_stage``'s data ahead if given, and pay torch's one-off initialisation."""
         if self.executor == "group":
             group = self.group(resources)
             if first_stage is not None:
-                group.prefetch(*first_stage)
+                group.prefetch(first_stage)
             self._ready = group.warm_up()
 
     def ready_at(self) -> float | None:
@@ -363,13 +343,11 @@ class StageRunner:
         self.drop_group()
         ray.kill(self.queue.actor)
 
-    def start(self, stage: StageSpec, dataset: ray.data.Dataset, rebuild: Callable[[], ray.data.Dataset],
-              next_stage: NextStage | None = None) -> StageHandle:
-        """Start one stage on ``dataset`` (its training data; ``rebuild()`` builds it again for a restarted stage);
-        ``next_stage`` (``(data, dataset)``) is streamed ahead by the worker group while this stage trains."""
+    def start(self, stage: StageSpec, next_stage: StageData | None = None) -> StageHandle:
+        """Start one stage; ``next_stage``'s data is streamed ahead by the worker group while this stage trains."""
         if self.executor == "group":
-            return _GroupStage(self, stage, dataset, rebuild, next_stage)
-        return _TrainerStage(self, stage, dataset)
+            return _GroupStage(self, stage, next_stage)
+        return _TrainerStage(self, stage)
 
     def progress(self) -> list[Progress]:
         """The progress reports that have arrived since the last call, oldest first."""

@@ -1,22 +1,22 @@
-"""Ray Data ingestion of a stage: every shard row arrives once, tagged with its domain, in the chosen shuffle order;
-a worker's first pass streamed ahead (Prefetch) is the stream itself, and later epochs come from memory."""
+"""Ingestion of a stage: every shard row arrives once, tagged with its domain, in the chosen shuffle order, split
+equally and disjointly across workers; a worker's first pass streamed ahead (Prefetch) is the stream itself, and
+later epochs come from memory."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
-import ray.data
 import torch
 
 from orchestrator import shards
-from orchestrator.errors import ShardError
-from orchestrator.ingest import stage_dataset
+from orchestrator.errors import ShardError, TrainingError
+from orchestrator.ingest import ShardFile, WorkerShard, stage_files
 from orchestrator.spec import SourceSpec
-from orchestrator.stage import EpochCache, Prefetch
+from orchestrator.stage import EpochCache, Prefetch, ToBatch, local_shuffle, stream_batches
 from orchestrator.storage import Storage
 from strategies import Batch
 
@@ -34,10 +34,12 @@ def _rows(uri: str, manifest: dict) -> list[bytes]:
     return [x.tobytes() + bytes([y]) for x, y in zip(raw.x, raw.y)]
 
 
-def _streamed(ds: ray.data.Dataset) -> tuple[list[bytes], set[int]]:
-    """The dataset's rows as ``bytes`` keys (as :func:`_rows`), in the order Ray Data delivers them, and its ``t``s."""
-    t = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    x = t.column("x").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1).astype(np.uint8)
+def _streamed(shard: WorkerShard, chunk: int = 16) -> tuple[list[bytes], set[int]]:
+    """The shard's rows as ``bytes`` keys (as :func:`_rows`), in the order a worker reads them, and its ``t``s."""
+    tables = list(shard.tables(chunk))
+    assert all(t.num_rows == chunk for t in tables[:-1]) and 0 < tables[-1].num_rows <= chunk
+    t = pa.concat_tables(tables)
+    x = shards.feature_matrix(t.column("x"), 64)
     y = t.column("y").to_numpy()
     return [a.tobytes() + bytes([int(b)]) for a, b in zip(x, y)], set(t.column("t").to_pylist())
 
@@ -49,21 +51,84 @@ def _kept_neighbours(rows: list[bytes], files: list[list[bytes]]) -> float:
     return kept / len(successor)
 
 
-@pytest.mark.parametrize("mode", ["files", "local", "full"])
-def test_every_row_arrives_once_in_the_chosen_order(mode: str, domain: tuple[str, dict], ray_local: None) -> None:
+def _shard(uri: str, manifest: dict, mode: str, rank: int = 0, world: int = 1) -> WorkerShard:
+    # seed 2 (file order seed 2 + 1 for domain 1) moves the first file; an order close to the identity proves little
+    files = stage_files([("unused", {}), (uri, manifest)], [1], mode, seed=2)  # type: ignore[arg-type]
+    return WorkerShard(files, ("x", "y"), Storage(), rank, world, 7 if mode == "full" else None)
+
+
+@pytest.mark.parametrize("mode", ["files", "full"])
+def test_every_row_arrives_once_in_the_chosen_order(mode: str, domain: tuple[str, dict]) -> None:
     uri, manifest = domain
     assert len(manifest["splits"]["train"]["shards"]) >= 4
     expected = _rows(uri, manifest)
     files = [expected[i:i + 60] for i in range(0, len(expected), 60)]
-    # seed 2 (file order seed 2 + 1 for domain 1) moves the first file; an order close to the identity proves little
-    got, tags = _streamed(stage_dataset([("unused", {}), (uri, manifest)], [1], mode, seed=2, storage=Storage()))
+    got, tags = _streamed(_shard(uri, manifest, mode))
     assert sorted(got) == sorted(expected) and tags == {1}  # nothing lost, nothing doubled, tagged with its domain
     assert got != expected  # the order changed
     kept = _kept_neighbours(got, files)
-    if mode in ("files", "local"):
-        assert kept > 0.95  # whole files move; rows stay in order within a file (local mixing is per worker)
+    if mode == "files":
+        assert kept > 0.95  # whole files move; rows stay in order within a file
     else:
         assert kept < 0.1  # rows mixed across the whole split
+
+
+@pytest.mark.parametrize("mode", ["files", "full"])
+def test_workers_get_equal_disjoint_parts(mode: str, domain: tuple[str, dict]) -> None:
+    uri, manifest = domain
+    expected = _rows(uri, manifest)
+    parts = [_streamed(_shard(uri, manifest, mode, rank, 3), chunk=7)[0] for rank in range(3)]
+    assert [len(p) for p in parts] == [len(expected) // 3] * 3  # equal: DDP ranks take the same number of steps
+    union = [r for p in parts for r in p]
+    assert len(set(union)) == len(union) and set(union) <= set(expected)  # disjoint, and real rows
+    assert len(expected) - len(union) < 3  # only the remainder of the division is dropped
+
+
+def test_the_local_shuffle_mixes_rows_and_loses_none(domain: tuple[str, dict]) -> None:
+    uri, manifest = domain
+    expected = _rows(uri, manifest)
+    files = [expected[i:i + 60] for i in range(0, len(expected), 60)]
+    shard = _shard(uri, manifest, "local")
+    mixed = pa.concat_tables(list(local_shuffle(shard.tables(16), rows=48, seed=0)))
+    x = shards.feature_matrix(mixed.column("x"), 64)
+    got = [a.tobytes() + bytes([int(b)]) for a, b in zip(x, mixed.column("y").to_numpy())]
+    assert sorted(got) == sorted(expected)
+    assert _kept_neighbours(got, files) < 0.2  # rows no longer follow their file's order
+
+
+def test_batches_are_whole_scaled_and_mapped_to_output_units(domain: tuple[str, dict]) -> None:
+    uri, manifest = domain
+    targets = torch.tensor([[-1, -1, -1], [5, 6, 7]])  # domain 1's labels 0, 1, 2 -> output units 5, 6, 7
+    collate = ToBatch("x", "y", (8, 8), 1 / 16, targets)
+    batches = list(stream_batches(_shard(uri, manifest, "local"), collate, batch_size=32, shuffle_rows=50))
+    rows = manifest["splits"]["train"]["rows"]
+    assert [len(b) for b in batches[:-1]] == [32] * (len(batches) - 1) and sum(len(b) for b in batches) == rows
+    x = torch.cat([b.x for b in batches])
+    assert x.shape == (rows, 8, 8) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert set(torch.cat([b.y for b in batches]).tolist()) == {5, 6, 7}
+    with pytest.raises(TrainingError, match="label 2 of domain 1 is not in its label set"):
+        list(stream_batches(_shard(uri, manifest, "files"), ToBatch("x", "y", (8, 8), 1.0, targets[:, :2]), 32))
+
+
+def test_features_are_read_from_binary_and_list_columns() -> None:
+    x = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), 3, [None, pa.py_buffer(x.tobytes())])
+    listed = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4)
+    variable = pa.array([bytes(r) for r in x], type=pa.binary())
+    for column in (fixed, fixed.slice(1), listed, pa.chunked_array([listed.slice(0, 1), listed.slice(1)]), variable):
+        assert (shards.feature_matrix(column, 4) == x[3 - len(column):]).all()
+    with pytest.raises(ValueError, match="holds 12 values for 3 rows of 5"):
+        shards.feature_matrix(listed, 5)
+    with pytest.raises(ValueError, match="feature column of type string"):
+        shards.feature_matrix(pa.array(["a"]), 1)
+
+
+def test_an_unreadable_shard_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "part-0.parquet"
+    bad.write_bytes(b"not parquet at all")
+    shard = WorkerShard((ShardFile(str(bad), 0, 10),), ("x", "y"), Storage())
+    with pytest.raises(ShardError, match=f"shard {bad}: "):
+        list(shard.tables(4))
 
 
 def numbered_batches(n: int, fail_at: int | None = None) -> Iterator[Batch]:
@@ -81,7 +146,7 @@ def test_a_prefetched_first_pass_is_the_stream_itself_and_later_epochs_come_from
         streamed.append(1)
         return numbered_batches(5)
 
-    ahead = Prefetch(3, shard=None, stream=stream, max_batches=2)  # the thread blocks after 2 batches
+    ahead = Prefetch(3, stream=stream, max_batches=2)  # the thread blocks after 2 batches
     ahead.thread.join(0.5)
     assert ahead.thread.is_alive() and ahead.queue.qsize() == 2
     done: list[int] = []
@@ -94,9 +159,9 @@ def test_a_prefetched_first_pass_is_the_stream_itself_and_later_epochs_come_from
 
 
 def test_a_failed_prefetch_raises_in_the_stage_and_a_cancelled_one_stops() -> None:
-    failing = Prefetch(0, None, lambda: numbered_batches(5, fail_at=2), max_batches=8)
+    failing = Prefetch(0, lambda: numbered_batches(5, fail_at=2), max_batches=8)
     with pytest.raises(ShardError, match="shard 2 is corrupt"):
         list(failing.batches())
-    idle = Prefetch(1, None, lambda: numbered_batches(100), max_batches=1)
+    idle = Prefetch(1, lambda: numbered_batches(100), max_batches=1)
     idle.cancel()
     assert not idle.thread.is_alive()

@@ -5,8 +5,8 @@ and once on a loopback S3 server (moto's ThreadedMotoServer), streamed ``--copie
 start-up latency (counted in the per-stage overhead of ``bench_scaling.py``) does not hide throughput, it measures:
 
 - ``raw``: ``pyarrow.parquet.read_table`` of every shard, one after the other (the floor any reader pays);
-- ``pipeline``: the stage dataset of ``orchestrator/ingest.py`` (Ray Data read tasks over the manifest's shards +
-  domain tag, ``training.readers`` = 2 at once) as the Arrow batches of 2048 rows that a worker's iterator takes;
+- ``pipeline``: a worker's part of the stage (``orchestrator/ingest.py``: ``WorkerShard.tables``, row group by row
+  group, with the domain tag) as the Arrow tables of 2048 rows that the worker collates;
 - ``tensors``: the same, continued as a training worker's first epoch streams it (``orchestrator.stage.
   stream_batches``: the workers' collate function to float tensors, cut into batches of 128);
 - ``training``: the rows per second that training consumes (the Hsu et al. MLP, Adam, batch 128, on in-memory
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from orchestrator import shards  # noqa: E402
-from orchestrator.ingest import stage_dataset  # noqa: E402
+from orchestrator.ingest import WorkerShard, stage_files  # noqa: E402
 from orchestrator.models import HeadLayout  # noqa: E402
 from orchestrator.spec import SourceSpec  # noqa: E402
 from orchestrator.stage import ToBatch, stream_batches  # noqa: E402
@@ -56,13 +56,18 @@ def raw_read(uri: str, manifest: dict[str, Any], storage: Storage, copies: int) 
     return rows, time.perf_counter() - t0
 
 
+def worker_shard(uri: str, manifest: dict[str, Any], storage: Storage, copies: int) -> WorkerShard:
+    """One worker's part (all of it) of a stage that streams the domain's train split ``copies`` times."""
+    files = stage_files([(uri, manifest)] * copies, list(range(copies)), "files", seed=0)
+    return WorkerShard(files, ("x", "y"), storage)
+
+
 def pipeline_arrow(uri: str, manifest: dict[str, Any], storage: Storage, copies: int) -> tuple[int, float]:
     """Rows and seconds through the stage dataset (the domain listed ``copies`` times), as the Arrow batches of
     2048 rows that the workers' iterator cuts from it."""
     t0, rows = time.perf_counter(), 0
-    ds = stage_dataset([(uri, manifest)] * copies, list(range(copies)), "files", seed=0, storage=storage, readers=2)
-    for batch in ds.iter_batches(batch_size=2048, batch_format="pyarrow"):
-        rows += batch.num_rows
+    for table in worker_shard(uri, manifest, storage, copies).tables(2048):
+        rows += table.num_rows
     return rows, time.perf_counter() - t0
 
 
@@ -72,8 +77,7 @@ def pipeline_tensors(uri: str, manifest: dict[str, Any], storage: Storage, copie
     collate = ToBatch("x", "y", tuple(manifest["schema"]["features"]["shape"]),
                       manifest["schema"]["features"]["scale"], layout.target_table())
     t0, rows = time.perf_counter(), 0
-    ds = stage_dataset([(uri, manifest)] * copies, list(range(copies)), "files", seed=0, storage=storage, readers=2)
-    for batch in stream_batches(ds, collate, 128):
+    for batch in stream_batches(worker_shard(uri, manifest, storage, copies), collate, 128):
         rows += len(batch)
     return rows, time.perf_counter() - t0
 
@@ -102,7 +106,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import boto3
-    import ray
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -114,10 +117,6 @@ def main() -> None:
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="lifelong-bench")
     storage = Storage.from_settings()
     source = SourceSpec(kind="mnist", path="mnist")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                                   "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
     results: dict[str, Any] = {"training_rows_per_s": training_rate()}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +131,6 @@ def main() -> None:
                     results[f"{where}_{reader}"] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
                                                     "mb_per_s": size / seconds / 1e6, "parquet_bytes": size}
     finally:
-        ray.shutdown()
         server.stop()
     for where in ("local", "s3"):
         for reader in ("pipeline", "tensors"):
