@@ -179,7 +179,7 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
         while not handle.wait(POLL_SECONDS):
             _forward_progress(runner, stage, listener)
             listener.poll()
-        _forward_progress(runner, stage, listener)
+        _forward_progress(runner, stage, listener, final=True)
         try:
             stats, checkpoint = handle.result()
         except TrainingError as e:
@@ -194,7 +194,7 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
     return results
 
 
-def _forward_progress(runner: StageRunner, stage: StageSpec, listener: Listener) -> None:
-    for report in runner.progress():
+def _forward_progress(runner: StageRunner, stage: StageSpec, listener: Listener, final: bool = False) -> None:
+    for report in runner.progress(final):
         listener.progress(stage, report)
 

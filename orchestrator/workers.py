@@ -23,12 +23,12 @@ driver polls (``wait``) while it shows progress and collects evaluation cells, t
 
 from __future__ import annotations
 
+import collections
 import datetime
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
@@ -45,6 +45,10 @@ GIL_SWITCH_SECONDS = 0.0005
 class StageWorker:
     """One training process of a :class:`WorkerGroup` (created as a Ray actor with the group's resources).
 
+    Stages run one at a time on the actor's default thread; :meth:`progress` runs on a thread of its own (Ray's
+    concurrency group ``progress``), so that the driver can collect rank 0's progress reports while a stage trains
+    without a separate queue process.
+
     Args:
         rank, world: this worker's rank and the group size.
         use_gpu: train on the GPU that Ray assigned to this actor (it sees only that one, as ``cuda:0``).
@@ -58,6 +62,7 @@ class StageWorker:
             raise RuntimeError(f"training worker {rank}: training.use_gpu is set but no GPU is visible to it")
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.prefetched: Prefetch | None = None
+        self.reports: collections.deque[Progress] = collections.deque(maxlen=10_000)
         # The training thread needs the GIL for every operation it dispatches; while the next stage's data streams
         # in on other threads, a short switch interval hands it back sooner (the default is 5 ms).
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
@@ -99,8 +104,15 @@ class StageWorker:
             self.prefetched.cancel()
         self.prefetched = Prefetch(data.task_id, make_stream(data, self.rank, self.world), prefetch_batches(data))
 
-    def run(self, stage: StageSpec, checkpoint_uri: str, next_stage: StageData | None = None,
-            progress: Any = None) -> dict[str, Any]:
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> list[Progress]:
+        """The progress reports of the running stage (rank 0 only) since the last call, oldest first."""
+        out = []
+        while self.reports:
+            out.append(self.reports.popleft())
+        return out
+
+    def run(self, stage: StageSpec, checkpoint_uri: str, next_stage: StageData | None = None) -> dict[str, Any]:
         """Train one stage on this worker's part of its data; rank 0 then writes the checkpoint at ``checkpoint_uri``.
 
         The first epoch takes the batches that :meth:`prefetch` is streaming for this stage, if it was called, and
@@ -111,7 +123,6 @@ class StageWorker:
             checkpoint_uri: where rank 0 writes the stage's checkpoint (path or URI; a restarted stage's differs
                 from ``stage.checkpoint_uri``).
             next_stage: the next stage's data, prefetched once this stage's first epoch has streamed its own.
-            progress: a ``ray.util.queue.Queue`` for rank 0's :class:`orchestrator.stage.Progress` reports, or None.
         Returns:
             the stage statistics of :func:`orchestrator.stage.run_stage` (rank 0's are the stage's).
         Raises:
@@ -126,9 +137,9 @@ class StageWorker:
         elif ahead is not None:
             ahead.cancel()
         start_next = None if next_stage is None else (lambda: self.prefetch(next_stage))
-        report: Callable[[Progress], None] | None = None if progress is None else progress.put_nowait
         stats, model, strategies = run_stage(stage, self.rank, self.world, self.device, self._wrap,
-                                             first_pass=first_pass, after_first_pass=start_next, on_progress=report)
+                                             first_pass=first_pass, after_first_pass=start_next,
+                                             on_progress=self.reports.append)
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
                              [s.state_dict() for s in strategies], dict(stage.lineage), stage.storage)
@@ -163,7 +174,7 @@ class WorkerGroup:
         # Ray starts worker processes at niceness 15; the training workers are what every other step waits on, so they
         # run at the normal priority (orchestrator/cpu.py), as Ray Jobs runs its drivers.
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
-                            max_restarts=0, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
+                            max_restarts=0, concurrency_groups={"progress": 1}, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
         if world > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
@@ -180,16 +191,15 @@ class WorkerGroup:
         worker to the unix time it was ready."""
         return [w.warm_up.remote() for w in self.workers]
 
-    def start(self, stage: StageSpec, checkpoint_uri: str, next_stage: StageData | None = None,
-              progress: Any = None) -> list[ray.ObjectRef]:
+    def start(self, stage: StageSpec, checkpoint_uri: str, next_stage: StageData | None = None) -> list[ray.ObjectRef]:
         """Start a stage on every worker (each on its part of the stage's data, already streaming if it was
         prefetched); with ``next_stage``, the workers prefetch the next stage's data once this stage's first epoch
-        has streamed. Rank 0 reports to ``progress``.
+        has streamed.
 
         Returns:
             one Ray object reference per worker, for its stage statistics.
         """
-        return [w.run.remote(stage, checkpoint_uri, next_stage, progress) for w in self.workers]
+        return [w.run.remote(stage, checkpoint_uri, next_stage) for w in self.workers]
 
     def shutdown(self) -> None:
         """Stop the worker processes."""
@@ -213,7 +223,7 @@ class _GroupStage:
         base = self.stage.checkpoint_uri
         self.uri = base if self.attempt == 0 else f"{base}-retry{self.attempt}"
         group = self.runner.group(self.stage.resources)
-        self.refs = group.start(self.stage, self.uri, next_stage, self.runner.queue)
+        self.refs = group.start(self.stage, self.uri, next_stage)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True once the stage has finished (successfully or not)."""
@@ -261,7 +271,7 @@ class _TrainerStage:
         if storage.ray_filesystem(storage_path) is not None:
             filesystem, path = storage.arrow(storage_path)
         self.trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"stage": stage, "progress": runner.queue},
+            train_loop_per_worker, train_loop_config={"stage": stage, "progress": runner.trainer_queue()},
             scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
                                          resources_per_worker={"CPU": res.cpus_per_worker}),
             run_config=RunConfig(name=f"stage-{stage.task_id}", storage_path=path, storage_filesystem=filesystem,
@@ -293,19 +303,27 @@ class _TrainerStage:
 
 class StageRunner:
     """Starts the stages of one pipeline run with ``training.executor`` (see the module docstring), owns the
-    persistent worker group, if any, and the queue through which rank 0 reports its progress.
+    persistent worker group, if any, and collects rank 0's progress reports (from the group's rank 0; with
+    ``ray_train``, through a queue actor).
 
     Args:
         executor: ``"group"`` or ``"ray_train"``. max_failures: restarts allowed per stage after a worker dies.
     """
 
     def __init__(self, executor: str, max_failures: int) -> None:
-        from ray.util.queue import Queue
-
         self.executor, self.max_failures = executor, max_failures
         self._group: WorkerGroup | None = None
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._queue: Any = None  # ray.util.queue.Queue, for ray_train only
+        self._pending: ray.ObjectRef | None = None  # a progress call to the group's rank 0 not yet collected
         self._ready: list[ray.ObjectRef] = []
+
+    def trainer_queue(self) -> Any:
+        """The ``ray.util.queue.Queue`` to which Ray Train's rank 0 reports progress (started on first use)."""
+        if self._queue is None:
+            from ray.util.queue import Queue
+
+            self._queue = Queue(actor_options={"num_cpus": 0})
+        return self._queue
 
     def prestart(self, resources: Resources, first_stage: StageData | None = None) -> None:
         """Start the worker group now (its processes boot while the driver does other work), have it stream
@@ -336,12 +354,13 @@ class StageRunner:
         """Stop the worker group, if any (the next stage starts a fresh one)."""
         if self._group is not None:
             self._group.shutdown()
-            self._group = None
+            self._group, self._pending = None, None
 
     def close(self) -> None:
-        """Stop the worker group and the progress queue."""
+        """Stop the worker group and the progress queue, if any."""
         self.drop_group()
-        ray.kill(self.queue.actor)
+        if self._queue is not None:
+            ray.kill(self._queue.actor)
 
     def start(self, stage: StageSpec, next_stage: StageData | None = None) -> StageHandle:
         """Start one stage; ``next_stage``'s data is streamed ahead by the worker group while this stage trains."""
@@ -349,7 +368,24 @@ class StageRunner:
             return _GroupStage(self, stage, next_stage)
         return _TrainerStage(self, stage)
 
-    def progress(self) -> list[Progress]:
-        """The progress reports that have arrived since the last call, oldest first."""
-        n = self.queue.qsize()
-        return list(self.queue.get_nowait_batch(n)) if n else []
+    def progress(self, final: bool = False) -> list[Progress]:
+        """The progress reports that have arrived since the last call, oldest first, without blocking; with
+        ``final`` (the stage has ended), every report of the stage, waiting for them. None from a worker that has
+        died (the stage's handle reports that).
+        """
+        if self._queue is not None:
+            n = self._queue.qsize()
+            return list(self._queue.get_nowait_batch(n)) if n else []
+        if self._group is None:
+            return []
+        out: list[Progress] = []
+        try:
+            if self._pending is not None and (final or ray.wait([self._pending], timeout=0)[0]):
+                out, self._pending = ray.get(self._pending), None
+            if final:
+                return out + ray.get(self._group.workers[0].progress.remote())
+            if self._pending is None:
+                self._pending = self._group.workers[0].progress.remote()
+        except ray.exceptions.RayError:
+            self._pending = None
+        return out
