@@ -2,8 +2,9 @@
 
 Each :class:`Evaluator` actor holds the evaluation splits of the domains it has been asked about (loaded once from
 the shards, cached) and the model of the last checkpoint it evaluated. :class:`EvaluationScheduler`, a listener of
-the stage engine, sends it ``(checkpoint, row i, domain j)`` cells through a ``ray.util.ActorPool`` once stage i is
-committed, so that row i is computed while stage i+1 trains; the actors run at background CPU priority
+the stage engine, sends row i (``(checkpoint, row i, domains j...)``, one call per actor with an equal share of the
+domains) through a ``ray.util.ActorPool`` once stage i is committed, so that row i is computed while stage i+1
+trains; the actors run at background CPU priority
 (``orchestrator/cpu.py``) and take only the cycles training leaves idle.
 """
 
@@ -85,6 +86,13 @@ class Evaluator:
                 correct += int((logits.argmax(1) == y[i:i + self.batch_size]).sum())
         return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time())
 
+    def evaluate_cells(self, checkpoint: str, row: int, cols: list[int], threads: int = 1) -> list[Cell]:
+        """Cells R[row][j] of ``checkpoint`` for every domain j in ``cols`` (see :meth:`evaluate`), in that order,
+        with ``threads`` torch threads (one while training runs beside it; more once it has ended)."""
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return [self.evaluate(checkpoint, row, j) for j in cols]
+
 
 class EvaluationScheduler(Listener):
     """Fills the accuracy matrix: row -1 (the initial model, for FWT) and row k once stage k is committed.
@@ -105,6 +113,7 @@ class EvaluationScheduler(Listener):
         self.actors: list[Any] = []
         self.pool = ActorPool([])
         self.rows: dict[int, dict[int, Cell]] = {}
+        self.threads = 1  # torch threads per actor call; the training workers' share once the last stage is done
 
     def run_started(self, run: RunInfo) -> None:
         """Remember the plan and the initial checkpoint."""
@@ -128,7 +137,12 @@ class EvaluationScheduler(Listener):
         self._submit(-1, self.init_checkpoint)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
-        """Send row k (stage k's checkpoint on every domain) to the actors."""
+        """Send row k (stage k's checkpoint on every domain) to the actors; after the last stage, the rows still
+        queued get the training workers' threads, shared among the actors (the evaluation is all that is left)."""
+        assert self.plan is not None
+        if stage.task_id == self.plan.num_stages - 1:
+            r = self.plan.resources
+            self.threads = max(1, r.threads * r.num_workers // max(1, len(self.actors)))
         self._submit(stage.task_id, result.checkpoint)
 
     def poll(self) -> None:
@@ -148,21 +162,29 @@ class EvaluationScheduler(Listener):
         self.actors = []
 
     def _submit(self, row: int, checkpoint: str) -> None:
+        """Send row ``row`` as one call per actor, each with an equal share of the columns: a call costs a round
+        trip through the driver, several times a cell's own forward pass on a small model."""
         assert self.plan is not None
         self.rows[row] = {}
-        for j in range(self.plan.num_stages):
-            self.pool.submit(lambda actor, args: actor.evaluate.remote(*args), (checkpoint, row, j))
+        parts = max(1, len(self.actors))
+        for first in range(min(parts, self.plan.num_stages)):
+            cols = list(range(first, self.plan.num_stages, parts))
+            # The pool calls this when an actor is free, so a call queued during training gets the threads of the
+            # moment it starts.
+            self.pool.submit(lambda actor, args: actor.evaluate_cells.remote(*args, self.threads),
+                             (checkpoint, row, cols))
 
     def _collect(self, timeout: float) -> None:
         assert self.plan is not None
         while self.pool.has_next():
             try:
-                cell: Cell = self.pool.get_next_unordered(timeout=timeout)
+                cells: list[Cell] = self.pool.get_next_unordered(timeout=timeout)
             except TimeoutError:
                 return
             except ray.exceptions.RayError as e:
                 raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
-            row = self.rows[cell.row]
-            row[cell.col] = cell
-            if len(row) == self.plan.num_stages:
-                self.downstream.row_evaluated(cell.row, [row[j] for j in range(self.plan.num_stages)])
+            for cell in cells:
+                row = self.rows[cell.row]
+                row[cell.col] = cell
+                if len(row) == self.plan.num_stages:
+                    self.downstream.row_evaluated(cell.row, [row[j] for j in range(self.plan.num_stages)])

@@ -114,7 +114,8 @@ class TrainingSpec(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (Ray scheduling; the torch threads are threads_per_worker)")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (Ray scheduling; the torch "
+                                   "threads are threads_per_worker)")
     shuffle: Literal["files", "local", "full"] = Field(
         "local", description="files: shard files in random order; local: plus a per-worker shuffle buffer; "
         "full: a global shuffle of all rows (a full extra pass)")

@@ -6,7 +6,8 @@ processes, torch import, process group, storage sync), so one fit per stage make
 
 - ``group`` (default): :class:`WorkerGroup`, N long-lived Ray actors (one per worker) started once per pipeline,
   with one torch process group (gloo on CPU, NCCL on GPU) set up once. Every stage still starts from its parent
-  checkpoint, reads its own equal part of the stage's shards (``orchestrator/ingest.py``), writes its own checkpoint and reports its own statistics; the group only keeps the processes. A stage whose resources differ
+  checkpoint, reads its own equal part of the stage's shards (``orchestrator/ingest.py``), writes its own
+  checkpoint and reports its own statistics; the group only keeps the processes. A stage whose resources differ
   from the group's gets a new group. If a worker process dies, the group is rebuilt and the stage restarts from its
   parent checkpoint, up to ``training.max_failures`` times (errors raised by the training itself, such as a NaN
   loss, are not retried: they would recur).
@@ -174,7 +175,8 @@ class WorkerGroup:
         # Ray starts worker processes at niceness 15; the training workers are what every other step waits on, so they
         # run at the normal priority (orchestrator/cpu.py), as Ray Jobs runs its drivers.
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
-                            max_restarts=0, concurrency_groups={"progress": 1}, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
+                            max_restarts=0, concurrency_groups={"progress": 1},
+                            runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
         if world > 1:
             address = ray.get(self.workers[0].rendezvous_address.remote())
