@@ -4,8 +4,8 @@ The driver lists a stage's shard files once, from the manifests (:func:`stage_fi
 is listed or sampled on storage). Each training worker then reads its own part straight from storage (local disk or
 object storage, through the pipeline's :class:`orchestrator.storage.Storage`), row group by row group, on a thread
 of its own process (:class:`WorkerShard`). Nothing passes through the driver or the Ray object store, and no other
-process is started: on 2 cores, Ray Data's read tasks (one process each, plus its statistics actor) cost 3-6 s of
-CPU at the start of a run and took a third of the training thread's cycles while they prefetched the next stage.
+process is started: on 2 cores, Ray Data's read tasks (one process each, plus its statistics actor) had stage 0 wait
+6.3-7.2 s for its first batch (3.5-3.7 s without them) and slowed the epochs they overlapped (``bench_pipeline.py``).
 
 A worker's part is an equal share of the stage's rows (``rows // world`` each, the last few dropped with several
 workers, as DDP needs the same number of steps on every rank). ``training.shuffle`` picks how the order is mixed,
