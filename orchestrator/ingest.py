@@ -57,7 +57,7 @@ def stage_files(domains: Sequence[tuple[str, Mapping[str, Any]]], indices: Seque
     files: list[ShardFile] = []
     for j in indices:
         uri, manifest = domains[j]
-        uris = shard_uris(uri, dict(manifest), "train")
+        uris = shard_uris(uri, manifest, "train")
         rows = [int(s["rows"]) for s in manifest["splits"]["train"]["shards"]]
         order = rng.permutation(len(uris)) if shuffle in ("files", "local") else range(len(uris))
         files += [ShardFile(uris[i], j, rows[i]) for i in order]
@@ -170,6 +170,6 @@ def validate_domains(domains: Sequence[tuple[str, str, Mapping[str, Any]]], stor
     """
     for name, uri, manifest in domains:
         try:
-            verify_domain(uri, dict(manifest), storage=storage)
+            verify_domain(uri, manifest, storage=storage)
         except ShardError as e:
             raise ShardError(f"domain '{name}': {e}") from None

@@ -25,7 +25,7 @@ import gzip
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -292,12 +292,12 @@ def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
     return manifest
 
 
-def shard_uris(uri: str, manifest: dict[str, Any], split: str) -> list[str]:
+def shard_uris(uri: str, manifest: Mapping[str, Any], split: str) -> list[str]:
     """Full URIs of the shards of one split, in manifest order."""
     return [join(uri, s["path"]) for s in manifest["splits"][split]["shards"]]
 
 
-def verify_domain(uri: str, manifest: dict[str, Any], check_hashes: bool = True,
+def verify_domain(uri: str, manifest: Mapping[str, Any], check_hashes: bool = True,
                   storage: Storage | None = None) -> None:
     """Check every shard of a domain: it exists, its sha256 and row count match, and its schema has the columns.
 
