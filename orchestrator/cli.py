@@ -12,7 +12,7 @@ import sys
 import time
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 
 from orchestrator.errors import LifelongError, SpecError
 from orchestrator.spec import SourceSpec, load_pipeline
+
+if TYPE_CHECKING:
+    from orchestrator.tuning import TuneSummary
 
 app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -94,6 +97,87 @@ def run(
                 "avg_forgetting", "wall_seconds", "mlflow_run_id", "run_id", "run_dir", "tracking_uri", "stages",
                 "timeline")
         typer.echo(json.dumps({k: report[k] for k in keys}))
+
+
+@app.command()
+def tune(
+    pipeline: Annotated[Optional[Path], typer.Argument(help="Pipeline YAML with a tune: section.")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        "--resume", help="Continue the interrupted search in this folder (<workdir>/tune/<name>); finished trials "
+        "are not run again.")] = None,
+    export: Annotated[Optional[Path], typer.Option(
+        "--export", help="Write the best trial's pipeline here as YAML, without its tune: section (never "
+        "overwrites).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the leaderboard as one JSON object on stdout.")] = False,
+    workdir: WorkdirOpt = Path("lifelong-runs"),
+    data_root: DataRootOpt = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="MLflow tracking URI [default: sqlite:///<workdir>/mlflow.db].")] = None,
+    address: Annotated[Optional[str], typer.Option(
+        "--address", help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:PORT [default: $RAY_ADDRESS, "
+        "else a local Ray started for the search].")] = None,
+) -> None:
+    """Search the pipeline's tune: space with Ray Tune: every trial runs the whole pipeline, scored on the val
+    splits after each domain, and ASHA stops trials that fall behind. Prints the leaderboard; the best config's
+    test metrics come from `lifelong run` on the file that --export writes."""
+    from orchestrator.tuning import SearchInterrupted, TuneOptions, TuneRequest, read_request, run_tune
+
+    console = Console(stderr=True)
+    try:
+        if resume is not None:
+            if pipeline is not None or set_:
+                raise LifelongError("--resume takes no pipeline or --set: the search's own spec is used")
+            request = read_request(resume.resolve())[0]
+            path = Path(request.source)
+        elif pipeline is None:
+            raise LifelongError("give a pipeline YAML with a tune: section, or --resume DIR")
+        else:
+            path = pipeline
+            try:
+                text = pipeline.read_text()
+            except OSError as e:
+                raise SpecError(str(pipeline), [("", f"cannot read file: {e.strerror}")]) from None
+            request = TuneRequest(text, tuple(set_ or []), str(pipeline))
+        options = TuneOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri,
+                              address=address, search_from=(path.resolve().parent, Path.cwd()),
+                              export=export.resolve() if export else None)
+        summary = run_tune(request, options, resume.resolve() if resume else None)
+    except LifelongError as e:
+        _fail(e)
+    except SearchInterrupted as e:
+        console.print(f"[bold yellow]{e}[/bold yellow]", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=130) from None
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    print_leaderboard(summary, console)
+    if json_out:
+        typer.echo(json.dumps({"best": summary.best.__dict__ if summary.best else None,
+                               "rows": [r.__dict__ for r in summary.rows], "domains_run": summary.domains_run,
+                               "domains_saved": summary.domains_saved, "wall_seconds": summary.wall_seconds,
+                               "experiment_dir": str(summary.experiment_dir), "tune_run_id": summary.tune_run_id},
+                              default=str))
+
+
+def print_leaderboard(summary: "TuneSummary", console: Console) -> None:
+    """The final leaderboard, the best trial and what ASHA saved."""
+    from orchestrator.tuning import describe
+
+    table = Table(title=f"lifelong tune: {summary.experiment_dir}")
+    for col in ("trial", "config", "val ACC", "forgetting", "objective", "domains", "status"):
+        table.add_column(col)
+    for r in summary.rows:
+        table.add_row(r.trial_id, describe(r.config), f"{r.val_acc:.4f}", f"{r.val_forgetting:.4f}",
+                      f"{r.objective:.4f}", str(r.domains), r.status)
+    console.print(table)
+    if summary.best is not None:
+        console.print(f"best: trial {summary.best.trial_id} ({describe(summary.best.config)}), val objective "
+                      f"{summary.best.objective:.4f}")
+    console.print(f"{summary.domains_run} trial-domains trained, {summary.domains_saved} saved by early stopping; "
+                  f"{summary.wall_seconds:.1f} s; MLflow tune run {summary.tune_run_id}")
 
 
 @app.command()

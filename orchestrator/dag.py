@@ -23,7 +23,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from rich.console import Console
 
 from orchestrator import shards
 from orchestrator.checkpoint import code_version, write_checkpoint
-from orchestrator.engine import Listener, Listeners, RunInfo, run_stages
+from orchestrator.engine import Listener, Listeners, RunInfo, RunStopped, run_stages
 from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
 from orchestrator.ingest import validate_domains as verify_shards
@@ -58,6 +58,9 @@ class RunOptions:
         address: the Ray cluster to run on (see :func:`init_ray`); None = ``$RAY_ADDRESS``, else a local Ray.
         search_from: folders near which ``shared/data`` is looked for (the pipeline file's folder, the cwd).
         console: where progress and messages go. show_progress: draw the progress bar.
+        mlflow_parent: an MLflow run id that the pipeline's run becomes a child of (a Tune trial's under the tune
+            run). run_name: the pipeline run's MLflow name (default ``<pipeline>-<run id>``). run_params: extra
+            params of that run (a trial's sampled values). listeners: extra listeners of the stage engine.
     """
 
     workdir: Path
@@ -67,6 +70,10 @@ class RunOptions:
     search_from: list[Path] = field(default_factory=lambda: [Path.cwd()])
     console: Console = field(default_factory=lambda: Console(stderr=True))
     show_progress: bool = True
+    mlflow_parent: str | None = None
+    run_name: str | None = None
+    run_params: Mapping[str, str] = field(default_factory=dict)
+    listeners: Sequence[Listener] = ()
 
 
 def prepare_domains(pipeline: Pipeline, options: RunOptions, storage: Storage,
@@ -215,26 +222,31 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
     run_dir.mkdir(parents=True)
     (run_dir / "pipeline.json").write_text(json.dumps(pipeline.model_dump(mode="json"), indent=1))
     code = code_version()
-    parent = tracker.start_run(f"{pipeline.name}-{run_id}", {
+    parent = tracker.start_run(options.run_name or f"{pipeline.name}-{run_id}", {
         "lifelong.run_id": run_id, "lifelong.run_dir": str(run_dir), "lifelong.spec_sha256": pipeline.spec_hash(),
-        "lifelong.strategy": pipeline.strategy_label(), "lifelong.git_commit": code["git_commit"]})
-    tracker.log_params(parent, flatten(pipeline.model_dump(mode="json")))
+        "lifelong.strategy": pipeline.strategy_label(), "lifelong.git_commit": code["git_commit"]},
+        options.mlflow_parent)
+    tracker.log_params(parent, {**flatten(pipeline.model_dump(mode="json", exclude={"tune"})), **options.run_params})
     events = EventLog(run_dir / "events.jsonl")
     events.write("run_start", run_id=run_id)
-    ok = False
+    status = "FAILED"
     try:
         plan = replace(plan, root=stage_root(pipeline, run_id, run_dir))
-        run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code)
-        report = _stages(run, runner, options, [events, MlflowStages(tracker, parent, run_id)])
+        run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code, tracker.flush)
+        listeners = [events, MlflowStages(tracker, parent, run_id), *options.listeners]
+        report = _stages(run, runner, options, listeners)
         timeline.update(workers_ready=runner.ready_at() or float("nan"),
                         first_batch=report["stages"][0]["first_batch_at"], report_written=time.time())
         report.update(wall_seconds=timeline["report_written"] - timeline["run_start"], run_dir=str(run_dir),
                       run_id=run_id, tracking_uri=tracker.uri, timeline=timeline)
         _write_report(report, run_dir, tracker, parent, events)
-        ok = True
+        status = "FINISHED"
+    except RunStopped:
+        status = "KILLED"
+        raise
     finally:
-        tracker.end(parent, ok)
-        tracker.close(raise_errors=ok)  # a failed run keeps its own error
+        tracker.end(parent, status)
+        tracker.close(raise_errors=status != "FAILED")  # a failed run keeps its own error
     (run_dir / "_COMPLETED").write_text(json.dumps({"finished": time.time()}))
     return report
 

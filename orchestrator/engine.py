@@ -7,18 +7,20 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
 - evaluation scheduling (``evaluation.py``): sends row k of R to the evaluation actors once stage k is committed;
 - MLflow stage runs (``lineage.py``): one child run per stage, with its dataset inputs, metrics and lineage;
 - progress, the event log and the report (``report.py``);
-- and, to come: the Tune reporter (which may stop a run early, :meth:`Listener.should_stop`), resume (which skips
-  committed stages), the model registry.
+- the Tune reporter (``tuning.py``), which reports each domain's val metrics to Ray Tune and ends the run with
+  :class:`RunStopped` when the trial's scheduler stops it;
+- and, to come: resume (which skips committed stages), the model registry.
 
 Events, in order: ``run_started``; per stage ``stage_started``, ``progress`` (many), then ``stage_committed`` or
 ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the last stage (listeners
-finish their own work there: the evaluation waits for the last row).
+finish their own work there: the evaluation waits for the last row); ``run_stopped`` instead if a listener ended the
+run early on purpose.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,11 @@ from orchestrator.workers import StageRunner
 POLL_SECONDS = 0.5  # how often the driver forwards progress and lets listeners work while a stage trains
 
 
+class RunStopped(Exception):
+    """Raised by a listener to end the run early on purpose (a Tune trial stopped by its scheduler): not an error of
+    the run, which ends with its MLflow runs marked KILLED."""
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """The run the engine drives.
@@ -38,12 +45,15 @@ class RunInfo:
     Attributes:
         run_id: the run's id. plan: its stage plan. init_checkpoint: the initial model's checkpoint (the lineage
             root, evaluated as row -1 for FWT). code: the code version recorded in every lineage record.
+        flush: waits until every record the run has queued so far (MLflow) is written; a listener that hands
+            control to something that may end the process (a Tune report) calls it first.
     """
 
     run_id: str
     plan: StagePlan
     init_checkpoint: str
     code: Mapping[str, str]
+    flush: Callable[[], None] = field(default=lambda: None)
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,9 @@ class Listener:
     def run_finished(self) -> None:
         """After the last stage: finish outstanding work (the evaluation waits for its last row here)."""
 
+    def run_stopped(self, stage: StageSpec | None, reason: str) -> None:
+        """A listener raised :class:`RunStopped` while ``stage`` was running (None: before the first stage)."""
+
 
 @dataclass
 class Listeners(Listener):
@@ -159,39 +172,55 @@ class Listeners(Listener):
         for m in self.members:
             m.run_finished()
 
+    def run_stopped(self, stage: StageSpec | None, reason: str) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.run_stopped(stage, reason)
+
 
 def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[StageResult]:
     """Run the stages of ``run.plan`` in order on ``runner``, each from the previous one's checkpoint.
 
-    Returns the committed stages (fewer than T if a listener stopped the run).
+    Returns the committed stages (fewer than T if a listener stopped the run through :meth:`Listener.should_stop`).
 
     Raises:
         TrainingError: ``stage k (<domain>) failed: <why>``, after ``stage_failed`` reached the listeners.
+        RunStopped: a listener ended the run early, after ``run_stopped`` reached the listeners.
     """
     plan = run.plan
     listener.run_started(run)
-    parent, results = run.init_checkpoint, []
-    for k in range(plan.num_stages):
-        stage = plan.stage(k, parent, read_lineage(parent, plan.storage), run.run_id, run.code)
-        start = time.time()
-        handle = runner.start(stage, plan.data(k + 1) if k + 1 < plan.num_stages else None)
-        listener.stage_started(stage)
-        while not handle.wait(POLL_SECONDS):
-            _forward_progress(runner, stage, listener)
-            listener.poll()
-        _forward_progress(runner, stage, listener, final=True)
-        try:
-            stats, checkpoint = handle.result()
-        except TrainingError as e:
-            listener.stage_failed(stage, str(e))
-            raise TrainingError(f"stage {k} ({stage.domain}) failed: {e}") from None
-        results.append(StageResult(checkpoint, stats, start, time.time()))
-        listener.stage_committed(stage, results[-1])
-        parent = checkpoint
-        if listener.should_stop():
-            break
-    listener.run_finished()
+    parent, results, stage = run.init_checkpoint, [], None
+    try:
+        for k in range(plan.num_stages):
+            stage = plan.stage(k, parent, read_lineage(parent, plan.storage), run.run_id, run.code)
+            results.append(_run_stage(stage, plan, runner, listener))
+            parent = results[-1].checkpoint
+            if listener.should_stop():
+                break
+        listener.run_finished()
+    except RunStopped as e:
+        listener.run_stopped(stage, str(e))
+        raise
     return results
+
+
+def _run_stage(stage: StageSpec, plan: StagePlan, runner: StageRunner, listener: Listener) -> StageResult:
+    """Start one stage with the next stage's data streamed ahead, forward its progress, and commit it."""
+    k, start = stage.task_id, time.time()
+    handle = runner.start(stage, plan.data(k + 1) if k + 1 < plan.num_stages else None)
+    listener.stage_started(stage)
+    while not handle.wait(POLL_SECONDS):
+        _forward_progress(runner, stage, listener)
+        listener.poll()
+    _forward_progress(runner, stage, listener, final=True)
+    try:
+        stats, checkpoint = handle.result()
+    except TrainingError as e:
+        listener.stage_failed(stage, str(e))
+        raise TrainingError(f"stage {k} ({stage.domain}) failed: {e}") from None
+    result = StageResult(checkpoint, stats, start, time.time())
+    listener.stage_committed(stage, result)
+    return result
 
 
 def _forward_progress(runner: StageRunner, stage: StageSpec, listener: Listener, final: bool = False) -> None:

@@ -19,19 +19,23 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from orchestrator.checkpoint import read_lineage
 from orchestrator.cpu import background_priority
-from orchestrator.engine import Listener, StageResult
+from orchestrator.engine import Cell, Listener, StageResult
 from orchestrator.errors import LifelongError, check_reachable
+from orchestrator.metrics import SeenSoFar
 from orchestrator.plan import StageSpec
 from orchestrator.storage import is_local, local_path
 from orchestrator.stage import Progress
+
+
+Status = Literal["FINISHED", "FAILED", "KILLED"]
 
 
 def default_tracking_uri(workdir: Path) -> str:
@@ -106,9 +110,9 @@ class Tracker:
         """Store a JSON-serialisable dict as the artifact ``artifact_file`` (e.g. ``lineage.json``) of the run."""
         self.client.log_dict(run_id, obj, artifact_file)
 
-    def end(self, run_id: str, ok: bool) -> None:
-        """Mark a run FINISHED or FAILED."""
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    def end(self, run_id: str, status: Status) -> None:
+        """Mark a run ``FINISHED``, ``FAILED`` or ``KILLED`` (ended early on purpose, e.g. a stopped Tune trial)."""
+        self.client.set_terminated(run_id, status)
 
 
 RunRef = Future  # a run id that the background thread will know once the run is created
@@ -176,9 +180,13 @@ class BackgroundTracker:
         """Queue :meth:`Tracker.log_dict`."""
         self._method("log_dict", run, obj, artifact_file)
 
-    def end(self, run: RunRef, ok: bool) -> None:
+    def end(self, run: RunRef, status: Status) -> None:
         """Queue :meth:`Tracker.end`."""
-        self._method("end", run, ok)
+        self._method("end", run, status)
+
+    def flush(self) -> None:
+        """Wait until every call queued so far has run (their errors are left to :meth:`check`)."""
+        wait(list(self._calls))
 
     def check(self) -> None:
         """Raise the first error of a call that has finished, if any.
@@ -211,7 +219,9 @@ class MlflowStages(Listener):
 
     A stage run records the stage's training shards as dataset inputs (source URI and manifest digest), the parent
     checkpoint and the domains it trained on as params, per-epoch loss and samples/s, the stage's timings, and its
-    ``lineage.json``. Every call is queued on the tracker's background thread.
+    ``lineage.json``. The pipeline run gets, after each stage k whose row of R is complete, the metrics over the
+    domains seen so far (``acc_seen``, ``bwt_seen``, ``forgetting_seen``, on the evaluation split, at step k). Every
+    call is queued on the tracker's background thread.
 
     Args:
         tracker: the run's tracker. parent: the pipeline run. run_id: lifelong's run id (a tag of every stage run).
@@ -220,6 +230,8 @@ class MlflowStages(Listener):
     def __init__(self, tracker: BackgroundTracker, parent: RunRef, run_id: str) -> None:
         self.tracker, self.parent, self.run_id = tracker, parent, run_id
         self.runs: dict[int, RunRef] = {}
+        self.open: set[int] = set()  # stages whose run has not ended
+        self.seen = SeenSoFar()
 
     def stage_started(self, stage: StageSpec) -> None:
         """Create the stage's run, with its dataset inputs and params."""
@@ -227,6 +239,7 @@ class MlflowStages(Listener):
         ref = t.start_run(f"stage-{k}-{stage.domain}", {"lifelong.stage": str(k), "lifelong.domain": stage.domain,
                                                          "lifelong.run_id": self.run_id}, self.parent)
         self.runs[k] = ref
+        self.open.add(k)
         for item in stage.lineage["inputs"]:
             t.log_dataset(ref, f"{item['domain']}/train", item["uri"], item["digest"], "training")
         t.log_params(ref, {"stage": str(k), "domain": stage.domain, "parent_checkpoint": stage.parent,
@@ -246,11 +259,23 @@ class MlflowStages(Listener):
         self.tracker.log_metrics(ref, {"stage_wall_seconds": wall, "train_seconds": train,
                                        "overhead_seconds": wall - train})
         self.tracker.log_dict(ref, read_lineage(result.checkpoint, stage.storage), "lineage.json")
-        self.tracker.end(ref, True)
+        self.tracker.end(ref, "FINISHED")
+        self.open.discard(stage.task_id)
 
     def stage_failed(self, stage: StageSpec, error: str) -> None:
         """End the stage's run as FAILED."""
-        self.tracker.end(self.runs[stage.task_id], False)
+        self.tracker.end(self.runs[stage.task_id], "FAILED")
+        self.open.discard(stage.task_id)
+
+    def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
+        """Log the metrics over the domains seen so far, once per stage k, in order of k."""
+        for k, metrics in self.seen.add(row, [c.acc for c in cells]):
+            self.tracker.log_metrics(self.parent, {f"{name}_seen": v for name, v in metrics.items()}, step=k)
+
+    def run_stopped(self, stage: StageSpec | None, reason: str) -> None:
+        """End the run of the stage that was training, if any, as KILLED."""
+        if stage is not None and stage.task_id in self.open:
+            self.tracker.end(self.runs[stage.task_id], "KILLED")
 
     def poll(self) -> None:
         """Raise the first MLflow error, if a call has failed."""

@@ -37,3 +37,41 @@ def cl_metrics(R: list[list[float]], b: list[float]) -> dict[str, float | list[f
     fwt = float(np.mean([r[j - 1, j] - b[j] for j in range(1, t)]))
     forgetting = [float(r[: t - 1, j].max() - r[-1, j]) for j in range(t - 1)]
     return {"acc": acc, "bwt": bwt, "fwt": fwt, "forgetting": forgetting, "avg_forgetting": float(np.mean(forgetting))}
+
+
+def seen_metrics(rows: list[list[float]]) -> dict[str, float]:
+    """ACC, BWT and mean forgetting over the domains seen so far: rows ``R[0..k]`` (each over all T domains) give
+    the metrics of :func:`cl_metrics` on the leading ``(k+1) x (k+1)`` block, i.e. after stage k on domains 0..k.
+
+    Args:
+        rows: ``k+1`` rows of R, each of length T ≥ k+1, accuracies in [0, 1].
+    Returns:
+        ``acc`` = mean_{j≤k} R[k][j]; ``bwt`` and ``forgetting`` (the mean of :func:`cl_metrics`'s per-domain
+        forgetting) over domains j < k; both 0.0 when k = 0.
+    Raises:
+        ValueError: if there are no rows or a row is shorter than the number of rows.
+    """
+    k = len(rows) - 1
+    if k < 0 or any(len(r) <= k for r in rows):
+        raise ValueError(f"need k+1 rows of at least k+1 accuracies; got {len(rows)} rows")
+    m = cl_metrics([list(r[:k + 1]) for r in rows], [0.0] * (k + 1))
+    return {"acc": float(m["acc"]), "bwt": float(m["bwt"]), "forgetting": float(m["avg_forgetting"])}
+
+
+class SeenSoFar:
+    """Rows of R, given as they complete (in any order); each call to :meth:`add` returns the metrics of
+    :func:`seen_metrics` for every stage k whose rows ``R[0..k]`` have all arrived since, in order of k."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[float]] = {}
+        self.done = 0  # stages whose metrics have been returned
+
+    def add(self, row: int, accs: list[float]) -> list[tuple[int, dict[str, float]]]:
+        """Record row ``row`` (accuracies in [0, 1] over all T domains; row -1, the initial model, is ignored)."""
+        if row >= 0:
+            self.rows[row] = list(accs)
+        out = []
+        while self.done in self.rows:
+            out.append((self.done, seen_metrics([self.rows[i] for i in range(self.done + 1)])))
+            self.done += 1
+        return out

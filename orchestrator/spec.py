@@ -174,6 +174,96 @@ class StorageSpec(_Strict):
     s3: S3Spec = Field(default_factory=S3Spec)
 
 
+class Dimension(_Strict):
+    """One dimension of a search space: exactly one of ``choice`` (sampled), ``grid`` (every value, in every
+    sample), ``uniform`` / ``loguniform`` (``[low, high]`` floats) or ``randint`` (``[low, high)`` integers), as in
+    Ray Tune's ``tune.choice``, ``grid_search``, ``uniform``, ``loguniform`` and ``randint``."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        kinds = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint"
+                             + (f" (got {', '.join(kinds)})" if kinds else ""))
+        kind = kinds[0]
+        if kind in ("choice", "grid") and not getattr(self, kind):
+            raise ValueError(f"{kind} is empty")
+        if kind in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"{kind} needs low < high, got [{low}, {high}]")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform needs bounds > 0, got [{low}, {high}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``choice``, ``grid``, ``uniform``, ``loguniform`` or ``randint``."""
+        return next(k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+
+    def probe_values(self) -> list[Any]:
+        """The values that bound what this dimension can sample: every listed value, or both ends of a range (the
+        largest integer of ``randint``); checked against the pipeline before any trial starts."""
+        if self.choice is not None or self.grid is not None:
+            return list(self.choice if self.choice is not None else self.grid or [])
+        if self.randint is not None:
+            return [self.randint[0], self.randint[1] - 1]
+        return list(self.uniform or self.loguniform or ())
+
+
+class AshaSpec(_Strict):
+    """Asynchronous successive halving (Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning")
+    with *domains finished* as its time axis: at each rung, a trial whose objective is below the
+    ``1 - 1/reduction_factor`` quantile of the trials that reached the rung stops."""
+
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1, description="domains every trial finishes before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0, description="keep about 1/reduction_factor of trials per rung")
+
+
+class TuneSpec(_Strict):
+    """The ``tune:`` section: a search over whole pipelines with Ray Tune (``lifelong tune``).
+
+    ``space`` is keyed by the dotted paths of ``--set`` (``strategy.ratio``, ``strategy.0.buffer_size``,
+    ``training.optimizer.lr``). Every trial runs the whole pipeline, evaluated on each domain's ``val`` split,
+    and reports after each domain; the objective is ``acc`` (mean val accuracy over the domains seen so far) or
+    ``acc_minus_forgetting`` (that minus ``forgetting_weight`` times the mean forgetting over them).
+    """
+
+    space: dict[str, Dimension] = Field(min_length=1)
+    num_samples: int = Field(8, ge=1, description="samples of the space (each covers every grid combination)")
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.25, gt=0, description="CPUs reserved for a trial's own driver, beside its "
+                              "training workers and evaluation actors")
+    metric: Literal["acc", "acc_minus_forgetting"] = "acc"
+    forgetting_weight: float = Field(1.0, ge=0.0, description="lambda of acc_minus_forgetting")
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random", description="random: Ray Tune's variant generator (grid dimensions enumerated, the others "
+        "sampled); grid: every dimension must be a choice or grid, all combinations run; optuna: TPE through "
+        "Ray Tune's OptunaSearch (pip install 'lifelong[optuna]')")
+    seed: int | None = Field(None, description="seed of the search; default: the pipeline's seed")
+    asha: AshaSpec = Field(default_factory=AshaSpec)
+
+    @model_validator(mode="after")
+    def _search_fits_space(self) -> TuneSpec:
+        kinds = {key: d.kind for key, d in self.space.items()}
+        if self.search == "grid":
+            bad = [k for k, kind in kinds.items() if kind not in ("choice", "grid")]
+            if bad:
+                raise ValueError(f"search: grid needs finite dimensions (choice or grid); {', '.join(bad)} is not")
+        if self.search == "optuna":
+            bad = [k for k, kind in kinds.items() if kind == "grid"]
+            if bad:
+                raise ValueError(f"search: optuna does not take grid dimensions ({', '.join(bad)}); use choice")
+        return self
+
+
 class Pipeline(_Strict):
     """A continual-training pipeline: domains in order, a model, strategies, and run settings.
 
@@ -191,6 +281,7 @@ class Pipeline(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tune: TuneSpec | None = Field(None, description="the search that `lifelong tune` runs; `lifelong run` ignores it")
 
     @field_validator("strategy", mode="before")
     @classmethod
@@ -233,29 +324,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise SpecError("--set", [(item, "expected dotted.key=value")])
         key, _, text = item.partition("=")
-        parts = key.strip().split(".")
-        value = yaml.safe_load(text) if text.strip() else None
-        node: Any = raw
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise SpecError("--set", [(key, f"'{part}' is not an index of a list of {len(node)}")])
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-            elif isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    if part == "strategy" and isinstance(node.get(part), list) and len(node[part]) == 1 \
-                            and not parts[i + 1].isdigit():
-                        node[part] = node[part][0]  # strategy.name=... addresses the single strategy
-                    node = node.setdefault(part, {})
-            else:
-                raise SpecError("--set", [(key, f"'{'.'.join(parts[:i])}' is not a mapping")])
+        set_value(raw, key.strip(), yaml.safe_load(text) if text.strip() else None, "--set")
     return raw
+
+
+def set_value(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set the field at dotted path ``key`` of a raw spec dict to ``value``, in place (the rules of ``--set``:
+    integer parts index lists; ``strategy.<field>`` addresses a single strategy).
+
+    Raises:
+        SpecError: ``<source>: <key>: ...`` for a path through a non-container or past the end of a list.
+    """
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(source, [(key, f"'{part}' is not an index of a list of {len(node)}")])
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if part == "strategy" and isinstance(node.get(part), list) and len(node[part]) == 1 \
+                        and not parts[i + 1].isdigit():
+                    node[part] = node[part][0]  # strategy.name=... addresses the single strategy
+                node = node.setdefault(part, {})
+        else:
+            raise SpecError(source, [(key, f"'{'.'.join(parts[:i])}' is not a mapping")])
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

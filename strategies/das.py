@@ -12,7 +12,9 @@ its layer and mapped to [0, 1) by ``|tanh(.)|``.
 - Importances accumulate by element-wise max; while a domain trains, the gradients of the parameters producing each
   unit are multiplied by ``(1 - importance)``.
 
-The contrastive term of the paper is not implemented. Distributed: the gate gradients of each global batch (the
+``strength`` (an extension, as for SPG, :func:`strategies.spg.strengthen`) multiplies the accumulated importance,
+capped at 1, before it gates the gradients; 1.0 is the paper's method. The contrastive term of the paper is not
+implemented. Distributed: the gate gradients of each global batch (the
 workers' batches of one step) are summed across workers before the absolute value (:func:`gate_importance`), so
 every worker holds the importance one process computes on the same global batches; masking runs after DDP's
 all-reduce.
@@ -28,7 +30,7 @@ from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
 from strategies.importance import capped_batches, per_worker
-from strategies.spg import standardized_importance
+from strategies.spg import STRENGTH_HELP, standardized_importance, strengthen
 from strategies.units import gated, model_units, scale_unit_grads
 
 GateObjective = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
@@ -41,6 +43,7 @@ class DASConfig(StrategyConfig):
                                                      "with the proxy-KL importance")
     dropout: float = Field(0.1, gt=0.0, lt=1.0, description="unit dropout of the two proxy forward passes")
     importance_samples: int | None = Field(1024, ge=1, description="samples (all workers) per importance pass")
+    strength: float = Field(1.0, ge=0.0, description=STRENGTH_HELP)
 
 
 def normalize(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -128,7 +131,8 @@ class DAS(Strategy):
     def after_backward(self, ctx: StageContext) -> None:
         """Scale each unit's parameter gradients by ``1 - importance``."""
         if self.importance:
-            scale_unit_grads(model_units(ctx.model), {n: 1.0 - v for n, v in self.importance.items()})
+            scale_unit_grads(model_units(ctx.model), {n: 1.0 - strengthen(v, self.config.strength)
+                                                      for n, v in self.importance.items()})
 
     def after_task(self, ctx: StageContext) -> None:
         """Fold this domain's loss-gradient importance into the accumulated importance (element-wise max)."""

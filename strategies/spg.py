@@ -11,6 +11,10 @@ UIC-Liu-Lab/SPG ``approaches/spg``):
 4. While later tasks train, each feature-extractor gradient is multiplied by ``(1 - a_max)``; the classification
    head, shared across tasks, is scaled by ``(1 - mean(a_max over the feature extractor))``.
 
+``strength`` is an extension that the paper does not have, so that a search (``lifelong tune``) can trade
+stability for plasticity: the gate uses ``min(1, strength * a_max)`` (:func:`strengthen`). 1.0, the default, is the
+paper's method; 0 turns the masking off; values above 1 freeze important parameters sooner.
+
 The head is the model's last ``nn.Linear`` (or the parameters named by ``head``). Task t's outputs are the units of
 its labels (``StageContext.units_of()``: its head in task-IL, its classes in class-IL, all units in domain-IL).
 
@@ -31,11 +35,21 @@ from strategies.importance import capped_batches
 from strategies.units import head_name
 
 
+STRENGTH_HELP = ("soft-mask strength, an extension not in the paper: the accumulated importance is multiplied by it "
+                 "and capped at 1 before it gates the gradients; 1.0 is the paper's method, 0 turns masking off")
+
+
 class SPGConfig(StrategyConfig):
     """Parameters of :class:`SPG`."""
 
     head: str | None = Field(None, description="name prefix of the head parameters (default: the last nn.Linear)")
     importance_samples: int | None = Field(None, ge=1, description="cap on samples per worker; None = all")
+    strength: float = Field(1.0, ge=0.0, description=STRENGTH_HELP)
+
+
+def strengthen(importance: torch.Tensor, strength: float) -> torch.Tensor:
+    """The gate's importance ``min(1, strength * importance)`` (same shape; ``strength`` 1.0 returns it as is)."""
+    return importance if strength == 1.0 else (importance * strength).clamp(0.0, 1.0)
 
 
 def standardized_importance(grad: torch.Tensor) -> torch.Tensor:
@@ -111,7 +125,8 @@ class SPG(Strategy):
         """Find the head and the head's gradient factor ``1 - mean(a_max)`` over the feature extractor."""
         self.head = head_names(ctx.model, self.config.head)
         if self.a_max:
-            self.head_factor = float(1.0 - torch.cat([v.flatten() for v in self.a_max.values()]).mean())
+            gate = strengthen(torch.cat([v.flatten() for v in self.a_max.values()]), self.config.strength)
+            self.head_factor = float(1.0 - gate.mean())
 
     def after_backward(self, ctx: StageContext) -> None:
         """Soft-mask the all-reduced gradients."""
@@ -123,7 +138,7 @@ class SPG(Strategy):
             if n in self.head:
                 p.grad.mul_(self.head_factor)
             elif n in self.a_max:
-                p.grad.copy_(soft_mask(p.grad, self.a_max[n]))
+                p.grad.copy_(soft_mask(p.grad, strengthen(self.a_max[n], self.config.strength)))
 
     def after_task(self, ctx: StageContext) -> None:
         """Compute this task's importance and fold it into ``a_max`` by element-wise max."""

@@ -28,6 +28,7 @@ from strategies.spg import (
     head_names,
     soft_mask,
     standardized_importance,
+    strengthen,
 )
 
 
@@ -122,6 +123,37 @@ def test_spg_masks_body_by_importance_and_head_by_mean() -> None:
     torch.testing.assert_close(model[0].weight.grad, torch.full((5, 3), 0.75))
     torch.testing.assert_close(model[0].bias.grad, torch.full((5,), 0.25))
     torch.testing.assert_close(model[2].weight.grad, torch.full((4, 5), spg.head_factor))
+
+
+@pytest.mark.parametrize("strength, body, bias", [(0.0, 1.0, 1.0), (2.0, 0.5, 0.0), (4.0, 0.0, 0.0)])
+def test_spg_strength_scales_the_importance_before_the_gate(strength: float, body: float, bias: float) -> None:
+    torch.testing.assert_close(strengthen(torch.tensor([0.25, 0.75]), strength),
+                               torch.tensor([0.25, 0.75]).mul(strength).clamp(max=1.0))
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+    spg = SPG(SPGConfig(strength=strength))
+    spg.a_max = {"0.weight": torch.full((5, 3), 0.25), "0.bias": torch.full((5,), 0.75)}
+    ctx = ctx_for(model, [])
+    spg.before_task(ctx)
+    assert spg.head_factor == pytest.approx(1 - (15 * body_gate(strength, 0.25) + 5 * body_gate(strength, 0.75)) / 20)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    spg.after_backward(ctx)
+    torch.testing.assert_close(model[0].weight.grad, torch.full((5, 3), body))
+    torch.testing.assert_close(model[0].bias.grad, torch.full((5,), bias))
+
+
+def body_gate(strength: float, importance: float) -> float:
+    return min(1.0, strength * importance)
+
+
+def test_das_strength_scales_the_unit_importance() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    (das,) = build_strategies([("das", {"protect_initial": False, "strength": 2.0})])
+    das.importance = {"0": torch.tensor([0.0, 0.5, 1.0, 0.25])}
+    das.after_backward(ctx_for(model, [], tasks=1, width=2))
+    torch.testing.assert_close(model[0].bias.grad, torch.tensor([1.0, 0.0, 0.0, 0.5]))
 
 
 def test_spg_after_task_accumulates_by_max() -> None:
