@@ -11,10 +11,10 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
   :class:`RunStopped` when the trial's scheduler stops it;
 - and, to come: resume (which skips committed stages), the model registry.
 
-Events, in order: ``run_started``; per stage ``stage_started``, ``progress`` (many), then ``stage_committed`` or
-``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the last stage (listeners
-finish their own work there: the evaluation waits for the last row); ``run_stopped`` instead if a listener ended the
-run early on purpose.
+Events, in order: ``run_started``; per stage ``before_stage``, ``stage_started``, ``progress`` (many), then
+``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the
+last stage (listeners finish their own work there: the evaluation waits for the last row); ``run_stopped`` instead if
+a listener ended the run early on purpose.
 """
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ class Listener:
     def run_started(self, run: RunInfo) -> None:
         """Before stage 0 starts."""
 
+    def before_stage(self, k: int) -> None:
+        """Stage k is about to be submitted; a listener may wait here (the evaluation, when ``evaluation.max_lag``
+        bounds how far training may run ahead of it)."""
+
     def stage_started(self, stage: StageSpec) -> None:
         """Stage ``stage.task_id`` has been submitted to the workers."""
 
@@ -132,6 +136,11 @@ class Listeners(Listener):
         """Forward to every listener."""
         for m in self.members:
             m.run_started(run)
+
+    def before_stage(self, k: int) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.before_stage(k)
 
     def stage_started(self, stage: StageSpec) -> None:
         """Forward to every listener."""
@@ -192,6 +201,7 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
     parent, results, stage = run.init_checkpoint, [], None
     try:
         for k in range(plan.num_stages):
+            listener.before_stage(k)
             stage = plan.stage(k, parent, read_lineage(parent, plan.storage), run.run_id, run.code)
             results.append(_run_stage(stage, plan, runner, listener))
             parent = results[-1].checkpoint

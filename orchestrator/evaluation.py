@@ -145,6 +145,16 @@ class EvaluationScheduler(Listener):
             self.threads = max(1, r.threads * r.num_workers // max(1, len(self.actors)))
         self._submit(stage.task_id, result.checkpoint)
 
+    def before_stage(self, k: int) -> None:
+        """With ``evaluation.max_lag`` = L, wait until rows -1..k-1-L of R are complete (and reported downstream)."""
+        assert self.plan is not None
+        lag = self.plan.pipeline.evaluation.max_lag
+        if lag is None:
+            return
+        needed = range(-1, k - lag)
+        while self.pool.has_next() and not all(len(self.rows.get(r, {})) == self.plan.num_stages for r in needed):
+            self._collect(timeout=1.0)
+
     def poll(self) -> None:
         """Collect the cells that are ready."""
         self._collect(timeout=0.0)

@@ -141,6 +141,10 @@ class EvaluationSpec(_Strict):
     cpus_per_actor: float = Field(0.25, gt=0)
     batch_size: int = Field(2048, ge=1)
     split: Literal["test", "val"] = "test"
+    max_lag: int | None = Field(None, ge=0, description="stages training may run ahead of the evaluation: stage k "
+                                "starts once rows up to k - 1 - max_lag of R are complete; None: no limit. "
+                                "`lifelong tune` trials use 0, so that a trial its scheduler stops trains no "
+                                "further stage")
 
 
 class TrackingSpec(_Strict):
@@ -223,7 +227,9 @@ class AshaSpec(_Strict):
     ``1 - 1/reduction_factor`` quantile of the trials that reached the rung stops."""
 
     enabled: bool = True
-    grace_period: int = Field(1, ge=1, description="domains every trial finishes before it can be stopped")
+    grace_period: int = Field(2, ge=1, description="domains every trial finishes before it can be stopped; 2 "
+                              "makes the first cut where forgetting can first show (after domain 1, every trial "
+                              "has only learnt one domain)")
     reduction_factor: float = Field(2.0, gt=1.0, description="keep about 1/reduction_factor of trials per rung")
 
 

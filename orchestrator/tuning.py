@@ -65,6 +65,8 @@ def trial_pipeline(base: Pipeline, values: Mapping[str, Any], source: str) -> Pi
     for key, value in values.items():
         set_value(raw, key, value, source)
     raw["evaluation"]["split"] = "val"
+    if raw["evaluation"].get("max_lag") is None:
+        raw["evaluation"]["max_lag"] = 0  # report domain k before stage k+1: a stopped trial trains no further
     pipeline = validate_raw(raw, source)
     bind(pipeline, source)
     return pipeline

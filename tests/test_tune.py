@@ -39,7 +39,7 @@ def spec(**tune: Any) -> dict[str, Any]:
         "evaluation": {"num_actors": 1, "cpus_per_actor": 0.25},
         "tune": {"space": {"strategy.ratio": {"uniform": [0.1, 0.9]},
                            "training.optimizer.lr": {"grid": [0.001, 1e-7]}},
-                 "num_samples": 2, **tune},
+                 "num_samples": 2, "asha": {"grace_period": 1}, **tune},
     }
 
 
@@ -199,6 +199,9 @@ def assert_mlflow_tree(db: Path, board: dict[str, Any], n_trials: int) -> None:
         stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
         assert len(stages) >= row["domains"]
         assert trial.info.status == ("FINISHED" if row["status"] == "finished" else "KILLED")
+        # A trial trains no stage beyond the domains it reported (evaluation.max_lag 0 in trials).
+        events = Path(trial.data.tags["lifelong.run_dir"], "events.jsonl").read_text().splitlines()
+        assert sum(json.loads(e)["event"] == "stage_end" for e in events) == row["domains"]
         history = client.get_metric_history(trial.info.run_id, "acc_seen")
         assert [m.step for m in sorted(history, key=lambda m: m.step)][:row["domains"]] == list(range(row["domains"]))
 
