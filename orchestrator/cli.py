@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import LifelongError, SpecError
-from orchestrator.spec import SourceSpec, load_pipeline
+from orchestrator.spec import SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
     from orchestrator.tuning import TuneSummary
@@ -134,11 +134,7 @@ def tune(
             raise LifelongError("give a pipeline YAML with a tune: section, or --resume DIR")
         else:
             path = pipeline
-            try:
-                text = pipeline.read_text()
-            except OSError as e:
-                raise SpecError(str(pipeline), [("", f"cannot read file: {e.strerror}")]) from None
-            request = TuneRequest(text, tuple(set_ or []), str(pipeline))
+            request = TuneRequest(read_spec_file(pipeline), tuple(set_ or []), str(pipeline))
         options = TuneOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri,
                               address=address, search_from=(path.resolve().parent, Path.cwd()),
                               export=export.resolve() if export else None)

@@ -38,7 +38,7 @@ from orchestrator.engine import Listener, Listeners, RunInfo, RunStopped, run_st
 from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
 from orchestrator.ingest import validate_domains as verify_shards
-from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, default_tracking_uri
+from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
 from orchestrator.models import build_model
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_workers
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_heatmap, save_json
@@ -255,8 +255,7 @@ def _start_tracker(pipeline: Pipeline, options: RunOptions) -> BackgroundTracker
     """The run's MLflow tracker (its calls run on a background thread); a tracking server that cannot be reached
     fails the run here, before its folder exists. The heatmap's plotting library is imported on that thread too, so
     that neither waits on the critical path."""
-    tracker = BackgroundTracker(options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir),
-                                pipeline.tracking.experiment or pipeline.name)
+    tracker = BackgroundTracker(*tracking_target(pipeline, options.tracking_uri, options.workdir))
     tracker.call(importlib.import_module, "matplotlib.pyplot")
     if not tracker.uri.startswith(("sqlite:", "file:")) and not is_local(tracker.uri):
         tracker.ready()

@@ -31,6 +31,7 @@ from orchestrator.engine import Cell, Listener, StageResult
 from orchestrator.errors import LifelongError, check_reachable
 from orchestrator.metrics import SeenSoFar
 from orchestrator.plan import StageSpec
+from orchestrator.spec import Pipeline
 from orchestrator.storage import is_local, local_path
 from orchestrator.stage import Progress
 
@@ -41,6 +42,13 @@ Status = Literal["FINISHED", "FAILED", "KILLED"]
 def default_tracking_uri(workdir: Path) -> str:
     """``sqlite:///<absolute workdir>/mlflow.db``."""
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def tracking_target(pipeline: Pipeline, tracking_uri: str | None, workdir: Path) -> tuple[str, str]:
+    """``(tracking URI, experiment name)`` of a pipeline's runs: ``--tracking-uri``, else ``tracking.uri``, else
+    :func:`default_tracking_uri`; ``tracking.experiment``, else the pipeline's name."""
+    uri = tracking_uri or pipeline.tracking.uri or default_tracking_uri(workdir)
+    return uri, pipeline.tracking.experiment or pipeline.name
 
 
 class Tracker:

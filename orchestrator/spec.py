@@ -178,6 +178,9 @@ class StorageSpec(_Strict):
     s3: S3Spec = Field(default_factory=S3Spec)
 
 
+DIMENSION_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
 class Dimension(_Strict):
     """One dimension of a search space: exactly one of ``choice`` (sampled), ``grid`` (every value, in every
     sample), ``uniform`` / ``loguniform`` (``[low, high]`` floats) or ``randint`` (``[low, high)`` integers), as in
@@ -191,7 +194,7 @@ class Dimension(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> Dimension:
-        kinds = [k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        kinds = [k for k in DIMENSION_KINDS if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError("give exactly one of choice, grid, uniform, loguniform, randint"
                              + (f" (got {', '.join(kinds)})" if kinds else ""))
@@ -209,7 +212,16 @@ class Dimension(_Strict):
     @property
     def kind(self) -> str:
         """``choice``, ``grid``, ``uniform``, ``loguniform`` or ``randint``."""
-        return next(k for k in ("choice", "grid", "uniform", "loguniform", "randint") if getattr(self, k) is not None)
+        return next(k for k in DIMENSION_KINDS if getattr(self, k) is not None)
+
+    def grid_values(self, search: str) -> list[Any] | None:
+        """The values a search enumerates in every sample: a ``grid``, or a ``choice`` under ``search: grid``; None
+        for a dimension that is sampled."""
+        if self.grid is not None:
+            return list(self.grid)
+        if self.choice is not None and search == "grid":
+            return list(self.choice)
+        return None
 
     def probe_values(self) -> list[Any]:
         """The values that bound what this dimension can sample: every listed value, or both ends of a range (the
@@ -394,18 +406,34 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     Raises:
         SpecError: when the file is missing or is not valid YAML (with the line and column).
     """
-    p = Path(path)
+    return parse_yaml(read_spec_file(path), str(path))
+
+
+def read_spec_file(path: str | Path) -> str:
+    """The text of a pipeline YAML file.
+
+    Raises:
+        SpecError: when the file cannot be read (naming it).
+    """
     try:
-        text = p.read_text()
+        return Path(path).read_text()
     except OSError as e:
         raise SpecError(str(path), [("", f"cannot read file: {e.strerror}")]) from None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse a pipeline's YAML text (``{}`` for an empty document).
+
+    Raises:
+        SpecError: ``<source>: malformed YAML: line L, column C: <problem>``.
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(str(path), [("", f"malformed YAML: {where}{problem}")]) from None
+        raise SpecError(source, [("", f"malformed YAML: {where}{problem}")]) from None
     return raw if raw is not None else {}
 
 

@@ -43,7 +43,8 @@ from ray.tune import Callback
 from orchestrator.engine import Cell, Listener, RunInfo, RunStopped
 from orchestrator.errors import LifelongError, SpecError
 from orchestrator.metrics import SeenSoFar
-from orchestrator.spec import Dimension, Pipeline, TuneSpec, apply_overrides, bind, set_value, validate_raw
+from orchestrator.spec import (Dimension, Pipeline, TuneSpec, apply_overrides, bind, parse_yaml, set_value,
+                               validate_raw)
 from orchestrator.storage import Storage
 
 SETTINGS_FILE = "lifelong-tune.json"
@@ -266,8 +267,9 @@ def search_space(tune: TuneSpec) -> dict[str, Any]:
     from ray import tune as rt
 
     def one(d: Dimension) -> Any:
-        if d.grid is not None or (d.choice is not None and tune.search == "grid"):
-            return rt.grid_search(list(d.grid if d.grid is not None else d.choice or []))
+        grid = d.grid_values(tune.search)
+        if grid is not None:
+            return rt.grid_search(grid)
         if d.choice is not None:
             return rt.choice(list(d.choice))
         if d.uniform is not None:
@@ -285,8 +287,7 @@ def expected_trials(tune: TuneSpec) -> int:
     choices too with ``search: grid``)."""
     n = tune.num_samples
     for d in tune.space.values():
-        if d.grid is not None or (d.choice is not None and tune.search == "grid"):
-            n *= len(d.grid if d.grid is not None else d.choice or [])
+        n *= len(d.grid_values(tune.search) or [None])
     return n
 
 
@@ -401,8 +402,7 @@ def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id:
         rows.append(TrialRow(str(m.get("trial_id") or Path(str(r.path)).name), dict(r.config or {}), done,
                              float(m.get("val_acc", math.nan)), float(m.get("val_forgetting", math.nan)),
                              float(m.get("objective", math.nan)), status))
-    rows.sort(key=lambda row: (row.status != "finished", -(row.objective if row.objective == row.objective
-                                                           else -math.inf)))
+    rows.sort(key=lambda row: (row.status != "finished", math.inf if math.isnan(row.objective) else -row.objective))
     finished = [row for row in rows if row.status == "finished"]
     return TuneSummary(tuple(rows), finished[0] if finished else None, experiment_dir, tune_run_id,
                        domains_run=sum(row.domains for row in rows),
@@ -440,12 +440,14 @@ class TuneRequest:
     source: str
     spec_sha256: str = ""
 
-    def raw(self) -> dict[str, Any]:
-        """The spec as a dict, overrides applied."""
-        raw = yaml.safe_load(self.yaml_text) or {}
-        if not isinstance(raw, dict):
-            raise SpecError(self.source, [("", "expected a YAML mapping at the top level")])
-        return apply_overrides(raw, list(self.overrides))
+    def raw(self) -> Any:
+        """The spec as parsed, overrides applied (as :func:`orchestrator.spec.load_pipeline` does).
+
+        Raises:
+            SpecError: malformed YAML or a bad override.
+        """
+        raw = parse_yaml(self.yaml_text, self.source)
+        return apply_overrides(raw, list(self.overrides)) if isinstance(raw, dict) else raw
 
     def pipeline(self) -> Pipeline:
         """The validated pipeline.
@@ -564,11 +566,11 @@ def run_tune(request: TuneRequest, options: TuneOptions, resume_dir: Path | None
 def _tune_run(request: TuneRequest, pipeline: Pipeline, options: TuneOptions,
               resume_dir: Path | None) -> tuple[Path, str, Any]:
     """The experiment folder and the MLflow tune run: new ones, or those of the search being resumed."""
-    from orchestrator.lineage import Tracker, default_tracking_uri
+    from orchestrator.lineage import Tracker, tracking_target
     from orchestrator.spec import flatten
 
-    uri = options.tracking_uri or pipeline.tracking.uri or default_tracking_uri(options.workdir)
-    tracker = Tracker(uri, pipeline.tracking.experiment or pipeline.name)
+    uri, experiment = tracking_target(pipeline, options.tracking_uri, options.workdir)
+    tracker = Tracker(uri, experiment)
     if resume_dir is not None:
         return resume_dir, read_request(resume_dir)[1]["tune_run_id"], tracker
     name = f"{pipeline.name}-{timestamp()}"

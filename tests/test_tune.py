@@ -85,6 +85,16 @@ def test_metric_needing_a_missing_val_split_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "w").exists()
 
 
+def test_malformed_yaml_is_refused_like_run(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: p\ndomains:\n  - {name: a\n")
+    proc = lifelong("tune", str(bad), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.yaml" in errors[0] and "malformed YAML: line" in errors[0], proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_space_values_are_checked_at_their_bounds() -> None:
     raw = spec()
     raw["tune"]["space"] = {"strategy.buffer_size": {"randint": [0, 5]}}  # 0 is below ge=1
