@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from orchestrator.tuning import TuneSummary
 
 app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # help texts hold literal [brackets]: [default: ...]
 shards_app = typer.Typer(help="Build and inspect domain shards (Parquet + manifest.json).", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 
@@ -34,6 +35,13 @@ WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Working folder for 
 DataRootOpt = Annotated[Optional[str], typer.Option(
     "--data-root", help="Folder of raw datasets [default: $LIFELONG_DATA_ROOT, else ../shared/data beside the checkout].")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: dotted.key=value (repeatable).")]
+
+
+def stderr_console() -> Console:
+    """A Rich console on stderr. Into a file or a pipe (a job's log, ``2> log``) it is 200 columns wide, so that
+    tables keep their columns whole (Rich's width there is 80)."""
+    console = Console(stderr=True)
+    return console if console.is_terminal else Console(stderr=True, width=200)
 
 
 def _fail(err: Exception) -> None:
@@ -56,10 +64,14 @@ def run(
     data_root: DataRootOpt = None,
     tracking_uri: Annotated[Optional[str], typer.Option(
         "--tracking-uri", help="MLflow tracking URI [default: sqlite:///<workdir>/mlflow.db].")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Show the progress bar (--no-progress: one line per stage instead).")] = True,
     address: Annotated[Optional[str], typer.Option(
         "--address", help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:PORT [default: $RAY_ADDRESS, "
         "else a local Ray started for this run].")] = None,
+    run_name: Annotated[Optional[str], typer.Option(
+        "--run-name", help="Name of the run's MLflow parent run [default: <pipeline>-<run id>; a submitted job's "
+        "id].")] = None,
 ) -> None:
     """Run a continual-training pipeline: one stage per domain on Ray, with evaluation beside it. Without
     --address (and $RAY_ADDRESS), a local Ray instance is started for the run (the dry run); with a running
@@ -72,17 +84,22 @@ def run(
     imports_done = time.time()
 
     path = _pipeline_path(pipeline)
-    console = Console(stderr=True)
+    console = stderr_console()
     try:
         spec = load_pipeline(path, set_ or [])
         bind(spec, str(path))
         options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri, address=address,
-                             search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress)
+                             search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress,
+                             run_name=run_name)
         console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {spec.scenario}, "
                       f"strategy {spec.strategy_label()}, {spec.training.num_workers} worker(s)")
         report = run_pipeline(spec, options)
     except LifelongError as e:
         _fail(e)
+    except KeyboardInterrupt:  # Ctrl+C, or `lifelong stop` of a submitted job (SIGINT)
+        console.print("[bold yellow]run stopped[/bold yellow] (interrupted); its MLflow runs, if any, end KILLED",
+                      highlight=False)
+        raise typer.Exit(code=130) from None
     finally:
         import ray
 
@@ -123,7 +140,7 @@ def tune(
     test metrics come from `lifelong run` on the file that --export writes."""
     from orchestrator.tuning import SearchInterrupted, TuneOptions, TuneRequest, read_request, run_tune
 
-    console = Console(stderr=True)
+    console = stderr_console()
     try:
         if resume is not None:
             if pipeline is not None or set_:
@@ -158,17 +175,112 @@ def tune(
                               default=str))
 
 
+JobsAddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="The cluster's Ray dashboard (Jobs API), http://HOST:8265 [default: $RAY_API_SERVER_ADDRESS, "
+    "else an http:// $RAY_ADDRESS, else http://127.0.0.1:8265].")]
+JobIdArg = Annotated[str, typer.Argument(help="The job's id, as `lifelong submit` printed it.")]
+
+
+@app.command()
+def submit(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML to run on the cluster.")],
+    set_: SetOpt = None,
+    address: JobsAddressOpt = None,
+    working_dir: Annotated[Optional[Path], typer.Option(
+        "--working-dir", help="Folder shipped as the job's working folder, holding the pipeline and the files it "
+        "needs (a user model, a strategy plugin) [default: the pipeline YAML alone].")] = None,
+    workdir: Annotated[str, typer.Option(
+        "--workdir", help="The run's working folder on the cluster (run folder; shards and mlflow.db unless the "
+        "pipeline puts them elsewhere).")] = "/tmp/lifelong-runs",
+    data_root: Annotated[Optional[str], typer.Option(
+        "--data-root", help="Folder of raw datasets on the cluster [default: the cluster's $LIFELONG_DATA_ROOT].")]
+    = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(
+        "--tracking-uri", help="MLflow tracking URI as the cluster sees it [default: the pipeline's tracking.uri, "
+        "else sqlite under --workdir on the cluster].")] = None,
+    env: Annotated[Optional[list[str]], typer.Option(
+        "--env", help="KEY=VALUE environment variable of the job (repeatable).")] = None,
+) -> None:
+    """Run a pipeline on a Ray cluster as a job (Ray Jobs API): validate it here, ship it, print the job id. Follow
+    the job with `lifelong status`, `lifelong logs --follow` and `lifelong stop`."""
+    from orchestrator.jobs import SubmitRequest
+    from orchestrator.jobs import submit as submit_job
+
+    console = stderr_console()
+    try:
+        job = submit_job(SubmitRequest(pipeline, tuple(set_ or []), address, working_dir, workdir, data_root,
+                                       tracking_uri, tuple(env or [])))
+    except LifelongError as e:
+        _fail(e)
+    console.print(f"submitted {job.pipeline} to {job.address}\n  entrypoint: {job.entrypoint}\n"
+                  f"  MLflow: run '{job.job_id}' at {job.tracking}", highlight=False, soft_wrap=True)
+    if "sqlite" in job.tracking:
+        console.print("  note: the run's MLflow records stay on the cluster; set tracking.uri or --tracking-uri to "
+                      "an MLflow server to read them from here", highlight=False, soft_wrap=True)
+    console.print(f"follow it: lifelong logs {job.job_id} --follow --address {job.address}", highlight=False,
+                  soft_wrap=True)
+    typer.echo(job.job_id)
+
+
+@app.command()
+def status(job_id: JobIdArg, address: JobsAddressOpt = None,
+           json_out: Annotated[bool, typer.Option("--json", help="Print the state as one JSON object.")] = False,
+           ) -> None:
+    """Show a submitted job's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED (exit 0 whatever it is)."""
+    from orchestrator.jobs import status as job_status
+
+    try:
+        state = job_status(job_id, address)
+    except LifelongError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps({**state.__dict__, "duration_s": state.duration_s}))
+        return
+    took = f", {state.duration_s:.1f} s" if state.duration_s is not None else ""
+    typer.echo(f"{state.job_id}: {state.status}{took}" + (f" ({state.message})" if state.message else ""))
+
+
+@app.command()
+def logs(job_id: JobIdArg, address: JobsAddressOpt = None,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+         ) -> None:
+    """Print a submitted job's output (its driver's stdout and stderr)."""
+    from orchestrator.jobs import logs as job_logs
+
+    try:
+        job_logs(job_id, address, follow, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    except LifelongError as e:
+        _fail(e)
+
+
+@app.command()
+def stop(job_id: JobIdArg, address: JobsAddressOpt = None) -> None:
+    """Stop a submitted job and wait until it has stopped (its MLflow runs end KILLED)."""
+    from orchestrator.jobs import stop as stop_job
+
+    try:
+        state = stop_job(job_id, address)
+    except LifelongError as e:
+        _fail(e)
+    typer.echo(f"{state.job_id}: {state.status}")
+
+
 def print_leaderboard(summary: "TuneSummary", console: Console) -> None:
-    """The final leaderboard, the best trial and what ASHA saved."""
+    """The final leaderboard (with each trial's Ray node, shortened, when trials ran on several), each errored
+    trial's error, the best trial and what ASHA saved."""
     from orchestrator.tuning import describe
 
     table = Table(title=f"lifelong tune: {summary.experiment_dir}")
-    for col in ("trial", "config", "val ACC", "forgetting", "objective", "domains", "status"):
+    nodes = len({r.node_id for r in summary.rows if r.node_id}) > 1  # a column only when trials ran on several
+    for col in ("trial", "config", "val ACC", "forgetting", "objective", "domains", "status", *(["node"] * nodes)):
         table.add_column(col)
     for r in summary.rows:
         table.add_row(r.trial_id, describe(r.config), f"{r.val_acc:.4f}", f"{r.val_forgetting:.4f}",
-                      f"{r.objective:.4f}", str(r.domains), r.status)
+                      f"{r.objective:.4f}", str(r.domains), r.status, *([r.node_id[:8]] * nodes))
     console.print(table)
+    for r in summary.rows:
+        if r.error:
+            console.print(f"trial {r.trial_id} error: {r.error}", highlight=False, soft_wrap=True)
     if summary.best is not None:
         console.print(f"best: trial {summary.best.trial_id} ({describe(summary.best.config)}), val objective "
                       f"{summary.best.objective:.4f}")

@@ -154,7 +154,7 @@ def worker_resources(pipeline: Pipeline) -> Resources:
     CPUs per worker."""
     t = pipeline.training
     threads = t.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // t.num_workers)
-    return Resources(t.num_workers, t.cpus_per_worker, t.use_gpu, threads)
+    return Resources(t.num_workers, t.cpus_per_worker, t.use_gpu, threads, tuple(sorted(t.resources.items())))
 
 
 def check_resources(pipeline: Pipeline) -> Resources:
@@ -162,10 +162,10 @@ def check_resources(pipeline: Pipeline) -> Resources:
     :func:`orchestrator.plan.check_workers`).
 
     Raises:
-        LifelongError: naming the fields to change and the cluster's CPU count.
+        LifelongError: naming the fields to change and what the cluster has.
     """
     resources = worker_resources(pipeline)
-    check_workers(resources, ray.cluster_resources().get("CPU", 0.0), pipeline)
+    check_workers(resources, ray.cluster_resources(), pipeline)
     return resources
 
 
@@ -241,7 +241,7 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
                       run_id=run_id, tracking_uri=tracker.uri, timeline=timeline)
         _write_report(report, run_dir, tracker, parent, events)
         status = "FINISHED"
-    except RunStopped:
+    except (RunStopped, KeyboardInterrupt, SystemExit):  # stopped by a listener, Ctrl+C or `lifelong stop`
         status = "KILLED"
         raise
     finally:

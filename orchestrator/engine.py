@@ -14,7 +14,7 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
 Events, in order: ``run_started``; per stage ``before_stage``, ``stage_started``, ``progress`` (many), then
 ``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the
 last stage (listeners finish their own work there: the evaluation waits for the last row); ``run_stopped`` instead if
-a listener ended the run early on purpose.
+a listener ended the run early on purpose, or the process was interrupted (Ctrl+C, or SIGINT from `lifelong stop`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class Cell:
     """One cell R[row][col] of the accuracy matrix (row -1: the initial model).
 
     Attributes:
-        acc: accuracy in [0, 1]. n: samples scored. start, end: unix seconds on the evaluation actor.
+        acc: accuracy in [0, 1]. n: samples scored. start, end: unix seconds on the evaluation actor. node_id: the
+            Ray node of that actor ("" when unknown).
     """
 
     row: int
@@ -85,6 +86,7 @@ class Cell:
     n: int
     start: float
     end: float
+    node_id: str = ""
 
 
 class Listener:
@@ -195,6 +197,8 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
     Raises:
         TrainingError: ``stage k (<domain>) failed: <why>``, after ``stage_failed`` reached the listeners.
         RunStopped: a listener ended the run early, after ``run_stopped`` reached the listeners.
+        KeyboardInterrupt, SystemExit: the process was interrupted (Ctrl+C, or the SIGINT that `lifelong stop`
+            has Ray send to a job's driver) or told to exit, after ``run_stopped``.
     """
     plan = run.plan
     listener.run_started(run)
@@ -210,6 +214,10 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
         listener.run_finished()
     except RunStopped as e:
         listener.run_stopped(stage, str(e))
+        raise
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl+C, `lifelong stop` (SIGINT), sys.exit
+        code = f" {e.code}" if isinstance(e, SystemExit) else ""
+        listener.run_stopped(stage, f"interrupted ({type(e).__name__}{code})")
         raise
     return results
 

@@ -84,7 +84,8 @@ class Evaluator:
             for i in range(0, len(y), self.batch_size):
                 logits = masked_logits(model(x[i:i + self.batch_size]), t[i:i + self.batch_size], self.mask)
                 correct += int((logits.argmax(1) == y[i:i + self.batch_size]).sum())
-        return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time())
+        return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time(),
+                    ray.get_runtime_context().get_node_id())
 
     def evaluate_cells(self, checkpoint: str, row: int, cols: list[int], threads: int = 1) -> list[Cell]:
         """Cells R[row][j] of ``checkpoint`` for every domain j in ``cols`` (see :meth:`evaluate`), in that order,
@@ -128,7 +129,7 @@ class EvaluationScheduler(Listener):
         if self.actors or self.plan is None:
             return
         plan, e = self.plan, self.plan.pipeline.evaluation
-        remote = ray.remote(num_cpus=e.cpus_per_actor)(Evaluator)
+        remote = ray.remote(num_cpus=e.cpus_per_actor, resources=dict(e.resources))(Evaluator)
         args = ([(d.uri, d.manifest) for d in plan.domains], e.split, plan.layout, plan.pipeline.model, plan.input,
                 e.batch_size, plan.strategies, plan.storage)
         self.actors = [remote.remote(*args) for _ in range(e.num_actors)]

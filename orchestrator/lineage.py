@@ -44,6 +44,16 @@ def default_tracking_uri(workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a ``sqlite:///`` store, in ``<store folder>/mlartifacts``
+    (MLflow's own default is ``./mlruns`` under the current folder, wherever the store is); None for a tracking
+    server, whose artifact root is its own (``--artifacts-destination``)."""
+    path = uri.removeprefix("sqlite:///")  # SQLAlchemy: an absolute path after it starts with "/"
+    if not uri.startswith("sqlite:///") or not path or path == ":memory:":
+        return None
+    return (Path(path).resolve().parent / "mlartifacts").as_uri()
+
+
 def tracking_target(pipeline: Pipeline, tracking_uri: str | None, workdir: Path) -> tuple[str, str]:
     """``(tracking URI, experiment name)`` of a pipeline's runs: ``--tracking-uri``, else ``tracking.uri``, else
     :func:`default_tracking_uri`; ``tracking.experiment``, else the pipeline's name."""
@@ -73,7 +83,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+                experiment, artifact_location=artifact_location(uri))
         except Exception as e:  # noqa: BLE001 - any backend failure means the URI is unusable
             raise LifelongError(f"MLflow tracking URI {uri} is unreachable: {str(e).splitlines()[0][:200]}") from None
 

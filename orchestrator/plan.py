@@ -49,12 +49,14 @@ class Domain:
 @dataclass(frozen=True)
 class Resources:
     """What one stage's worker group reserves: ``num_workers`` actors of ``cpus_per_worker`` CPUs (fractional
-    allowed) and one GPU each when ``use_gpu``; ``threads`` is each worker's torch intra-op thread count."""
+    allowed), one GPU each when ``use_gpu`` and the ``custom`` Ray resources (``(name, amount)`` pairs, from
+    ``training.resources``); ``threads`` is each worker's torch intra-op thread count."""
 
     num_workers: int
     cpus_per_worker: float
     use_gpu: bool
     threads: int
+    custom: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -210,14 +212,23 @@ class StagePlan:
                          self.storage, self.resources, self.train_rows(k))
 
 
-def check_workers(resources: Resources, cluster_cpus: float, pipeline: Pipeline) -> None:
-    """Refuse a worker group and evaluation actors that together reserve more CPUs than the cluster has: Ray would
-    wait for them forever and the run would hang.
+def check_workers(resources: Resources, cluster: Mapping[str, float], pipeline: Pipeline) -> None:
+    """Refuse a worker group and evaluation actors that together reserve more CPUs, or more of a custom resource,
+    than the cluster has (``cluster``: ``ray.cluster_resources()``): Ray would wait for them forever and the run
+    would hang.
 
     Raises:
-        LifelongError: naming the fields to change and the cluster's CPU count.
+        LifelongError: naming the fields to change and what the cluster has.
     """
     e = pipeline.evaluation
+    for role, count, wanted in (("training", resources.num_workers, dict(resources.custom)),
+                                ("evaluation", e.num_actors if e.enabled else 0, e.resources)):
+        for name, amount in wanted.items():
+            if count * amount > cluster.get(name, 0.0) + 1e-9:
+                have = ", ".join(sorted(k for k in cluster if not k.startswith("node:"))) or "none"
+                raise LifelongError(f"{role}.resources.{name}: {count} x {amount:g} needed, this Ray cluster has "
+                                    f"{cluster.get(name, 0.0):g} (its resources: {have}); the run would wait forever")
+    cluster_cpus = cluster.get("CPU", 0.0)
     workers = resources.num_workers * resources.cpus_per_worker
     reserved = workers + (e.num_actors * e.cpus_per_actor if e.enabled else 0.0)
     if reserved > cluster_cpus:

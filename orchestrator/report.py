@@ -138,8 +138,9 @@ class EventLog(Listener):
                        seconds=report.seconds)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
-        """``stage_end``, and the stage's ``_COMPLETED`` record."""
-        self.write("stage_end", t=result.end, stage=stage.task_id, domain=stage.domain, checkpoint=result.checkpoint)
+        """``stage_end`` (with rank 0's Ray node), and the stage's ``_COMPLETED`` record."""
+        self.write("stage_end", t=result.end, stage=stage.task_id, domain=stage.domain, checkpoint=result.checkpoint,
+                   node_id=result.stats.get("node_id", ""))
         summary = json.dumps(stage_summary(stage, result), indent=1).encode()
         stage.storage.write_bytes(join(stage.checkpoint_uri.rsplit("/", 1)[0], "_COMPLETED"), summary)
 
@@ -148,9 +149,10 @@ class EventLog(Listener):
         self.write("stage_failed", stage=stage.task_id, error=error)
 
     def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
-        """One ``eval_cell`` per cell, stamped with the time it was computed."""
+        """One ``eval_cell`` per cell, stamped with the time it was computed and the Ray node of its actor."""
         for c in cells:
-            self.write("eval_cell", t=c.end, row=row, col=c.col, start=c.start, end=c.end, acc=c.acc)
+            self.write("eval_cell", t=c.end, row=row, col=c.col, start=c.start, end=c.end, acc=c.acc,
+                       node_id=c.node_id)
 
 
 class ReportBuilder(Listener):
@@ -198,10 +200,12 @@ class ProgressBar(Listener):
     """Stage k/T, the epoch, samples/s (all workers) and an ETA from the mean wall time of the finished stages.
 
     Args:
-        console: where to draw. enabled: False draws nothing.
+        console: where to draw. enabled: False draws no bar, and prints one line when a stage starts and one when
+            it is committed instead (for logs: a submitted job's, a file's).
     """
 
     def __init__(self, console: Console, enabled: bool) -> None:
+        self.console, self.enabled = console, enabled
         self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[rate]}"),
                                 TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"), console=console,
                                 disable=not enabled, transient=False)
@@ -218,9 +222,11 @@ class ProgressBar(Listener):
         self.bar.start()
 
     def stage_started(self, stage: StageSpec) -> None:
-        """``stage k/T <domain>: starting``."""
+        """``stage k/T <domain>: starting`` (or print ``stage k/T <domain>: started``)."""
         self.started = time.time()
         self.bar.update(self.task, description=f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: starting")
+        if not self.enabled:
+            self.console.print(f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: started", highlight=False)
 
     def progress(self, stage: StageSpec, report: Progress) -> None:
         """Advance by the samples all workers have seen."""
@@ -238,10 +244,15 @@ class ProgressBar(Listener):
             self.bar.update(self.task, eta=f"{max(0.0, left):.0f}s")
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
-        """Count the stage's samples as done."""
+        """Count the stage's samples as done (or print ``stage k/T <domain>: committed in S s``)."""
         self.walls.append(result.end - result.start)
         self.done += stage.train_rows * self.epochs
         self.bar.update(self.task, completed=self.done)
+        if not self.enabled:
+            stats = result.stats
+            self.console.print(f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: committed in "
+                               f"{self.walls[-1]:.1f} s (training {stats.get('train_seconds', float('nan')):.1f} s, "
+                               f"{stats.get('samples_per_second', float('nan')):,.0f} samples/s)", highlight=False)
 
     def run_finished(self) -> None:
         """``evaluating the last stage``; the bar stops at :meth:`close`."""

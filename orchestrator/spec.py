@@ -106,6 +106,20 @@ class OptimizerSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
+def positive_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Check custom Ray resources: names other than Ray's own (CPU, GPU, memory) and amounts > 0.
+
+    Raises:
+        ValueError: naming the bad entry.
+    """
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{name}: set it with the role's own field (cpus_per_worker, use_gpu), not resources")
+        if not amount > 0:
+            raise ValueError(f"{name}: the amount must be > 0, got {amount}")
+    return resources
+
+
 class TrainingSpec(_Strict):
     """Per-stage training settings. ``batch_size`` counts new-domain samples per worker step."""
 
@@ -131,6 +145,14 @@ class TrainingSpec(_Strict):
     max_failures: int = Field(0, ge=0, description="restarts of a stage from its parent checkpoint after a worker "
                               "process dies")
     progress_every: int = Field(20, ge=1, description="report progress every N steps")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each worker "
+                                        "reserves besides its CPUs and GPU, e.g. {node_a: 0.01} to place the "
+                                        "workers on the nodes that carry node_a")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return positive_resources(v)
 
 
 class EvaluationSpec(_Strict):
@@ -145,6 +167,13 @@ class EvaluationSpec(_Strict):
                                 "starts once rows up to k - 1 - max_lag of R are complete; None: no limit. "
                                 "`lifelong tune` trials use 0, so that a trial its scheduler stops trains no "
                                 "further stage")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each evaluation "
+                                        "actor reserves besides its CPUs, e.g. {node_b: 0.01}")
+
+    @field_validator("resources")
+    @classmethod
+    def _positive_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return positive_resources(v)
 
 
 class TrackingSpec(_Strict):

@@ -392,8 +392,9 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
         after_first_pass: called once the first epoch's pass over this worker's data is complete.
         on_progress: receives rank 0's :class:`Progress` reports.
     Returns:
-        ``(stats, model, strategies)``: :func:`fit_task`'s statistics plus ``setup_seconds`` and
-        ``samples_per_second`` (all workers), the trained (unwrapped) model and the strategies after ``after_task``.
+        ``(stats, model, strategies)``: :func:`fit_task`'s statistics plus ``setup_seconds``,
+        ``samples_per_second`` (all workers) and ``node_id`` (this worker's Ray node), the trained (unwrapped) model
+        and the strategies after ``after_task``.
     Raises:
         TrainingError: on a NaN/infinite loss or a label outside the domain's label set.
         FileNotFoundError, ValueError: if the parent checkpoint is missing, incomplete or corrupt.
@@ -420,6 +421,9 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
                      pipeline.training.progress_every)
     stats["setup_seconds"] = setup_seconds
     stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
+    import ray  # run_stage runs in a Ray worker; fit_task alone (the strategy benchmark) needs no Ray
+
+    stats["node_id"] = ray.get_runtime_context().get_node_id()
     return stats, model, strategies
 
 

@@ -200,24 +200,30 @@ class TuneReporter(Listener):
 
 def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     """A Tune function trainable: run the pipeline with ``config``'s values (dotted key → value) through the stage
-    engine, reporting after each domain (the last one once the run is complete). A trial stopped by the scheduler
-    ends quietly.
+    engine, reporting after each domain (the last one once the run is complete) with the Ray node the trial runs on
+    (``node_id``). A trial stopped by the scheduler ends quietly.
 
     Raises:
         LifelongError: the pipeline's own errors (Tune records them as the trial's error).
     """
+    import ray
     from ray import tune
     from rich.console import Console
 
     from orchestrator.dag import RunOptions, run
 
     trial_id = tune.get_context().get_trial_id()
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict[str, float]) -> None:
+        tune.report({**metrics, "node_id": node_id})
+
     values = dict(config)
     if settings.base.training.threads_per_worker is None:
         values.setdefault("training.threads_per_worker", settings.threads_per_worker)
     pipeline = trial_pipeline(settings.base, values, f"trial {trial_id}")
     assert settings.base.tune is not None
-    reporter = TuneReporter(settings.base.tune, tune.report)
+    reporter = TuneReporter(settings.base.tune, report)
     options = RunOptions(workdir=settings.workdir, data_root=settings.data_root, tracking_uri=settings.tracking_uri,
                          search_from=list(settings.search_from), console=Console(stderr=True),
                          show_progress=False, mlflow_parent=settings.tune_run_id, run_name=f"trial-{trial_id}",
@@ -227,18 +233,19 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     except RunStopped:
         return
     if reporter.final is not None:
-        tune.report(reporter.final)
+        report(reporter.final)
 
 
 def trial_bundles(pipeline: Pipeline) -> list[dict[str, float]]:
     """The placement group of one trial: its own driver (``tune.trial_cpus``), then one bundle per training worker
-    (``training.cpus_per_worker``, one GPU each with ``use_gpu``) and per evaluation actor
-    (``evaluation.cpus_per_actor``). The trial's actors are scheduled into it, so Tune's accounting is exact."""
+    (``training.cpus_per_worker``, one GPU each with ``use_gpu``, ``training.resources``) and per evaluation actor
+    (``evaluation.cpus_per_actor``, ``evaluation.resources``). The trial's actors are scheduled into it, so Tune's
+    accounting is exact."""
     assert pipeline.tune is not None
     t, e = pipeline.training, pipeline.evaluation
-    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {})}
+    worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if t.use_gpu else {}), **t.resources}
     return [{"CPU": pipeline.tune.trial_cpus}, *[dict(worker) for _ in range(t.num_workers)],
-            *[{"CPU": e.cpus_per_actor} for _ in range(e.num_actors)]]
+            *[{"CPU": e.cpus_per_actor, **e.resources} for _ in range(e.num_actors)]]
 
 
 def check_trial_fits(bundles: list[dict[str, float]], cluster: Mapping[str, float]) -> int:
@@ -360,7 +367,8 @@ class TrialRow:
     Attributes:
         trial_id: Tune's id. config: the sampled values. domains: domains finished. val_acc, val_forgetting,
             objective: the last report's (NaN before the first). status: ``finished``, ``stopped early`` or
-            ``error``.
+            ``error``. node_id: the Ray node the trial ran on ("" before its first report). error: the last line
+            of an errored trial's exception ("" otherwise; the whole traceback is in the trial's ``error.txt``).
     """
 
     trial_id: str
@@ -370,6 +378,8 @@ class TrialRow:
     val_forgetting: float
     objective: float
     status: str
+    node_id: str = ""
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -392,6 +402,12 @@ class TuneSummary:
     wall_seconds: float = 0.0
 
 
+def last_line(text: str) -> str:
+    """The last non-empty line of ``text`` (an exception's message without its traceback), or ""."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id: str) -> TuneSummary:
     """The final leaderboard from Ray Tune's ``ResultGrid``."""
     rows = []
@@ -401,7 +417,8 @@ def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id:
         status = "error" if r.error else ("finished" if done == num_domains else "stopped early")
         rows.append(TrialRow(str(m.get("trial_id") or Path(str(r.path)).name), dict(r.config or {}), done,
                              float(m.get("val_acc", math.nan)), float(m.get("val_forgetting", math.nan)),
-                             float(m.get("objective", math.nan)), status))
+                             float(m.get("objective", math.nan)), status, str(m.get("node_id", "")),
+                             last_line(str(r.error)) if r.error else ""))
     rows.sort(key=lambda row: (row.status != "finished", math.inf if math.isnan(row.objective) else -row.objective))
     finished = [row for row in rows if row.status == "finished"]
     return TuneSummary(tuple(rows), finished[0] if finished else None, experiment_dir, tune_run_id,

@@ -175,7 +175,7 @@ class WorkerGroup:
         # Ray starts worker processes at niceness 15; the training workers are what every other step waits on, so they
         # run at the normal priority (orchestrator/cpu.py), as Ray Jobs runs its drivers.
         remote = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=1 if resources.use_gpu else 0,
-                            max_restarts=0, concurrency_groups={"progress": 1},
+                            resources=dict(resources.custom), max_restarts=0, concurrency_groups={"progress": 1},
                             runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})(StageWorker)
         self.workers = [remote.remote(rank, world, resources.use_gpu) for rank in range(world)]
         if world > 1:
@@ -275,7 +275,7 @@ class _TrainerStage:
         self.trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"stage": stage, "progress": runner.trainer_queue()},
             scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                         resources_per_worker={"CPU": res.cpus_per_worker}),
+                                         resources_per_worker={"CPU": res.cpus_per_worker, **dict(res.custom)}),
             run_config=RunConfig(name=f"stage-{stage.task_id}", storage_path=path, storage_filesystem=filesystem,
                                  failure_config=FailureConfig(max_failures=runner.max_failures)))
         self.scheme = storage_path.split("://", 1)[0] + "://" if filesystem is not None else ""

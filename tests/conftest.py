@@ -1,4 +1,5 @@
-"""Shared fixtures: the real datasets beside the checkout, and a local 2-CPU Ray instance."""
+"""Shared fixtures: the real datasets beside the checkout, a local 2-CPU Ray instance, a two-node Ray cluster on
+loopback, and an S3 endpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.ray_nodes import RayNodes
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -36,6 +39,19 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes() -> Iterator[RayNodes]:
+    """A real Ray cluster of two nodes on this machine (``tests/ray_nodes.py``): a head with its Jobs API on
+    127.0.0.1 and a worker node, 2 logical CPUs and a custom resource (``node_a``, ``node_b``) each, token
+    authentication on. Stopped by its own process ids; the test fails if one is left."""
+    nodes = RayNodes()
+    try:
+        yield nodes.start()
+    finally:
+        left = nodes.stop()
+        assert not left, f"Ray processes left behind: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -86,3 +86,19 @@ def test_unreachable_tracking_server(tmp_path: Path) -> None:
     proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), "--tracking-uri", "http://127.0.0.1:1",
                     cwd=tmp_path)
     assert_clean_failure(proc, tmp_path / "w", "MLflow tracking URI http://127.0.0.1:1 is unreachable", "refused")
+
+
+def test_custom_resource_the_cluster_lacks(tmp_path: Path) -> None:
+    spec = write(tmp_path / "p.yaml", {"name": "p", "domains": [
+        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}],
+        "training": {"resources": {"node_x": 1}}})
+    proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert_clean_failure(proc, tmp_path / "w", "training.resources.node_x", "this Ray cluster has 0")
+
+
+def test_ray_resource_given_as_a_custom_one(tmp_path: Path) -> None:
+    spec = write(tmp_path / "p.yaml", {"name": "p", "domains": [
+        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}],
+        "evaluation": {"resources": {"CPU": 1}}})
+    proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert_clean_failure(proc, tmp_path / "w", "p.yaml", "evaluation.resources", "CPU: set it with the role's own")

@@ -107,9 +107,11 @@ def test_each_row_is_evaluated_once_its_stage_is_committed(reports: dict[str, di
     assert [len(c) for c in cells.values()] == [2, 2, 2]
     # Row k of R is computed from stage k's committed checkpoint, by actors that run beside the next stage at
     # background priority (on these 2 cores they take the cycles training leaves idle; the overlap itself is measured
-    # in tests/benchmarks/bench_pipeline.py): every cell of row k starts after stage k ends, rows in stage order.
+    # in tests/benchmarks/bench_pipeline.py): every cell of row k starts after stage k ends, and the rows are started
+    # in stage order (two actors share a row's cells, so a slow-booting actor's cell of row -1 may start after the
+    # other actor has begun row 1).
     assert all(stage_end[k] <= c["start"] for k in (0, 1) for c in cells[k])
-    assert max(c["start"] for c in cells[-1]) <= min(c["start"] for c in cells[1])
+    assert min(c["start"] for c in cells[-1]) <= min(c["start"] for c in cells[1])
 
 
 def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_root: Path, workdir: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +16,11 @@ from torch import nn
 
 from strategies import BUILTIN, Batch, LossTerms, StageContext, build_strategies, resolve_strategy, train_domains_of
 from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
-from strategies.buffer import SharedBuffer, fields_to_table, read_part, reservoir_update, table_to_fields, write_part
+from strategies.buffer import fields_to_table, read_part, reservoir_update, table_to_fields, write_part
 from strategies.replay import Replay, ReplayConfig, replay_count
 from orchestrator.errors import TrainingError
 from orchestrator.stage import fit_task
+from tests.ray_nodes import free_port
 from strategies.finetune import Finetune
 
 
@@ -240,12 +240,6 @@ def test_parquet_buffer_needs_a_state_folder() -> None:
 
 # ---------------------------------------------------------------- two workers (gloo on loopback)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -289,7 +283,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_workers_match_one_worker(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     # Identical state on every worker after after_task (the view of the Parquet buffer is each worker's own rows).

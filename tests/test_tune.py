@@ -21,6 +21,7 @@ from orchestrator.metrics import SeenSoFar, seen_metrics
 from orchestrator.shards import digest
 from orchestrator.spec import TuneSpec, validate_raw
 from orchestrator.tuning import TuneReporter, check_space, objective
+from tests.ray_nodes import RayNodes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +44,9 @@ def spec(**tune: Any) -> dict[str, Any]:
     }
 
 
-def lifelong(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
+def lifelong(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
 
 
 def write(path: Path, raw: dict[str, Any]) -> Path:
@@ -155,9 +156,9 @@ def test_seen_so_far_waits_for_missing_rows() -> None:
 
 
 def run_search(tmp_path: Path, workdir: Path, *extra: str, name: str = "p.yaml",
-               raw: dict[str, Any] | None = None) -> dict[str, Any]:
+               raw: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     proc = lifelong("tune", str(write(tmp_path / name, raw or spec())), "--workdir", str(workdir), "--json",
-                    *extra, cwd=tmp_path)
+                    *extra, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -301,3 +302,18 @@ def test_optuna_search(tmp_path: Path, data_root: Path) -> None:
     assert len(board["rows"]) == 3 and all(r["status"] == "finished" for r in board["rows"])
     assert all(0.1 <= r["config"]["strategy.ratio"] <= 0.9 for r in board["rows"])
     assert board["best"]["objective"] == max(r["objective"] for r in board["rows"])
+
+
+@pytest.mark.e2e
+def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path: Path, data_root: Path,
+                                                    ray_two_nodes: RayNodes) -> None:
+    """With --address, trials run on the cluster's nodes: each trial reserves 1.5 of a node's 2 CPUs, so the two
+    concurrent trials cannot share a node."""
+    raw = spec(num_samples=1, max_concurrent_trials=2, trial_cpus=0.5, asha={"enabled": False})
+    raw["tune"]["space"] = {"strategy.ratio": {"grid": [0.3, 0.7]}}
+    raw["training"].update(cpus_per_worker=0.75, threads_per_worker=1)
+    assert 0.5 + 0.75 + raw["evaluation"]["cpus_per_actor"] > ray_two_nodes.num_cpus / 2
+    board = run_search(tmp_path, tmp_path / "w", "--data-root", str(data_root), "--address", ray_two_nodes.address,
+                       raw=raw, env=ray_two_nodes.env)
+    assert [r["status"] for r in board["rows"]] == ["finished", "finished"], [r["error"] for r in board["rows"]]
+    assert sorted(r["node_id"] for r in board["rows"]) == sorted(ray_two_nodes.node_ids)

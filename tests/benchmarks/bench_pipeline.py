@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,9 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_scaling import pipeline as permuted_pipeline  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from ray_nodes import processes_under, stop_processes  # noqa: E402
 
 # Avalanche 0.6.0 (Naive) on the Permuted-MNIST T = 10 workload, alternating with the plain loop on this 2-core
 # machine class (issue 11): 1.80-1.99x the plain loop.
@@ -143,40 +145,9 @@ class RayCluster:
         subprocess.run([str(REPO / ".venv/bin/ray"), "start", "--head", "--num-cpus=2", "--include-dashboard=false",
                         "--disable-usage-stats", f"--temp-dir={self.temp}"], check=True, capture_output=True)
 
-    def pids(self) -> list[int]:
-        """Ids of this cluster's live processes: those whose command line names its temp folder (GCS, raylet,
-        monitors) and all their descendants (workers and agents, whose titles Ray rewrites), from Linux ``/proc``."""
-        parents: dict[int, int] = {}
-        roots = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if str(self.temp).encode() in (proc / "cmdline").read_bytes():
-                    roots.append(int(proc.name))
-            except (OSError, IndexError, ValueError):  # gone meanwhile
-                continue
-        mine, grew = set(roots), True
-        while grew:
-            before = len(mine)
-            mine |= {pid for pid, parent in parents.items() if parent in mine}
-            grew = len(mine) > before
-        return sorted(mine)
-
     def stop(self) -> None:
-        """SIGTERM to this cluster's processes (collected once, before any exits and its children are re-parented),
-        then SIGKILL to those still there after 10 s."""
-        victims = self.pids()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in victims:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + 10
-            while any(Path(f"/proc/{pid}").exists() for pid in victims) and time.time() < deadline:
-                time.sleep(0.2)  # waiting for processes to exit, not synchronising a test
+        """Stop this cluster's processes by their ids (``tests/ray_nodes.py``)."""
+        stop_processes(processes_under([self.temp]))
 
 
 def epoch_ratios(report: dict[str, Any], plain: dict[str, Any]) -> dict[str, float]:

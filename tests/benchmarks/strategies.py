@@ -14,13 +14,15 @@ and milliseconds per optimizer step) and ``strategies.md`` (mean ± std over see
 to it; and, from the ``--cost`` pass run alone on the machine, each strategy's per-step time relative to finetune,
 end-of-task work included), the tables built from every ``strategies*.json`` in the folder.
 Runs already in those files are skipped, so a long table can be built by several processes (``--tag``) and resumed
-after an interruption. ``--select`` scores the ``GRID`` candidates on the val split (seed 0) to choose strengths
-without looking at the test split. Not a test:
+after an interruption. Strengths that Hsu et al.'s scripts do not give were chosen on the val split with
+``lifelong tune`` (``pipelines/tune_<strategy>_permuted_mnist.yaml``), never on the test split the table reports;
+each search's leaderboard is kept as ``results/select-<pipeline>.json`` and summed up in ``strategies.md``. Not a
+test:
 
     .venv/bin/python tests/benchmarks/strategies.py [--scenarios split_mnist_class ...] [--strategies ewc ...]
                                                     [--seeds 0 1 2] [--data-root DIR] [--tag A] [--threads 1]
     .venv/bin/python tests/benchmarks/strategies.py --cost --threads 1    # per-step cost, nothing else running
-    .venv/bin/python tests/benchmarks/strategies.py --select --scenarios permuted_mnist_domain --strategies si
+    .venv/bin/lifelong tune pipelines/tune_si_permuted_mnist.yaml --export si-best.yaml   # a strength, on val
 """
 
 from __future__ import annotations
@@ -77,8 +79,9 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
 # our penalty forms: SI has the same form (c * sum Omega (theta - theta*)^2), so c is theirs; our EWC penalty has a
 # 1/2 in front, so lambda is twice theirs; our MAS importance sums the squared outputs over the K units of a sample's
 # head where theirs averages them, so lambda is theirs / K (task-IL K = 2, class-IL K = 10, domain-IL K = 2).
-# Permuted-MNIST (domain-IL, same head width) takes the Split-MNIST domain-IL values for EWC and online EWC; SI's,
-# MAS's and LwF's were chosen by ``--select`` (see GRID), NCL's by ``lifelong tune`` on the val split.
+# Permuted-MNIST (domain-IL, same head width) takes the Split-MNIST domain-IL values for EWC and online EWC. Its 10
+# domains, where Hsu et al.'s scripts tuned for 5, over-regularise SI and MAS at those values (new domains stop being
+# learnt), so SI's, MAS's, LwF's and NCL's were chosen on the val split by ``lifelong tune`` (``SELECTIONS``).
 _DOMAIN_IL = {"ewc": {"ewc_lambda": 200.0}, "ewc_online": {"ewc_lambda": 1400.0}, "si": {"si_lambda": 3000.0},
               "mas": {"mas_lambda": 5000.0}}
 SCENARIO_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
@@ -90,22 +93,15 @@ SCENARIO_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
     "split_fashion_class": {"ewc": {"ewc_lambda": 1200.0}, "ewc_online": {"ewc_lambda": 200.0},
                             "si": {"si_lambda": 600.0}, "mas": {"mas_lambda": 0.1}},
     "permuted_mnist_domain": {**_DOMAIN_IL, "si": {"si_lambda": 1.0}, "mas": {"mas_lambda": 0.005},
-                              "lwf": {"weighting": "fixed", "temperature": 1.0},
-                              # chosen on val by `lifelong tune pipelines/tune_ncl_permuted_mnist.yaml` (12 trials,
-                              # ASHA): strength 1530.4, damping 0.0012 (val ACC 0.9335); rounded here
+                              "lwf": {"weighting": "fixed", "alpha": 0.0},  # no distillation won on val
                               "ncl": {"strength": 1530.0, "damping": 0.0012}},
 }
 OPTIMIZER = {"spg": ("sgd", 0.05), "hat": ("sgd", 0.05), "ncl": ("sgd", 0.05)}
-# Candidates for ``--select``: strengths picked on the val split (seed 0), never on the test split that the table
-# reports. Permuted-MNIST has 10 domains where Hsu et al.'s Split-MNIST scripts tuned for 5, and the Split-MNIST
-# domain-IL strengths over-regularise SI and MAS there (new domains stop being learnt); LwF's 1/k weighting shrinks
-# the cross-entropy of the k-th domain to 1/k.
-GRID: dict[str, dict[str, list[dict[str, Any]]]] = {
-    "permuted_mnist_domain": {
-        "si": [{"si_lambda": v} for v in (3000.0, 300.0, 30.0, 3.0, 1.0, 0.3, 0.1)],
-        "mas": [{"mas_lambda": v} for v in (5000.0, 500.0, 50.0, 5.0, 0.5, 0.05, 0.005, 5e-4, 5e-5)],
-        "lwf": [{"weighting": "tasks"}, {"weighting": "fixed"}, {"weighting": "fixed", "temperature": 1.0}],
-    },
+# The searches that chose SCENARIO_PARAMS's values (rounded there): pipeline stem, under pipelines/; each one's
+# leaderboard is copied to results/select-<stem>.json.
+SELECTIONS: dict[str, dict[str, str]] = {
+    "permuted_mnist_domain": {"si": "tune_si_permuted_mnist", "mas": "tune_mas_permuted_mnist",
+                              "lwf": "tune_lwf_permuted_mnist", "ncl": "tune_ncl_permuted_mnist"},
 }
 
 
@@ -222,14 +218,15 @@ def reference_gap(ref: Any, acc: float) -> str:
     return "–"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], out: Path) -> str:
     """Up to three tables: mean ± std of ACC (%) per scenario, strategy and budget beside the reference and the gap
     to it; from the cost pass, each strategy's milliseconds per optimizer step relative to finetune; and from the
-    ``--select`` runs, each candidate's val-split ACC, the prescribed one marked."""
+    ``lifelong tune`` leaderboards of ``SELECTIONS`` (``out/select-<pipeline>.json``), each search's best config
+    and the compute ASHA saved."""
     lines = ["| scenario | strategy | budget | ACC % (mean ± std) | seeds | reference (Hsu et al. 2018) | Δ points |",
              "|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str, Any], list[dict[str, Any]]] = {}
-    all_rows, rows = rows, [r for r in rows if is_current(r)]
+    rows = [r for r in rows if is_current(r)]
     for r in rows:
         if r.get("purpose", "accuracy") == "accuracy":
             groups.setdefault((r["scenario"], r["strategy"], r["budget"]), []).append(r)
@@ -252,39 +249,40 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             rel = f"{r['ms_per_step'] / base:.2f}" if base else "–"
             lines.append(f"| {r['strategy']} ({r['scenario']}) | {r['budget'] or '–'} | {r['ms_per_step']:.1f} | "
                          f"{rel} | {r['train_seconds']:.1f} |")
-    select = [r for r in all_rows if r.get("purpose") == "select"]
-    if select:
-        lines += ["", "| strength selection (seed 0, val split) | parameters | val ACC % | chosen |",
-                  "|---|---|---|---|"]
-        for r in sorted(select, key=lambda r: (r["scenario"], r["strategy"], -r["acc"])):
-            chosen = "yes" if is_current(r) else ""
-            lines.append(f"| {r['strategy']} ({r['scenario']}) | {json.dumps(r['params'], sort_keys=True)} | "
-                         f"{100 * r['acc']:.2f} | {chosen} |")
+    boards = [(scenario, key, stem, out / f"select-{stem}.json") for scenario, chosen in SELECTIONS.items()
+              for key, stem in chosen.items()]
+    boards = [b for b in boards if b[3].exists()]
+    if boards:
+        lines += ["", "| chosen on val by `lifelong tune` | pipeline (pipelines/*.yaml) | trials finished / "
+                  "stopped | trial-domains run / saved | best config | best val ACC % |", "|---|---|---|---|---|---|"]
+        for scenario, key, stem, f in boards:
+            board = json.loads(f.read_text())
+            status = [r["status"] for r in board["rows"]]
+            best = ", ".join(f"{k.split('.')[-1]}={v:.4g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                             for k, v in board["best"]["config"].items())
+            lines.append(f"| {key} ({scenario}) | {stem} | {status.count('finished')} / "
+                         f"{status.count('stopped early')} | {board['domains_run']} / {board['domains_saved']} | "
+                         f"{best} | {100 * board['best']['val_acc']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def planned_runs(args: argparse.Namespace, scenario_key: str
                  ) -> list[tuple[str, int | None, int, dict[str, Any]]]:
     """The runs one invocation asks for in a scenario: (strategy, budget, seed, params). The cost pass is seed 0 of
-    each strategy; ``--select`` is seed 0 of each ``GRID`` candidate; otherwise every seed with the prescribed
-    parameters."""
+    each strategy; otherwise every seed with the prescribed parameters."""
     scenario = SCENARIOS[scenario_key][2]
     runs = []
     for key in args.strategies:
         if (key in TASK_IL_ONLY) != (scenario == "task_il") and (args.cost or key in TASK_IL_ONLY):
             continue  # hat/packnet are task-IL only; the cost pass times the others in class-IL
-        if args.select:
-            candidates = [{**STRATEGIES[key][1], **c} for c in GRID.get(scenario_key, {}).get(key, [])]
-        else:
-            candidates = [strategy_params(scenario_key, key)]
+        params = strategy_params(scenario_key, key)
         for budget in ((1100, 4400) if key in MEMORY else (None,)):
-            for params in candidates:
-                runs += [(key, budget, seed, params) for seed in ([0] if args.cost or args.select else args.seeds)]
+            runs += [(key, budget, seed, params) for seed in ([0] if args.cost else args.seeds)]
     return runs
 
 
 def main() -> None:
-    """Run what the command line asks for (table runs, ``--cost`` or ``--select``), skipping runs already recorded,
+    """Run what the command line asks for (table runs or ``--cost``), skipping runs already recorded,
     and rewrite this process's JSON and ``strategies.md`` after every run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
@@ -294,17 +292,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "tests/benchmarks/results"))
     parser.add_argument("--tag", default="", help="suffix of this process's JSON file, for parallel processes")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--cost", action="store_true",
-                      help="cost pass: seed 0 of Split-MNIST class-IL (task-IL for hat/packnet), for the per-step "
-                           "time relative to finetune; run it with nothing else on the machine")
-    mode.add_argument("--select", action="store_true",
-                      help="strength selection: seed 0 of every GRID candidate, scored on the val split")
+    parser.add_argument("--cost", action="store_true",
+                        help="cost pass: seed 0 of Split-MNIST class-IL (task-IL for hat/packnet), for the per-step "
+                             "time relative to finetune; run it with nothing else on the machine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    purpose = "cost" if args.cost else "select" if args.select else "accuracy"
+    purpose = "cost" if args.cost else "accuracy"
     tag = "cost" if args.cost else args.tag
     mine = out / f"strategies{'-' + tag if tag else ''}.json"
     rows: list[dict[str, Any]] = json.loads(mine.read_text()) if mine.exists() else []
@@ -318,8 +313,6 @@ def main() -> None:
             continue
         dataset, kind, scenario, n = SCENARIOS[scenario_key]
         domains = build_domains(dataset, kind, n, Path(args.data_root))
-        if args.select:  # score on the val split carved out of train; the test split stays unseen
-            domains = [{**d, "test": d["val"]} for d in domains]
         for key, budget, seed, params in runs:
             t0 = time.time()
             row = run_one(domains, scenario, key, budget, seed, params)
@@ -329,8 +322,8 @@ def main() -> None:
                   f"ACC {100 * row['acc']:6.2f}  {row['ms_per_step']:.1f} ms/step  ({time.time() - t0:.0f}s)  "
                   f"{json.dumps(params)}", flush=True)
             mine.write_text(json.dumps(rows, indent=1))
-            (out / "strategies.md").write_text(markdown(load_rows(out)))
-    print(markdown(load_rows(out)))
+            (out / "strategies.md").write_text(markdown(load_rows(out), out))
+    print(markdown(load_rows(out), out))
 
 
 if __name__ == "__main__":
