@@ -249,7 +249,11 @@ def status(job_id: str, address: str | None) -> JobState:
     Raises:
         LifelongError: an unknown job, or an unreachable or refusing cluster.
     """
-    client = connect(address)
+    return _state(connect(address), job_id)
+
+
+def _state(client: Any, job_id: str) -> JobState:
+    """The job's state from an open ``JobSubmissionClient``."""
     with _job_errors(job_id):
         info = client.get_job_info(job_id)
     return JobState(job_id, str(getattr(info.status, "value", info.status)), info.message or "", info.entrypoint,
@@ -298,4 +302,4 @@ def stop(job_id: str, address: str | None, wait_s: float = 60.0) -> JobState:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)  # the Jobs API has no blocking wait
-    return status(job_id, address)
+    return _state(client, job_id)

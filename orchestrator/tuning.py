@@ -41,7 +41,7 @@ import yaml
 from ray.tune import Callback
 
 from orchestrator.engine import Cell, Listener, RunInfo, RunStopped
-from orchestrator.errors import LifelongError, SpecError
+from orchestrator.errors import LifelongError, SpecError, one_line
 from orchestrator.metrics import SeenSoFar
 from orchestrator.spec import (Dimension, Pipeline, TuneSpec, apply_overrides, bind, parse_yaml, set_value,
                                validate_raw)
@@ -367,8 +367,9 @@ class TrialRow:
     Attributes:
         trial_id: Tune's id. config: the sampled values. domains: domains finished. val_acc, val_forgetting,
             objective: the last report's (NaN before the first). status: ``finished``, ``stopped early`` or
-            ``error``. node_id: the Ray node the trial ran on ("" before its first report). error: the last line
-            of an errored trial's exception ("" otherwise; the whole traceback is in the trial's ``error.txt``).
+            ``error``. node_id: the Ray node the trial ran on ("" before its first report). error: an errored
+            trial's innermost message (:func:`orchestrator.errors.one_line`; "" otherwise; the whole traceback is in
+            the trial's ``error.txt``).
     """
 
     trial_id: str
@@ -402,12 +403,6 @@ class TuneSummary:
     wall_seconds: float = 0.0
 
 
-def last_line(text: str) -> str:
-    """The last non-empty line of ``text`` (an exception's message without its traceback), or ""."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id: str) -> TuneSummary:
     """The final leaderboard from Ray Tune's ``ResultGrid``."""
     rows = []
@@ -418,7 +413,7 @@ def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id:
         rows.append(TrialRow(str(m.get("trial_id") or Path(str(r.path)).name), dict(r.config or {}), done,
                              float(m.get("val_acc", math.nan)), float(m.get("val_forgetting", math.nan)),
                              float(m.get("objective", math.nan)), status, str(m.get("node_id", "")),
-                             last_line(str(r.error)) if r.error else ""))
+                             one_line(str(r.error)) if r.error else ""))
     rows.sort(key=lambda row: (row.status != "finished", math.inf if math.isnan(row.objective) else -row.objective))
     finished = [row for row in rows if row.status == "finished"]
     return TuneSummary(tuple(rows), finished[0] if finished else None, experiment_dir, tune_run_id,

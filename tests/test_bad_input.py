@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
@@ -70,9 +71,10 @@ def test_missing_label_column(tmp_path: Path) -> None:
                          "label column 'y' not found")
 
 
-def digits_spec(tmp_path: Path) -> Path:
+def digits_spec(tmp_path: Path, **sections: Any) -> Path:
+    """A one-domain pipeline on the embedded digits, with ``sections`` (e.g. ``training={...}``) added."""
     return write(tmp_path / "p.yaml", {"name": "p", "domains": [
-        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}]})
+        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}], **sections})
 
 
 def test_unreachable_ray_cluster(tmp_path: Path) -> None:
@@ -89,16 +91,12 @@ def test_unreachable_tracking_server(tmp_path: Path) -> None:
 
 
 def test_custom_resource_the_cluster_lacks(tmp_path: Path) -> None:
-    spec = write(tmp_path / "p.yaml", {"name": "p", "domains": [
-        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}],
-        "training": {"resources": {"node_x": 1}}})
+    spec = digits_spec(tmp_path, training={"resources": {"node_x": 1}})
     proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
     assert_clean_failure(proc, tmp_path / "w", "training.resources.node_x", "this Ray cluster has 0")
 
 
 def test_ray_resource_given_as_a_custom_one(tmp_path: Path) -> None:
-    spec = write(tmp_path / "p.yaml", {"name": "p", "domains": [
-        {"name": "a", "source": {"kind": "sklearn_digits", "classes": [0, 1]}}],
-        "evaluation": {"resources": {"CPU": 1}}})
+    spec = digits_spec(tmp_path, evaluation={"resources": {"CPU": 1}})
     proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), cwd=tmp_path)
     assert_clean_failure(proc, tmp_path / "w", "p.yaml", "evaluation.resources", "CPU: set it with the role's own")
