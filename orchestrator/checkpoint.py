@@ -53,14 +53,15 @@ def write_checkpoint(folder: str | Path, model_state: dict[str, torch.Tensor], s
     """Write a checkpoint folder (a local path or a URI such as ``s3://bucket/run/stage-0``) and return it
     (:meth:`Storage.commit`: ``model.pt`` and ``strategy.pt`` first, ``lineage.json``, the commit record, last).
 
-    ``lineage`` gains ``model_sha256``, the digest of ``model.pt``.
+    ``lineage`` gains ``model_sha256`` and ``strategy_sha256``, the sha256 (hex) of ``model.pt`` and ``strategy.pt``.
 
     Raises:
         FileExistsError: if ``folder`` already holds a checkpoint (nothing is overwritten).
         StorageError: if the storage cannot be written.
     """
     model_blob, strategy_blob = _save(model_state), _save(strategy_states)
-    lineage = {**lineage, "model_sha256": hashlib.sha256(model_blob).hexdigest()}
+    lineage = {**lineage, "model_sha256": hashlib.sha256(model_blob).hexdigest(),
+               "strategy_sha256": hashlib.sha256(strategy_blob).hexdigest()}
     lineage_blob = json.dumps(lineage, indent=1, sort_keys=True).encode()
     try:
         return (storage or Storage()).commit(str(folder), [(MODEL_FILE, model_blob), (STRATEGY_FILE, strategy_blob)],
@@ -97,15 +98,17 @@ def load_checkpoint(folder: str | Path, storage: Storage | None = None
 
     Raises:
         FileNotFoundError: if the checkpoint is missing or incomplete (no ``lineage.json``).
-        ValueError: if ``model.pt`` does not match the sha256 recorded in ``lineage.json``.
+        ValueError: if ``model.pt`` or ``strategy.pt`` does not match the sha256 recorded in ``lineage.json``
+            (checked before either is unpickled).
     """
     lineage = read_lineage(folder, storage)  # first: an incomplete checkpoint is refused before anything is read
-    model_blob = _read(folder, MODEL_FILE, storage)
-    if lineage.get("model_sha256") and hashlib.sha256(model_blob).hexdigest() != lineage["model_sha256"]:
-        raise ValueError(f"checkpoint {folder}: {MODEL_FILE} does not match the sha256 in {LINEAGE_FILE}")
-    model_state = torch.load(io.BytesIO(model_blob), map_location="cpu", weights_only=True)
-    strategy_states = torch.load(io.BytesIO(_read(folder, STRATEGY_FILE, storage)), map_location="cpu",
-                                 weights_only=False)
+    blobs = {}
+    for name, key in ((MODEL_FILE, "model_sha256"), (STRATEGY_FILE, "strategy_sha256")):
+        blobs[name] = _read(folder, name, storage)
+        if lineage.get(key) and hashlib.sha256(blobs[name]).hexdigest() != lineage[key]:
+            raise ValueError(f"checkpoint {folder}: {name} does not match the sha256 in {LINEAGE_FILE}")
+    model_state = torch.load(io.BytesIO(blobs[MODEL_FILE]), map_location="cpu", weights_only=True)
+    strategy_states = torch.load(io.BytesIO(blobs[STRATEGY_FILE]), map_location="cpu", weights_only=False)
     return model_state, strategy_states, lineage
 
 
@@ -117,7 +120,8 @@ def lineage_record(pipeline_name: str, run_id: str, stage: int, domain: str, par
     Args:
         parent_checkpoint: the folder of the checkpoint the stage starts from.
         parent_lineage: that checkpoint's own lineage record (its ``model_sha256`` becomes the parent digest).
-        shards: ``{"domain", "uri", "split", "digest", "shards": [{"path", "sha256", "rows"}]}`` per input split.
+        shards: ``{"domain", "uri", "manifest_digest", "split", "digest", "shards": [{"path", "sha256", "rows"}]}``
+            per input split (:meth:`orchestrator.plan.Domain.train_inputs`).
     """
     return {
         "pipeline": pipeline_name,

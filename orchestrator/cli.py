@@ -288,6 +288,128 @@ def print_leaderboard(summary: "TuneSummary", console: Console) -> None:
                   f"{summary.wall_seconds:.1f} s; MLflow tune run {summary.tune_run_id}")
 
 
+TrackingOpt = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow tracking URI of the run [default: $MLFLOW_TRACKING_URI, else "
+    "sqlite:///<workdir>/mlflow.db].")]
+
+
+def _read_client(tracking_uri: Optional[str], workdir: Path) -> tuple[object, str]:
+    """An MLflow client on the store that ``lineage`` and ``audit`` read, and its URI."""
+    from orchestrator.lineage import default_tracking_uri
+    from orchestrator.registry import client_for
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir.resolve())
+    return client_for(uri), uri
+
+
+def stdout_console() -> Console:
+    """A Rich console on stdout, 200 columns wide into a file or a pipe (see :func:`stderr_console`)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
+@app.command()
+def lineage(
+    ref: Annotated[str, typer.Argument(help="models:/NAME/VERSION, models:/NAME@ALIAS, models:/m-ID, or a run id "
+                                            "(lifelong's, or the MLflow id of its pipeline or stage run: its last "
+                                            "stage's model).")],
+    tracking_uri: TrackingOpt = None,
+    workdir: WorkdirOpt = Path("lifelong-runs"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print the chain as one JSON object.")] = False,
+) -> None:
+    """Walk a model's chain back to the first domain: per stage its registered version, checkpoint and digests,
+    every training shard (URI and sha256) and the hyperparameters that shaped it."""
+    from rich.text import Text
+    from rich.tree import Tree
+
+    from orchestrator.registry import chain, lineage_record_of, resolve
+
+    try:
+        client, _ = _read_client(tracking_uri, workdir)
+        record = lineage_record_of(chain(client, resolve(client, ref)))
+    except LifelongError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(record, indent=1))
+        return
+    stages = record["stages"]
+    shared = stages[0]["hyperparameters"] if all(s["hyperparameters"] == stages[0]["hyperparameters"]
+                                                 for s in stages) else None
+    def line(text: str) -> Text:  # long URIs and digests fold onto the next line rather than being cut
+        return Text(text, overflow="fold")
+
+    top = Tree(line(f"{ref}: {len(stages)} stage(s), newest first"))
+    for s in stages:
+        name = f"models:/{s['version']}" if s["version"] else s["model_uri"]
+        node = top.add(line(f"stage {s['stage']} '{s['domain']}'  {name} ({s['model_id']})  run {s['run_id']}"))
+        parent = next((p for p in stages if p["model_id"] == s["parent_model_id"]), None)
+        node.add(line(f"parent: stage {parent['stage']} ({parent['model_id']})" if parent else
+                      f"parent: initial model {record['root']['checkpoint']}  model.pt "
+                      f"{record['root']['model_sha256']}"))
+        node.add(line(f"checkpoint {s['checkpoint']}  model.pt {s['model_sha256']}  "
+                      f"strategy.pt {s['strategy_sha256']}"))
+        for d in s["data"]:
+            data = node.add(line(f"data {d['domain']}/{d['split']} {d['uri']}  manifest {d['manifest_digest']}  "
+                                 f"split {d['split_digest']}"))
+            for shard in d["shards"]:
+                data.add(line(f"{shard['path']}  sha256 {shard['sha256']}  {shard['rows']} rows"))
+        node.add(line(f"spec {s['spec_sha256']}  code {s['code_version']}"))
+        if shared is None:
+            node.add(line("hyperparameters " + " ".join(f"{k}={v}" for k, v in s["hyperparameters"].items())))
+    console = stdout_console()
+    console.print(top, highlight=False)
+    if shared is not None:
+        console.print("hyperparameters (every stage): " + " ".join(f"{k}={v}" for k, v in shared.items()),
+                      highlight=False, soft_wrap=True)
+
+
+@app.command()
+def audit(
+    run_id: Annotated[str, typer.Argument(help="The run: lifelong's run id, or the MLflow id of its pipeline or "
+                                               "stage run.")],
+    tracking_uri: TrackingOpt = None,
+    workdir: WorkdirOpt = Path("lifelong-runs"),
+    s3_endpoint_url: Annotated[Optional[str], typer.Option(
+        "--s3-endpoint-url", help="S3 endpoint to read the run's files from [default: the run's "
+        "storage.s3.endpoint_url, else the AWS environment].")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every check as one JSON object.")] = False,
+) -> None:
+    """Re-hash a run's checkpoints (model.pt, strategy.pt, lineage.json) and training shards against the digests
+    MLflow recorded. Each mismatch is named; exit 1 if there is one, 0 if every file matches."""
+    from dataclasses import replace
+
+    from orchestrator.audit import audit as audit_run
+    from orchestrator.registry import recorded_storage, run_models
+
+    console = stderr_console()
+    try:
+        client, _ = _read_client(tracking_uri, workdir)
+        models = run_models(client, run_id)
+        storage = recorded_storage(client, models[0])
+        if s3_endpoint_url:
+            storage = replace(storage, endpoint_url=s3_endpoint_url)
+    except LifelongError as e:
+        _fail(e)
+    checks = []
+    for check in audit_run(models, storage):
+        checks.append(check)
+        if not check.ok:
+            console.print(f"MISMATCH stage {check.stage} {check.kind} {check.uri}: recorded {check.expected}, "
+                          f"now {check.actual}", highlight=False, soft_wrap=True)
+    bad = [c for c in checks if not c.ok]
+    kinds = {k: sum(c.kind == k for c in checks) for k in dict.fromkeys(c.kind for c in checks)}
+    counted = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    if json_out:
+        typer.echo(json.dumps({"run_id": models[0].run_id, "ok": not bad, "checks": [
+            {**c.__dict__, "ok": c.ok} for c in checks]}))
+    if bad:
+        console.print(f"audit FAILED: {len(bad)} of {len(checks)} files differ from their recorded sha256 "
+                      f"(run {models[0].run_id}, {len(models)} stages: {counted})", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
+    console.print(f"audit passed: all {len(checks)} files match their recorded sha256 (run {models[0].run_id}, "
+                  f"{len(models)} stages: {counted})", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def validate(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML to check.")],

@@ -12,7 +12,8 @@ The story of :func:`run`:
 5. the stage engine (``orchestrator/engine.py``) runs stage k for each domain k on the executor
    (``orchestrator/workers.py``), from stage k-1's checkpoint, while the workers stream stage k+1's data; its
    listeners evaluate (``evaluation.py``: row k of R while stage k+1 trains, and the initial model's row for FWT),
-   track (``lineage.py``: a child MLflow run per stage), and record (``report.py``: progress, events, the report);
+   track (``lineage.py``: a child MLflow run per stage; ``registry.py``: a registered model version per stage), and
+   record (``report.py``: progress, events, the report);
 6. write the report (R, ACC/BWT/FWT/forgetting), the heatmap and the event log, and finish the MLflow parent run.
 """
 
@@ -41,6 +42,7 @@ from orchestrator.ingest import validate_domains as verify_shards
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
 from orchestrator.models import build_model
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_workers
+from orchestrator.registry import ModelRegistry
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_heatmap, save_json
 from orchestrator.spec import Pipeline, SourceSpec, flatten
 from orchestrator.storage import Storage, is_local, join, local_path
@@ -61,6 +63,7 @@ class RunOptions:
         mlflow_parent: an MLflow run id that the pipeline's run becomes a child of (a Tune trial's under the tune
             run). run_name: the pipeline run's MLflow name (default ``<pipeline>-<run id>``). run_params: extra
             params of that run (a trial's sampled values). listeners: extra listeners of the stage engine.
+        register: register each stage's model in the MLflow model registry (``registry.py``); Tune trials do not.
     """
 
     workdir: Path
@@ -74,6 +77,7 @@ class RunOptions:
     run_name: str | None = None
     run_params: Mapping[str, str] = field(default_factory=dict)
     listeners: Sequence[Listener] = ()
+    register: bool = True
 
 
 def prepare_domains(pipeline: Pipeline, options: RunOptions, storage: Storage,
@@ -233,7 +237,10 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
     try:
         plan = replace(plan, root=stage_root(pipeline, run_id, run_dir))
         run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code, tracker.flush)
-        listeners = [events, MlflowStages(tracker, parent, run_id), *options.listeners]
+        stages = MlflowStages(tracker, parent, run_id)
+        registry = [ModelRegistry(tracker, stages, pipeline.tracking.registered_model or pipeline.name,
+                                  options.run_params)] if options.register else []
+        listeners = [events, stages, *registry, *options.listeners]
         report = _stages(run, runner, options, listeners)
         timeline.update(workers_ready=runner.ready_at() or float("nan"),
                         first_batch=report["stages"][0]["first_batch_at"], report_written=time.time())

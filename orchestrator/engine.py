@@ -6,10 +6,11 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
 
 - evaluation scheduling (``evaluation.py``): sends row k of R to the evaluation actors once stage k is committed;
 - MLflow stage runs (``lineage.py``): one child run per stage, with its dataset inputs, metrics and lineage;
+- the model registry (``registry.py``): a LoggedModel and a registered version per stage, tagged with its parent;
 - progress, the event log and the report (``report.py``);
 - the Tune reporter (``tuning.py``), which reports each domain's val metrics to Ray Tune and ends the run with
   :class:`RunStopped` when the trial's scheduler stops it;
-- and, to come: resume (which skips committed stages), the model registry.
+- and, to come: resume (which skips committed stages).
 
 Events, in order: ``run_started``; per stage ``before_stage``, ``stage_started``, ``progress`` (many), then
 ``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the

@@ -8,7 +8,8 @@ a background thread at background CPU priority (:class:`BackgroundTracker`):
 - inputs: each stage's training shards as an MLflow dataset whose source is the domain URI and whose digest is the
   manifest's split digest (context ``training``);
 - metrics: per-epoch loss and samples/s in the stage runs; ACC, BWT, FWT and forgetting in the parent run;
-- artifacts: the accuracy matrix as JSON and PNG, the event log, and each stage's ``lineage.json``.
+- artifacts: the accuracy matrix as JSON and PNG, the event log, and each stage's ``lineage.json``;
+- models: each stage's model in the registry (``registry.py``, a listener beside this one).
 
 The default tracking URI is ``sqlite:///<absolute workdir>/mlflow.db``: absolute, because Ray workers change folder.
 """
@@ -172,6 +173,10 @@ class BackgroundTracker:
         self._calls.append(future)
         return future
 
+    def with_tracker(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Queue ``fn(tracker, *args)``, ``tracker`` being the :class:`Tracker` (for calls made through its client)."""
+        return self.call(fn, self._tracker, *args)
+
     def _method(self, name: str, *args: Any) -> Future:
         return self.call(lambda *a: getattr(self._tracker.result(), name)(*a), *args)
 
@@ -277,7 +282,7 @@ class MlflowStages(Listener):
         wall = result.end - result.start
         self.tracker.log_metrics(ref, {"stage_wall_seconds": wall, "train_seconds": train,
                                        "overhead_seconds": wall - train})
-        self.tracker.log_dict(ref, read_lineage(result.checkpoint, stage.storage), "lineage.json")
+        self.tracker.log_dict(ref, self.tracker.call(read_lineage, result.checkpoint, stage.storage), "lineage.json")
         self.tracker.end(ref, "FINISHED")
         self.open.discard(stage.task_id)
 

@@ -40,9 +40,11 @@ class Domain:
     manifest: Mapping[str, Any]
 
     def train_inputs(self) -> dict[str, Any]:
-        """This domain's training split as a lineage input: ``{"domain", "uri", "split", "digest", "shards"}``."""
+        """This domain's training split as a lineage input: ``{"domain", "uri", "manifest_digest", "split",
+        "digest", "shards"}`` (the manifest's domain and split digests, each shard's path, sha256 and rows)."""
         train = self.manifest["splits"]["train"]
-        return {"domain": self.name, "uri": self.uri, "split": "train", "digest": train["digest"],
+        return {"domain": self.name, "uri": self.uri, "manifest_digest": self.manifest.get("digest", ""),
+                "split": "train", "digest": train["digest"],
                 "shards": [{key: s[key] for key in ("path", "sha256", "rows")} for s in train["shards"]]}
 
 

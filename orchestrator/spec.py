@@ -177,10 +177,13 @@ class EvaluationSpec(_Strict):
 
 
 class TrackingSpec(_Strict):
-    """MLflow tracking. ``uri`` defaults to ``sqlite:///<absolute workdir>/mlflow.db``."""
+    """MLflow tracking. ``uri`` defaults to ``sqlite:///<absolute workdir>/mlflow.db``; each committed stage becomes
+    a version of the registered model ``registered_model`` (default: the pipeline's name)."""
 
     uri: str | None = None
     experiment: str | None = None
+    registered_model: str | None = Field(None, min_length=1, max_length=200,
+                                         description="registered model that each stage's model is a version of")
 
 
 class S3Spec(_Strict):

@@ -227,7 +227,8 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
     options = RunOptions(workdir=settings.workdir, data_root=settings.data_root, tracking_uri=settings.tracking_uri,
                          search_from=list(settings.search_from), console=Console(stderr=True),
                          show_progress=False, mlflow_parent=settings.tune_run_id, run_name=f"trial-{trial_id}",
-                         run_params={f"tune.{k}": str(v) for k, v in config.items()}, listeners=[reporter])
+                         run_params={f"tune.{k}": str(v) for k, v in config.items()}, listeners=[reporter],
+                         register=False)  # trial models would flood the registry; the exported best is run
     try:
         run(pipeline, options)
     except RunStopped:

@@ -1,5 +1,5 @@
 """Shared fixtures: the real datasets beside the checkout, a local 2-CPU Ray instance, a two-node Ray cluster on
-loopback, and an S3 endpoint."""
+loopback, an S3 endpoint, and an MLflow server whose artifacts go to it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_server import MlflowServer
 from tests.ray_nodes import RayNodes
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -84,3 +85,22 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"lifelong-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint: str) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on loopback (``tests/mlflow_server.py``): sqlite backend, artifacts proxied to a
+    bucket on the loopback S3 server. Stopped by its own process ids; the session fails if one is left."""
+    import uuid
+
+    import boto3
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    server = MlflowServer(s3_endpoint, bucket)
+    try:
+        yield server.start()
+    finally:
+        left = server.stop()
+        assert not left, f"MLflow server processes left behind: {left}"

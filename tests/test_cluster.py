@@ -1,8 +1,8 @@
 """A pipeline submitted to a real two-node Ray cluster through the Jobs API (`lifelong submit | status | logs |
 stop`): the job runs `lifelong run` on the cluster, its MLflow parent run is named after the job, a stopped job's
-runs end KILLED, training and evaluation placed on different nodes give the R of a local run, and bad input (a bad
-pipeline, a missing token, an unknown job, a dead address) is refused with one error line before anything reaches
-the cluster."""
+runs end KILLED, training and evaluation placed on different nodes give the R of a local run (with MLflow on a real
+server, and `lineage` and `audit` of that run checked against the bucket), and bad input (a bad pipeline, a missing
+token, an unknown job, a dead address) is refused with one error line before anything reaches the cluster."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.mlflow_server import MlflowServer
 from tests.ray_nodes import RayNodes, free_port
 
 pytestmark = pytest.mark.e2e
@@ -67,10 +68,10 @@ def job_status(job_id: str, cluster: RayNodes, cwd: Path) -> dict[str, Any]:
     return json.loads(proc.stdout)
 
 
-def mlflow_run(tmp_path: Path, name: str, log: str = "") -> Any:
+def mlflow_run(tmp_path: Path, name: str, log: str = "", uri: str = "") -> Any:
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(uri or f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               f"attributes.run_name = '{name}'")
     assert len(runs) == 1, ([r.info.run_name for r in runs], log)
@@ -143,28 +144,33 @@ def test_bad_input_is_refused_before_the_cluster(tmp_path: Path, ray_two_nodes: 
 
 
 def test_training_and_evaluation_on_two_nodes_match_a_local_run(tmp_path: Path, data_root: Path,
-                                                               ray_two_nodes: RayNodes, s3_endpoint: str) -> None:
+                                                               ray_two_nodes: RayNodes, s3_endpoint: str,
+                                                               mlflow_server: MlflowServer) -> None:
     """Training workers pinned to the head (node_a), evaluation actors to the other node (node_b), shards,
-    checkpoints and the replay buffer on the loopback S3 server; R equals a local run's."""
+    checkpoints and the replay buffer on the loopback S3 server, MLflow on a real server whose artifacts go to S3;
+    R equals a local run's. Then `lifelong lineage` lists both stages and every shard digest of the manifests, and
+    `lifelong audit` passes, and names a checkpoint, then a shard, whose byte was flipped in the bucket."""
     import boto3
 
     bucket = f"lifelong-{uuid.uuid4().hex[:8]}"
     aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": s3_endpoint}
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing")
+    s3.create_bucket(Bucket=bucket)
     storage = {"root": f"s3://{bucket}/runs", "shards": f"s3://{bucket}/shards"}
     spread = pipeline(tmp_path, name="spread.yaml", storage=storage, training={"resources": {"node_a": 0.01}},
                       evaluation={"resources": {"node_b": 0.01}}, strategy={"storage": "parquet"})
     proc = on(ray_two_nodes, "submit", str(spread), "--workdir", str(tmp_path / "w"), "--data-root", str(data_root),
-              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-              *[arg for k, v in aws.items() for arg in ("--env", f"{k}={v}")], cwd=tmp_path)
+              "--tracking-uri", mlflow_server.uri, *[arg for k, v in aws.items() for arg in ("--env", f"{k}={v}")],
+              cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.strip().splitlines()[-1]
     follow = on(ray_two_nodes, "logs", job_id, "--follow", cwd=tmp_path)
     state = job_status(job_id, ray_two_nodes, tmp_path)
     assert state["status"] == "SUCCEEDED", (state, follow.stdout[-3000:])
-    run = mlflow_run(tmp_path, job_id)
+    run = mlflow_run(tmp_path, job_id, uri=mlflow_server.uri)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # proxied by the server to its S3 bucket
     events = [json.loads(line) for line in
               (Path(run.data.tags["lifelong.run_dir"]) / "events.jsonl").read_text().splitlines()]
     head, other = ray_two_nodes.node_ids
@@ -182,3 +188,44 @@ def test_training_and_evaluation_on_two_nodes_match_a_local_run(tmp_path: Path, 
     assert abs(mine["acc"] - report["acc"]) <= 0.01
     for row_local, row_cluster in zip(mine["R"], report["R"]):
         assert all(abs(a - b) <= 0.01 for a, b in zip(row_local, row_cluster)), (mine["R"], report["R"])
+    check_lineage_and_audit(tmp_path, run, s3, bucket, {**os.environ, **aws, "MLFLOW_TRACKING_URI": mlflow_server.uri})
+
+
+def check_lineage_and_audit(tmp_path: Path, run: Any, s3: Any, bucket: str, env: dict[str, str]) -> None:
+    """`lineage` of the run's last model against the manifests in the bucket; `audit` clean, then with one flipped
+    byte in a checkpoint, then in a shard."""
+    run_id = run.data.tags["lifelong.run_id"]
+    manifests = {d: json.loads(s3.get_object(Bucket=bucket, Key=f"shards/submitted/{d}/manifest.json")["Body"].read())
+                 for d in ("digits-0-1", "digits-2-3")}
+    proc = lifelong("lineage", "models:/submitted/2", "--json", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    chain = json.loads(proc.stdout)
+    assert [(s["stage"], s["domain"], s["run_id"]) for s in chain["stages"]] == [
+        (1, "digits-2-3", run_id), (0, "digits-0-1", run_id)]
+    for stage in chain["stages"]:
+        manifest = manifests[stage["domain"]]
+        (data,) = stage["data"]
+        assert data["manifest_digest"] == manifest["digest"]
+        assert [s["sha256"] for s in data["shards"]] == [s["sha256"] for s in manifest["splits"]["train"]["shards"]]
+    text = lifelong("lineage", run.info.run_id, cwd=tmp_path, env=env)  # the MLflow run id works too
+    assert text.returncode == 0, text.stderr
+    for manifest in manifests.values():
+        assert all(s["sha256"] in text.stdout for s in manifest["splits"]["train"]["shards"])
+    assert text.stdout.count("stage 1 'digits-2-3'") == 1 and text.stdout.count("stage 0 'digits-0-1'") == 1
+
+    clean = lifelong("audit", run_id, cwd=tmp_path, env=env)
+    assert clean.returncode == 0 and "audit passed" in clean.stderr, clean.stderr
+    stage_1 = chain["stages"][0]["checkpoint"].removeprefix(f"s3://{bucket}/")
+    shard = f"shards/submitted/digits-0-1/{manifests['digits-0-1']['splits']['train']['shards'][0]['path']}"
+    for key in (f"{stage_1}/model.pt", shard):
+        original = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        s3.put_object(Bucket=bucket, Key=key, Body=bytes(flipped))
+        try:
+            bad = lifelong("audit", run_id, cwd=tmp_path, env=env)
+        finally:
+            s3.put_object(Bucket=bucket, Key=key, Body=original)
+        mismatches = [line for line in bad.stderr.splitlines() if line.startswith("MISMATCH")]
+        assert bad.returncode == 1 and len(mismatches) == 1 and f"s3://{bucket}/{key}" in mismatches[0], bad.stderr
+        assert "audit FAILED: 1 of" in bad.stderr

@@ -3,6 +3,7 @@ and strategy state with 2 Ray Train workers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,72 @@ def test_two_workers_average_fisher_and_share_one_buffer(ray_local: None, data_r
     for name, (A, G) in ncl.kron.items():
         torch.testing.assert_close(ncl_state["kron"][name][0], A, atol=1e-5, rtol=0.0)
         torch.testing.assert_close(ncl_state["kron"][name][1], G, atol=1e-5, rtol=0.0)
+
+
+def lifelong_cli(*args: str) -> Any:
+    """``lifelong <args>`` in this process (click's runner: stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    return CliRunner().invoke(app, list(args), terminal_width=200)
+
+
+def test_each_stage_is_a_registered_version_and_lineage_walks_back(reports: dict[str, dict[str, Any]],
+                                                                   workdir: Path) -> None:
+    from orchestrator.registry import TAG
+
+    rep = reports["replay"]
+    client = mlflow.MlflowClient(rep["tracking_uri"])
+    versions = client.search_model_versions(f"name = 'mini-split-mnist' and tags.`{TAG}run_id` = '{rep['run_id']}'")
+    by_stage = {int(v.tags[f"{TAG}stage"]): v for v in versions}
+    assert sorted(by_stage) == [0, 1]
+    v0, v1 = by_stage[0], by_stage[1]
+    assert v1.tags[f"{TAG}parent_version"] == str(v0.version) and v0.tags[f"{TAG}parent_version"] == ""
+    assert v0.tags[f"{TAG}parent_checkpoint"].endswith("/init")
+    for k, v in by_stage.items():
+        checkpoint = rep["stages"][k]["checkpoint"]
+        lineage = read_lineage(checkpoint)
+        assert v.tags[f"{TAG}checkpoint"] == checkpoint
+        for name in ("model", "strategy"):
+            blob = (Path(checkpoint) / f"{name}.pt").read_bytes()
+            assert v.tags[f"{TAG}{name}_sha256"] == lineage[f"{name}_sha256"] == hashlib.sha256(blob).hexdigest()
+        manifest = shards.read_manifest(str(workdir / "shards" / "mini-split-mnist" / rep["domains"][k]))
+        assert v.tags[f"{TAG}manifest_digests"] == f"{rep['domains'][k]}={manifest['digest']}"
+        assert all(s["sha256"] in v.tags[f"{TAG}shards"] for s in manifest["splits"]["train"]["shards"])
+        assert v.tags[f"{TAG}spec_sha256"] == lineage["spec_sha256"] and lineage["code"]["git_commit"] in \
+            v.tags[f"{TAG}code_version"]
+        assert v.run_id != rep["mlflow_run_id"]  # the stage's own run
+        assert client.get_run(v.run_id).data.tags["mlflow.parentRunId"] == rep["mlflow_run_id"]
+
+    result = lifelong_cli("lineage", f"models:/mini-split-mnist/{v1.version}", "--json",
+                          "--tracking-uri", rep["tracking_uri"])
+    assert result.exit_code == 0, result.output
+    chain = json.loads(result.stdout)
+    assert [s["stage"] for s in chain["stages"]] == [1, 0]
+    assert chain["stages"][0]["parent_model_id"] == chain["stages"][1]["model_id"]
+    assert chain["stages"][0]["hyperparameters"]["strategy.0.buffer_size"] == "300"
+    assert chain["root"]["checkpoint"] == v0.tags[f"{TAG}parent_checkpoint"]
+
+
+def test_audit_names_each_file_that_changed(reports: dict[str, dict[str, Any]], workdir: Path) -> None:
+    rep = reports["replay"]
+    args = ("audit", rep["run_id"], "--tracking-uri", rep["tracking_uri"])
+    clean = lifelong_cli(*args)
+    assert clean.exit_code == 0 and "audit passed: all 11 files" in clean.stderr, clean.output
+    stage_0 = Path(rep["stages"][0]["checkpoint"])
+    manifest = shards.read_manifest(str(workdir / "shards" / "mini-split-mnist" / rep["domains"][1]))
+    shard = workdir / "shards" / "mini-split-mnist" / rep["domains"][1] / manifest["splits"]["train"]["shards"][0]["path"]
+    for path in (stage_0 / "strategy.pt", stage_0 / "lineage.json", shard):
+        original = path.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        try:
+            bad = lifelong_cli(*args)
+        finally:
+            path.write_bytes(original)
+        mismatches = [line for line in bad.stderr.splitlines() if line.startswith("MISMATCH")]
+        assert bad.exit_code == 1 and len(mismatches) == 1 and str(path) in mismatches[0], bad.stderr
+    unknown = lifelong_cli("audit", "no-such-run", "--tracking-uri", rep["tracking_uri"])
+    assert unknown.exit_code == 2 and "no-such-run" in unknown.stderr

@@ -21,6 +21,7 @@ from orchestrator.metrics import SeenSoFar, seen_metrics
 from orchestrator.shards import digest
 from orchestrator.spec import TuneSpec, validate_raw
 from orchestrator.tuning import TuneReporter, check_space, objective
+from tests.mlflow_server import MlflowServer
 from tests.ray_nodes import RayNodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,15 +306,22 @@ def test_optuna_search(tmp_path: Path, data_root: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path: Path, data_root: Path,
-                                                    ray_two_nodes: RayNodes) -> None:
+def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path: Path, data_root: Path, ray_two_nodes: RayNodes,
+                                                    mlflow_server: MlflowServer) -> None:
     """With --address, trials run on the cluster's nodes: each trial reserves 1.5 of a node's 2 CPUs, so the two
-    concurrent trials cannot share a node."""
+    concurrent trials cannot share a node. Each trial logs its MLflow run, from its node, to a real MLflow server."""
+    from mlflow import MlflowClient
+
     raw = spec(num_samples=1, max_concurrent_trials=2, trial_cpus=0.5, asha={"enabled": False})
     raw["tune"]["space"] = {"strategy.ratio": {"grid": [0.3, 0.7]}}
     raw["training"].update(cpus_per_worker=0.75, threads_per_worker=1)
     assert 0.5 + 0.75 + raw["evaluation"]["cpus_per_actor"] > ray_two_nodes.num_cpus / 2
     board = run_search(tmp_path, tmp_path / "w", "--data-root", str(data_root), "--address", ray_two_nodes.address,
-                       raw=raw, env=ray_two_nodes.env)
+                       "--tracking-uri", mlflow_server.uri, raw=raw, env=ray_two_nodes.env)
     assert [r["status"] for r in board["rows"]] == ["finished", "finished"], [r["error"] for r in board["rows"]]
     assert sorted(r["node_id"] for r in board["rows"]) == sorted(ray_two_nodes.node_ids)
+    client = MlflowClient(mlflow_server.uri)
+    trials = client.search_runs([client.get_experiment_by_name("tune-split").experiment_id],
+                                f"tags.mlflow.parentRunId = '{board['tune_run_id']}'")
+    assert sorted(r.info.run_name for r in trials) == sorted(f"trial-{r['trial_id']}" for r in board["rows"])
+    assert all(r.info.status == "FINISHED" and "ACC" in r.data.metrics for r in trials)
