@@ -41,17 +41,24 @@ class Evaluator:
         strategies: the pipeline's bound strategies; their state is loaded from each checkpoint and their
             ``inference_model`` hook picks the model that scores each domain.
         storage: how to reach the shard URIs (S3 endpoint and credentials).
+        use_gpu: score on the GPU (share) Ray assigned to this actor (``evaluation.gpus_per_actor``); the domains'
+            evaluation splits then stay on it.
+    Raises:
+        RuntimeError: if ``use_gpu`` and no GPU is visible.
     """
 
     def __init__(self, domains: list[tuple[str, Any]], split: str, layout: HeadLayout, model: ModelSpec,
                  form: InputFormat, batch_size: int, strategies: tuple[BoundStrategy, ...],
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None, use_gpu: bool = False) -> None:
         background_priority()  # once booted; the threads torch starts below inherit it
         torch.set_num_threads(1)
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("evaluation actor: evaluation.gpus_per_actor is set but no GPU is visible to it")
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.strategies = [b.build() for b in strategies]
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
         self.input_shape, self.scale, self.storage = form.shape, form.scale, storage
-        self.model = build_model(model, form.shape, layout.num_outputs).eval()
+        self.model = build_model(model, form.shape, layout.num_outputs).to(self.device).eval()
         self.loaded: str | None = None
         self.data: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.targets, self.mask = layout.target_table(), layout.head_mask()
@@ -62,7 +69,8 @@ class Evaluator:
             raw = read_split(uri, manifest, self.split, self.storage)
             x = torch.from_numpy(raw.x.reshape(len(raw.y), *self.input_shape).astype(np.float32)) * self.scale
             t = torch.full((len(raw.y),), j, dtype=torch.long)
-            self.data[j] = (x, self.targets[t, torch.from_numpy(raw.y)], t)
+            self.data[j] = (x.to(self.device), self.targets[t, torch.from_numpy(raw.y)].to(self.device),
+                            t.to(self.device))
         return self.data[j]
 
     def evaluate(self, checkpoint: str, row: int, j: int) -> Cell:
@@ -129,9 +137,10 @@ class EvaluationScheduler(Listener):
         if self.actors or self.plan is None:
             return
         plan, e = self.plan, self.plan.pipeline.evaluation
-        remote = ray.remote(num_cpus=e.cpus_per_actor, resources=dict(e.resources))(Evaluator)
+        remote = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor,
+                            resources=dict(e.resources))(Evaluator)
         args = ([(d.uri, d.manifest) for d in plan.domains], e.split, plan.layout, plan.pipeline.model, plan.input,
-                e.batch_size, plan.strategies, plan.storage)
+                e.batch_size, plan.strategies, plan.storage, e.gpus_per_actor > 0)
         self.actors = [remote.remote(*args) for _ in range(e.num_actors)]
         for actor in self.actors:
             self.pool.push(actor)

@@ -82,7 +82,7 @@ class StageData:
         layout: the head layout (maps raw labels to output units). input: the shards' input format.
         batch_size: samples per worker step. shuffle: ``files | local | full``. shuffle_rows: rows in the local
             shuffle buffer (0: none). cache_bytes: a worker keeps its part in memory up to this many bytes.
-        seed: the pipeline seed.
+        seed: the pipeline seed. pin_memory: on a GPU, build batches in page-locked memory (``training.pin_memory``).
     """
 
     task_id: int
@@ -96,6 +96,7 @@ class StageData:
     shuffle_rows: int
     cache_bytes: int
     seed: int
+    pin_memory: bool = False
 
     def shard(self, rank: int, world: int) -> WorkerShard:
         """Worker ``rank`` of ``world``'s part of the stage's training data (see ``orchestrator/ingest.py``)."""
@@ -200,7 +201,7 @@ class StagePlan:
         files = stage_files([(d.uri, d.manifest) for d in self.domains], domains, t.shuffle,
                             self.pipeline.seed * 1000 + k)
         return StageData(k, domains, files, self.storage, self.layout, self.input, t.batch_size, t.shuffle, rows,
-                         int(t.cache_mb * 2**20), self.pipeline.seed)
+                         int(t.cache_mb * 2**20), self.pipeline.seed, t.pin_memory)
 
     def stage(self, k: int, parent: str, parent_lineage: Mapping[str, Any], run_id: str,
               code: Mapping[str, str]) -> StageSpec:
@@ -215,7 +216,7 @@ class StagePlan:
 
 
 def check_workers(resources: Resources, cluster: Mapping[str, float], pipeline: Pipeline) -> None:
-    """Refuse a worker group and evaluation actors that together reserve more CPUs, or more of a custom resource,
+    """Refuse a worker group and evaluation actors that together reserve more CPUs, GPUs or of a custom resource
     than the cluster has (``cluster``: ``ray.cluster_resources()``): Ray would wait for them forever and the run
     would hang.
 
@@ -230,6 +231,10 @@ def check_workers(resources: Resources, cluster: Mapping[str, float], pipeline: 
                 have = ", ".join(sorted(k for k in cluster if not k.startswith("node:"))) or "none"
                 raise LifelongError(f"{role}.resources.{name}: {count} x {amount:g} needed, this Ray cluster has "
                                     f"{cluster.get(name, 0.0):g} (its resources: {have}); the run would wait forever")
+    gpus = (resources.num_workers if resources.use_gpu else 0) + (e.num_actors * e.gpus_per_actor if e.enabled else 0)
+    if gpus > cluster.get("GPU", 0.0) + 1e-9:
+        raise LifelongError(f"training.use_gpu (one GPU per worker) and evaluation.gpus_per_actor reserve {gpus:g} "
+                            f"GPUs, this Ray cluster has {cluster.get('GPU', 0.0):g}; the run would wait forever")
     cluster_cpus = cluster.get("CPU", 0.0)
     workers = resources.num_workers * resources.cpus_per_worker
     reserved = workers + (e.num_actors * e.cpus_per_actor if e.enabled else 0.0)

@@ -99,7 +99,8 @@ def save_json(report: dict[str, Any], path: Path) -> Path:
 def stage_summary(stage: StageSpec, result: StageResult) -> dict[str, Any]:
     """One stage of the report: ``stage``, ``domain``, ``checkpoint``, ``start``/``end`` (unix seconds),
     ``wall_seconds``, ``train_seconds`` (the training loop), ``overhead_seconds`` (the rest), ``samples_per_second``
-    (all workers), ``epoch_loss``, ``epoch_seconds`` and ``first_batch_at`` (unix seconds, rank 0)."""
+    (all workers), ``epoch_loss``, ``epoch_seconds``, ``first_batch_at`` (unix seconds, rank 0) and ``node_id``
+    (rank 0's Ray node)."""
     stats, wall = result.stats, result.end - result.start
     train = stats.get("train_seconds", float("nan"))
     return {"stage": stage.task_id, "domain": stage.domain, "checkpoint": result.checkpoint, "start": result.start,
@@ -107,7 +108,7 @@ def stage_summary(stage: StageSpec, result: StageResult) -> dict[str, Any]:
             "samples_per_second": stats.get("samples_per_second", float("nan")),
             "epoch_loss": list(stats.get("epoch_loss", [float("nan")])),
             "epoch_seconds": list(stats.get("epoch_seconds", [])),
-            "first_batch_at": stats.get("first_batch_at", float("nan"))}
+            "first_batch_at": stats.get("first_batch_at", float("nan")), "node_id": stats.get("node_id", "")}
 
 
 class EventLog(Listener):

@@ -127,7 +127,12 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker (the NCCL backend with several workers)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the forward pass and the loss run under bfloat16 autocast (weights, gradients "
+        "and the optimizer stay float32); on CPUs too, where it is mostly slower")
+    pin_memory: bool = Field(True, description="on a GPU, build batches in page-locked memory and copy them to the "
+                             "device asynchronously")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker (Ray scheduling; the torch "
                                    "threads are threads_per_worker)")
     shuffle: Literal["files", "local", "full"] = Field(
@@ -139,7 +144,8 @@ class TrainingSpec(_Strict):
                             "re-shuffle it there; 0 streams every epoch from the shards")
     executor: Literal["group", "ray_train"] = Field(
         "group", description="group: one persistent worker group per pipeline (workers started once, a checkpoint "
-        "per stage); ray_train: one Ray Train fit per stage (about 19 s of start-up each on 2 cores)")
+        "per stage); ray_train: one Ray Train fit for the whole pipeline, each stage reported with its checkpoint "
+        "(Ray Train's placement and FailureConfig; about 16 s of start-up once, on 2 cores)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch intra-op threads per worker; default: the "
                                            "cluster's CPUs divided by num_workers")
     max_failures: int = Field(0, ge=0, description="restarts of a stage from its parent checkpoint after a worker "
@@ -161,6 +167,8 @@ class EvaluationSpec(_Strict):
     enabled: bool = Field(True, description="false: a training-only run, with no accuracy matrix or CL metrics")
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(0.25, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0, le=1, description="GPU share of each evaluation actor (e.g. 0.25: four "
+                                  "actors on one GPU); 0 scores on CPU")
     batch_size: int = Field(2048, ge=1)
     split: Literal["test", "val"] = "test"
     max_lag: int | None = Field(None, ge=0, description="stages training may run ahead of the evaluation: stage k "

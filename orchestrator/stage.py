@@ -8,8 +8,8 @@ The story of a stage, on every worker (:func:`run_stage`, given the driver's :cl
    in memory after the first epoch when it fits, see :class:`EpochCache`) and run the strategy hooks around forward,
    backward and the optimizer step (see ``strategies/base.py``);
 4. ``after_task``: the strategies consolidate their state across workers;
-5. rank 0 writes the checkpoint (model, strategy state, ``lineage.json``): the persistent worker group writes it
-   straight to the run's storage (``orchestrator/workers.py``); Ray Train persists it (:func:`train_loop_per_worker`).
+5. rank 0 writes the checkpoint (model, strategy state, ``lineage.json``) straight to the run's storage, with either
+   executor (``orchestrator/workers.py``).
 
 ``fit_task`` is the plain training loop, free of Ray, so that tests and benchmarks can drive it in-process.
 """
@@ -19,19 +19,17 @@ from __future__ import annotations
 import math
 import queue
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from orchestrator.checkpoint import load_checkpoint, write_checkpoint
+from orchestrator.checkpoint import load_checkpoint
 from orchestrator.errors import TrainingError
 from orchestrator.ingest import WorkerShard
 from orchestrator.shards import feature_matrix
@@ -70,15 +68,16 @@ class ToBatch:
 
     Features (uint8, flattened) are scaled to float32 with numpy (one pass, off the GIL, so that a prefetching thread
     leaves the training thread alone) and reshaped to ``[B, *input_shape]``; labels are mapped to output units
-    through the head layout's target table ``[T, max_label + 1]`` using the ``t`` column.
+    through the head layout's target table ``[T, max_label + 1]`` using the ``t`` column. With ``pin`` (training on a
+    GPU), the batch is built in page-locked memory, on the streaming thread, for an asynchronous copy.
 
     Raises:
         TrainingError: (when called) a label is outside its domain's label set (naming the label and the domain).
     """
 
     def __init__(self, features: str, label: str, input_shape: tuple[int, ...], scale: float,
-                 targets: torch.Tensor) -> None:
-        self.features, self.label, self.input_shape = features, label, input_shape
+                 targets: torch.Tensor, pin: bool = False) -> None:
+        self.features, self.label, self.input_shape, self.pin = features, label, input_shape, pin
         self.scale, self.targets, self.width = np.float32(scale), targets, math.prod(input_shape)
 
     def __call__(self, table: pa.Table) -> Batch:
@@ -92,7 +91,7 @@ class ToBatch:
         bad = (labels >= self.targets.shape[1]) | (labels < 0) | (y < 0)
         if bool(bad.any()):
             raise TrainingError(f"label {int(labels[bad][0])} of domain {int(t[bad][0])} is not in its label set")
-        return Batch(x, y, t)
+        return Batch(x, y, t).pin_memory() if self.pin else Batch(x, y, t)
 
 
 def local_shuffle(tables: Iterator[pa.Table], rows: int, seed: int) -> Iterator[pa.Table]:
@@ -152,12 +151,14 @@ class EpochCache:
             cache). batch_size: samples per cached batch. shuffle: re-shuffle cached epochs. seed: of that shuffle.
         first_pass: the batches of the first pass, already streaming (used once, by the first call).
         after_first_pass: called when the first complete pass ends (e.g. to start streaming the next stage's data).
+        device: keep the copy there (a GPU: later epochs then read no host memory at all); None: host memory.
     """
 
     def __init__(self, stream: Callable[[], Iterator[Batch]], limit_bytes: int, batch_size: int, shuffle: bool,
                  seed: int, first_pass: Iterator[Batch] | None = None,
-                 after_first_pass: Callable[[], None] | None = None) -> None:
+                 after_first_pass: Callable[[], None] | None = None, device: torch.device | None = None) -> None:
         self.stream, self.limit, self.batch_size, self.shuffle = stream, limit_bytes, batch_size, shuffle
+        self.device = device
         self.generator = torch.Generator().manual_seed(seed)
         self.cached: Batch | None = None
         self.first_pass, self.after_first_pass = first_pass, after_first_pass
@@ -182,13 +183,15 @@ class EpochCache:
         if parts:
             self.cached = Batch(torch.cat([b.x for b in parts]), torch.cat([b.y for b in parts]),
                                 torch.cat([b.t for b in parts]))
+            if self.device is not None:
+                self.cached = self.cached.to(self.device)
         if self.after_first_pass is not None:
             self.after_first_pass, callback = None, self.after_first_pass
             callback()
 
     def _replay(self, data: Batch) -> Iterator[Batch]:
         n = len(data)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = (torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)).to(data.x.device)
         for i in range(0, n, self.batch_size):
             yield data.select(order[i:i + self.batch_size])
 
@@ -309,7 +312,7 @@ def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str,
         if ctx.step == 0:
             stats["first_batch_at"] = time.time()
         new = len(batch)
-        loss = train_step(ctx, strategies, batch.to(ctx.device))
+        loss = train_step(ctx, strategies, batch.to(ctx.device, non_blocking=True))
         ctx.step += 1
         stats["samples"] += new
         value = loss.item()
@@ -329,11 +332,12 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> t
     """
     for s in strategies:
         batch = s.train_batch(ctx, batch)
-    outputs = ctx.train_model(batch.x)
-    terms = LossTerms(ce=ctx.criterion(outputs, batch))
-    for s in strategies:
-        s.loss(ctx, batch, outputs, terms)
-    loss = terms.total()
+    with ctx.autocast():  # bf16 under training.precision: bf16; the backward pass runs outside it, as torch advises
+        outputs = ctx.train_model(batch.x)
+        terms = LossTerms(ce=ctx.criterion(outputs, batch))
+        for s in strategies:
+            s.loss(ctx, batch, outputs, terms)
+        loss = terms.total()
     if not torch.isfinite(loss):
         raise TrainingError(f"domain {ctx.task_id}: loss is {loss.item()} at epoch {ctx.epoch}, step {ctx.step}")
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -346,18 +350,23 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> t
     return loss
 
 
-def make_stream(data: StageData, rank: int, world: int) -> Callable[[], Iterator[Batch]]:
+def make_stream(data: StageData, rank: int, world: int, pin: bool = False) -> Callable[[], Iterator[Batch]]:
     """The streaming pass of stage ``data.task_id`` over worker ``rank`` of ``world``'s part of its data
     (:meth:`StageData.shard`): training batches (``[B, *input_shape]`` floats, targets, domain ids) of
     ``data.batch_size`` samples.
 
     Only the stage's data description is needed, so the pass can start before the stage's parent checkpoint exists
-    (:class:`Prefetch`).
+    (:class:`Prefetch`). ``pin``: batches in page-locked memory (see :class:`ToBatch`).
     """
     form = data.input
-    collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table())
+    collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table(), pin)
     shard = data.shard(rank, world)
     return lambda: stream_batches(shard, collate, data.batch_size, data.shuffle_rows, data.seed + data.task_id)
+
+
+def pins_memory(data: StageData, device: torch.device) -> bool:
+    """True if batches go to ``device`` from page-locked memory: training on a GPU with ``training.pin_memory``."""
+    return device.type == "cuda" and data.pin_memory
 
 
 def prefetch_batches(data: StageData) -> int:
@@ -376,7 +385,8 @@ def stage_context(stage: StageSpec, rank: int, world: int, model: torch.nn.Modul
                         iter_task_batches=batches, log=lambda message: print(message, file=sys.stderr),
                         steps_per_epoch=math.ceil(stage.train_rows / world / training.batch_size),
                         rows_per_epoch=stage.train_rows, domain_units=layout.domain_units(),
-                        target_table=layout.target_table(), state_uri=stage.state_uri, store=stage.storage)
+                        target_table=layout.target_table(), state_uri=stage.state_uri, store=stage.storage,
+                        autocast_dtype=torch.bfloat16 if training.precision == "bf16" else None)
 
 
 def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
@@ -411,10 +421,11 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
     for s, state in zip(strategies, strategy_states):
         s.load_state_dict(state)
     train_model = wrap_model(model) if world > 1 else model
-    batches = EpochCache(make_stream(stage.data, rank, world), stage.data.cache_bytes, stage.data.batch_size,
-                         shuffle=stage.data.shuffle != "files",
+    batches = EpochCache(make_stream(stage.data, rank, world, pins_memory(stage.data, device)),
+                         stage.data.cache_bytes, stage.data.batch_size, shuffle=stage.data.shuffle != "files",
                          seed=hash((pipeline.seed, stage.task_id, rank)) & 0x7FFF_FFFF,
-                         first_pass=first_pass, after_first_pass=after_first_pass)
+                         first_pass=first_pass, after_first_pass=after_first_pass,
+                         device=device if device.type == "cuda" else None)
     ctx = stage_context(stage, rank, world, model, train_model, device, batches)
     setup_seconds = time.perf_counter() - t0
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress if rank == 0 else None,
@@ -425,33 +436,3 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
 
     stats["node_id"] = ray.get_runtime_context().get_node_id()
     return stats, model, strategies
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point of a stage (``training.executor: ray_train``; runs on every worker).
-
-    ``config`` is ``{"stage": StageSpec, "progress": a ray.util.queue.Queue or None}`` (Ray Train passes a dict).
-    Rank 0 writes the checkpoint into a temporary folder that Ray Train persists under the run's ``storage_path``;
-    every worker reports it.
-
-    Returns:
-        rank 0's statistics (see :func:`run_stage`).
-    """
-    import ray.train
-    import ray.train.torch
-
-    stage: StageSpec = config["stage"]
-    queue = config.get("progress")
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    stats, model, strategies = run_stage(stage, rank, world, ray.train.torch.get_device(),
-                                         ray.train.torch.prepare_model,
-                                         on_progress=None if queue is None else queue.put_nowait)
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            folder = write_checkpoint(Path(tmp) / "stage", {k: v.cpu() for k, v in model.state_dict().items()},
-                                      [s.state_dict() for s in strategies], dict(stage.lineage))
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report({"task_id": stage.task_id, "final_loss": stats["epoch_loss"][-1]}, checkpoint=checkpoint)
-    return stats

@@ -1,7 +1,5 @@
-"""Executors of stages: a persistent worker group (default) or one Ray Train fit per stage.
+"""Executors of stages: a persistent worker group (default) or one Ray Train fit for the whole pipeline.
 
-An empty Ray Train ``fit()`` costs about 19 s on a 2-core machine (controller actor, placement group, worker
-processes, torch import, process group, storage sync), so one fit per stage makes a small pipeline mostly overhead.
 ``training.executor`` picks how stages run:
 
 - ``group`` (default): :class:`WorkerGroup`, N long-lived Ray actors (one per worker) started once per pipeline,
@@ -11,25 +9,33 @@ processes, torch import, process group, storage sync), so one fit per stage make
   from the group's gets a new group. If a worker process dies, the group is rebuilt and the stage restarts from its
   parent checkpoint, up to ``training.max_failures`` times (errors raised by the training itself, such as a NaN
   loss, are not retried: they would recur).
-- ``ray_train``: one ``TorchTrainer`` fit per stage (``orchestrator.stage.train_loop_per_worker``), with Ray Train's
-  worker-level fault tolerance (``FailureConfig``) and its checkpoint persistence under the run's storage path.
+- ``ray_train``: one ``TorchTrainer`` fit for the whole pipeline (:class:`TrainerFit`), whose stages are phases of
+  the fit. An empty fit costs about 19 s on 2 cores (controller, placement group, worker processes, process
+  group), paid once. The driver posts each stage's description to a :class:`PhaseBoard` actor as the stage engine
+  builds it; the fit's workers take it from there (:func:`pipeline_loop_per_worker`), train it, and report its
+  checkpoint through ``ray.train.report``. Ray Train's experiment folder is the run's own storage root, so the
+  checkpoint that rank 0 commits there is the one Ray Train registers (nothing is copied). A dead worker makes
+  Ray Train restart the worker group (``FailureConfig(max_failures)``), which continues after the last reported
+  stage; evaluation of committed stages goes on meanwhile, as with the group.
 
-With ``group``, each worker streams the next stage's data into memory while the current stage trains
-(and stage 0's while the driver validates the shards), so that no stage waits on its first reads
-(:class:`orchestrator.stage.Prefetch`). With ``ray_train``, each worker streams its part when its stage starts.
-
-Both run the same stage body, :func:`orchestrator.stage.run_stage`. :meth:`StageRunner.start` returns a handle the
-driver polls (``wait``) while it shows progress and collects evaluation cells, then asks for the ``result``.
+Both executors run a stage through the same :class:`StageWorker` and stage body
+(:func:`orchestrator.stage.run_stage`), and stream the next stage's data while a stage trains
+(:class:`orchestrator.stage.Prefetch`; with the group, stage 0's also while the driver validates the shards).
+:meth:`StageRunner.start` returns a handle the driver polls (``wait``) while it shows progress and collects
+evaluation cells, then asks for the ``result``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime
+import re
 import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
@@ -38,7 +44,7 @@ import torch
 from orchestrator.checkpoint import write_checkpoint
 from orchestrator.errors import TrainingError, one_line
 from orchestrator.plan import Resources, StageData, StageSpec
-from orchestrator.stage import Prefetch, Progress, make_stream, prefetch_batches, run_stage, train_loop_per_worker
+from orchestrator.stage import Prefetch, Progress, make_stream, pins_memory, prefetch_batches, run_stage
 
 GIL_SWITCH_SECONDS = 0.0005
 
@@ -50,20 +56,30 @@ class StageWorker:
     concurrency group ``progress``), so that the driver can collect rank 0's progress reports while a stage trains
     without a separate queue process.
 
+    Inside a Ray Train fit the same class runs each phase of :func:`pipeline_loop_per_worker`, as a plain object.
+
     Args:
         rank, world: this worker's rank and the group size.
         use_gpu: train on the GPU that Ray assigned to this actor (it sees only that one, as ``cuda:0``).
+        device: the device to train on instead (Ray Train's ``get_device()``).
+        report: where rank 0's progress reports go (default: kept for :meth:`progress`).
+        wrap: wraps the model for data-parallel training (default: DDP on the group's process group; Ray Train's
+            ``prepare_model`` in a fit).
     Raises:
         RuntimeError: if ``use_gpu`` and no GPU is visible.
     """
 
-    def __init__(self, rank: int, world: int, use_gpu: bool) -> None:
+    def __init__(self, rank: int, world: int, use_gpu: bool, device: torch.device | None = None,
+                 report: Callable[[Progress], Any] | None = None,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
         self.rank, self.world = rank, world
         if use_gpu and not torch.cuda.is_available():
             raise RuntimeError(f"training worker {rank}: training.use_gpu is set but no GPU is visible to it")
-        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        self.device = device or (torch.device("cuda", 0) if use_gpu else torch.device("cpu"))
         self.prefetched: Prefetch | None = None
         self.reports: collections.deque[Progress] = collections.deque(maxlen=10_000)
+        self.report = report or self.reports.append
+        self.wrap = wrap or self._wrap
         # The training thread needs the GIL for every operation it dispatches; while the next stage's data streams
         # in on other threads, a short switch interval hands it back sooner (the default is 5 ms).
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
@@ -103,7 +119,8 @@ class StageWorker:
         a background thread (:class:`orchestrator.stage.Prefetch`). Replaces an earlier prefetch."""
         if self.prefetched is not None:
             self.prefetched.cancel()
-        self.prefetched = Prefetch(data.task_id, make_stream(data, self.rank, self.world), prefetch_batches(data))
+        self.prefetched = Prefetch(data.task_id, make_stream(data, self.rank, self.world,
+                                                             pins_memory(data, self.device)), prefetch_batches(data))
 
     @ray.method(concurrency_group="progress")
     def progress(self) -> list[Progress]:
@@ -138,9 +155,9 @@ class StageWorker:
         elif ahead is not None:
             ahead.cancel()
         start_next = None if next_stage is None else (lambda: self.prefetch(next_stage))
-        stats, model, strategies = run_stage(stage, self.rank, self.world, self.device, self._wrap,
+        stats, model, strategies = run_stage(stage, self.rank, self.world, self.device, self.wrap,
                                              first_pass=first_pass, after_first_pass=start_next,
-                                             on_progress=self.reports.append)
+                                             on_progress=self.report)
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
                              [s.state_dict() for s in strategies], dict(stage.lineage), stage.storage)
@@ -260,53 +277,211 @@ class _GroupStage:
         return ray.get(self.refs[0]), self.uri
 
 
-class _TrainerStage:
-    """A stage running as one Ray Train ``TorchTrainer.fit()`` in a driver thread."""
+@ray.remote(num_cpus=0)
+class PhaseBoard:
+    """The driver's side of a Ray Train fit that runs a whole pipeline (an async Ray actor, no CPU): the driver
+    posts each stage's description as the stage engine builds it; the fit's workers wait for it; rank 0 posts the
+    committed stage's statistics and checkpoint back, and its progress reports."""
 
-    def __init__(self, runner: StageRunner, stage: StageSpec) -> None:
+    def __init__(self) -> None:
+        self.posted: dict[int, tuple[StageSpec, StageData | None]] = {}
+        self.results: dict[int, tuple[dict[str, Any], str]] = {}
+        self.reports: list[Progress] = []
+        self.closed = False
+        self.changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self.changed is None:
+            self.changed = asyncio.Condition()
+        return self.changed
+
+    async def post(self, k: int, stage: StageSpec, next_stage: StageData | None) -> None:
+        """Make stage k available to the workers (with the next stage's data, to stream ahead)."""
+        async with self._condition():
+            self.posted[k] = (stage, next_stage)
+            self._condition().notify_all()
+
+    async def stage(self, k: int) -> tuple[StageSpec, StageData | None] | None:
+        """Stage k once posted; None once the run is over (the workers then return)."""
+        async with self._condition():
+            await self._condition().wait_for(lambda: k in self.posted or self.closed)
+            return None if self.closed else self.posted[k]
+
+    async def finish(self, k: int, stats: dict[str, Any], checkpoint: str) -> None:
+        """Rank 0 has committed and reported stage k."""
+        async with self._condition():
+            self.results[k] = (stats, checkpoint)
+            self._condition().notify_all()
+
+    async def result(self, k: int) -> tuple[dict[str, Any], str]:
+        """Stage k's ``(statistics, checkpoint)``, once rank 0 has posted them."""
+        async with self._condition():
+            await self._condition().wait_for(lambda: k in self.results)
+            return self.results[k]
+
+    async def close(self) -> None:
+        """End the run: waiting workers return from :func:`pipeline_loop_per_worker`."""
+        async with self._condition():
+            self.closed = True
+            self._condition().notify_all()
+
+    async def report(self, progress: Progress) -> None:
+        """Keep one of rank 0's progress reports."""
+        self.reports.append(progress)
+
+    async def drain(self) -> list[Progress]:
+        """The progress reports since the last call, oldest first."""
+        out, self.reports = self.reports, []
+        return out
+
+
+def _next_stage_after(checkpoint: Any) -> int:
+    """The stage to continue with after Ray Train restarted the fit from ``checkpoint`` (None: from stage 0)."""
+    if checkpoint is None:
+        return 0
+    found = re.findall(r"stage-(\d+)", checkpoint.path)
+    return int(found[-1]) + 1 if found else 0
+
+
+def _free_checkpoint_uri(stage: StageSpec) -> str:
+    """The stage's checkpoint folder, or ``<folder>-retryN`` if an earlier attempt already committed one there
+    (nothing committed is overwritten)."""
+    from orchestrator.checkpoint import read_lineage
+
+    uri, attempt = stage.checkpoint_uri, 0
+    while True:
+        candidate = uri if attempt == 0 else f"{uri}-retry{attempt}"
+        try:
+            read_lineage(candidate, stage.storage)
+        except FileNotFoundError:
+            return candidate
+        attempt += 1
+
+
+def _in_place(checkpoint: Any, dir_name: str) -> Any:
+    """Ray Train's upload of a stage checkpoint: none, as rank 0 committed it in the experiment folder already."""
+    return checkpoint
+
+
+def pipeline_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point of a whole pipeline (``training.executor: ray_train``; runs on every worker).
+
+    ``config`` is ``{"board": PhaseBoard handle, "use_gpu": bool}`` (Ray Train passes a dict). For each stage the
+    driver posts, in order: train it (:meth:`StageWorker.run`, rank 0 committing the checkpoint into the fit's
+    experiment folder, which is the run's storage root), report it with ``ray.train.report`` (rank 0 attaches the
+    checkpoint, registered where it is), and post the result to the board. After a restart the loop continues
+    with the stage after the last reported one.
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    board = config["board"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    storage = context.get_storage()
+    root = storage.experiment_fs_path.rstrip("/")
+    worker = StageWorker(rank, world, config["use_gpu"], ray.train.torch.get_device(),
+                         board.report.remote if rank == 0 else None, ray.train.torch.prepare_model)
+    k = _next_stage_after(ray.train.get_checkpoint())
+    while (posted := ray.get(board.stage.remote(k))) is not None:
+        stage, next_stage = posted
+        uri = _free_checkpoint_uri(stage) if rank == 0 else stage.checkpoint_uri
+        stats = worker.run(stage, uri, next_stage)
+        checkpoint = None
+        if rank == 0:  # committed: the driver may go on while the stage is reported
+            board.finish.remote(k, stats, uri)
+            relative = uri[len(stage.checkpoint_uri.rsplit("/", 2)[0]):].lstrip("/")  # as Ray Train's filesystem
+            checkpoint = Checkpoint(f"{root}/{relative}", filesystem=storage.storage_filesystem)  # names it
+        ray.train.report({"task_id": k, "final_loss": stats["epoch_loss"][-1]}, checkpoint=checkpoint,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, checkpoint_upload_fn=_in_place,
+                         delete_local_checkpoint_after_upload=False)
+        k += 1
+
+
+class TrainerFit:
+    """One Ray Train ``TorchTrainer.fit()`` for a whole pipeline, in a driver thread (see the module docstring).
+
+    Args:
+        resources: what each worker reserves. root: the run's storage root (path or URI), Ray Train's experiment
+            folder. storage: how to reach it. max_failures: Ray Train's ``FailureConfig.max_failures``.
+    """
+
+    def __init__(self, resources: Resources, root: str, storage: Any, max_failures: int) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        res, storage = stage.resources, stage.storage
-        storage_path = stage.checkpoint_uri.rsplit("/", 2)[0]  # <root>/stage-k/checkpoint -> <root>
-        filesystem, path = (None, storage_path)
-        if storage.ray_filesystem(storage_path) is not None:
-            filesystem, path = storage.arrow(storage_path)
+        parent, name = root.rstrip("/").rsplit("/", 1)
+        filesystem, path = (None, parent)
+        if storage.ray_filesystem(parent) is not None:
+            filesystem, path = storage.arrow(parent)
+        self.board = PhaseBoard.remote()
         self.trainer = TorchTrainer(
-            train_loop_per_worker, train_loop_config={"stage": stage, "progress": runner.trainer_queue()},
-            scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
-                                         resources_per_worker={"CPU": res.cpus_per_worker, **dict(res.custom)}),
-            run_config=RunConfig(name=f"stage-{stage.task_id}", storage_path=path, storage_filesystem=filesystem,
-                                 failure_config=FailureConfig(max_failures=runner.max_failures)))
-        self.scheme = storage_path.split("://", 1)[0] + "://" if filesystem is not None else ""
-        self.outcome: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._fit, name=f"fit-stage-{stage.task_id}", daemon=True)
+            pipeline_loop_per_worker, train_loop_config={"board": self.board, "use_gpu": resources.use_gpu},
+            scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                         resources_per_worker={"CPU": resources.cpus_per_worker,
+                                                               **dict(resources.custom)}),
+            run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
+                                 failure_config=FailureConfig(max_failures=max_failures)))
+        self.resources, self.outcome = resources, {}
+        self.thread = threading.Thread(target=self._fit, name="ray-train-fit", daemon=True)
         self.thread.start()
 
     def _fit(self) -> None:
         try:
             self.outcome["result"] = self.trainer.fit()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the driver's main thread by result()
+        except BaseException as e:  # noqa: BLE001 - raised on the driver's main thread by a stage's result()
             self.outcome["error"] = e
 
+    def start(self, stage: StageSpec, next_stage: StageData | None) -> _FitPhase:
+        """Post stage ``stage.task_id`` to the fit's workers."""
+        ray.get(self.board.post.remote(stage.task_id, stage, next_stage))
+        return _FitPhase(self, stage.task_id)
+
+    def progress(self) -> list[Progress]:
+        """Rank 0's progress reports since the last call."""
+        try:
+            return ray.get(self.board.drain.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            return []
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """End the fit (its workers return after the last stage) and wait up to ``timeout_s`` seconds for it."""
+        try:
+            ray.get(self.board.close.remote(), timeout=timeout_s)
+        except ray.exceptions.RayError:
+            pass
+        self.thread.join(timeout_s)
+        ray.kill(self.board)
+
+
+class _FitPhase:
+    """One stage (phase) of a :class:`TrainerFit`, as a :class:`StageHandle`."""
+
+    def __init__(self, fit: TrainerFit, k: int) -> None:
+        self.fit, self.k = fit, k
+        self.ref = fit.board.result.remote(k)
+
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds; True once the fit has ended."""
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
+        """Wait up to ``timeout`` seconds; True once the stage is committed or the fit has ended."""
+        ready, _ = ray.wait([self.ref], timeout=timeout)
+        return bool(ready) or not self.fit.thread.is_alive()
 
     def result(self) -> tuple[dict[str, Any], str]:
-        """``(rank 0's statistics, checkpoint URI)``; raises the fit's error as :class:`TrainingError`."""
-        self.thread.join()
-        if "error" in self.outcome:
-            raise TrainingError(one_line(str(self.outcome["error"])))
-        result = self.outcome["result"]
-        return result.return_value or {}, self.scheme + result.checkpoint.path
+        """``(rank 0's statistics, checkpoint path or URI)``; raises the fit's error as :class:`TrainingError`."""
+        while not self.wait(1.0):
+            pass
+        if ray.wait([self.ref], timeout=0)[0]:
+            return ray.get(self.ref)
+        error = self.fit.outcome.get("error")
+        raise TrainingError(one_line(str(error)) if error is not None else
+                            f"the Ray Train fit ended before stage {self.k} was reported")
 
 
 class StageRunner:
     """Starts the stages of one pipeline run with ``training.executor`` (see the module docstring), owns the
-    persistent worker group, if any, and collects rank 0's progress reports (from the group's rank 0; with
-    ``ray_train``, through a queue actor).
+    persistent worker group or the Ray Train fit, and collects rank 0's progress reports (from the group's rank 0;
+    with ``ray_train``, through the fit's :class:`PhaseBoard`).
 
     Args:
         executor: ``"group"`` or ``"ray_train"``. max_failures: restarts allowed per stage after a worker dies.
@@ -315,17 +490,9 @@ class StageRunner:
     def __init__(self, executor: str, max_failures: int) -> None:
         self.executor, self.max_failures = executor, max_failures
         self._group: WorkerGroup | None = None
-        self._queue: Any = None  # ray.util.queue.Queue, for ray_train only
+        self._fit: TrainerFit | None = None  # ray_train only: started with the first stage
         self._pending: ray.ObjectRef | None = None  # a progress call to the group's rank 0 not yet collected
         self._ready: list[ray.ObjectRef] = []
-
-    def trainer_queue(self) -> Any:
-        """The ``ray.util.queue.Queue`` to which Ray Train's rank 0 reports progress (started on first use)."""
-        if self._queue is None:
-            from ray.util.queue import Queue
-
-            self._queue = Queue(actor_options={"num_cpus": 0})
-        return self._queue
 
     def prestart(self, resources: Resources, first_stage: StageData | None = None) -> None:
         """Start the worker group now (its processes boot while the driver does other work), have it stream
@@ -359,25 +526,28 @@ class StageRunner:
             self._group, self._pending = None, None
 
     def close(self) -> None:
-        """Stop the worker group and the progress queue, if any."""
+        """Stop the worker group, or end the Ray Train fit, if any."""
         self.drop_group()
-        if self._queue is not None:
-            ray.kill(self._queue.actor)
+        if self._fit is not None:
+            self._fit.close()
+            self._fit = None
 
     def start(self, stage: StageSpec, next_stage: StageData | None = None) -> StageHandle:
         """Start one stage; ``next_stage``'s data is streamed ahead by the worker group while this stage trains."""
         if self.executor == "group":
             return _GroupStage(self, stage, next_stage)
-        return _TrainerStage(self, stage)
+        if self._fit is None:  # its experiment folder is the run's storage root: <root>/stage-k/checkpoint
+            self._fit = TrainerFit(stage.resources, stage.checkpoint_uri.rsplit("/", 2)[0], stage.storage,
+                                   self.max_failures)
+        return self._fit.start(stage, next_stage)
 
     def progress(self, final: bool = False) -> list[Progress]:
         """The progress reports that have arrived since the last call, oldest first, without blocking; with
         ``final`` (the stage has ended), every report of the stage, waiting for them. None from a worker that has
         died (the stage's handle reports that).
         """
-        if self._queue is not None:
-            n = self._queue.qsize()
-            return list(self._queue.get_nowait_batch(n)) if n else []
+        if self._fit is not None:
+            return self._fit.progress()
         if self._group is None:
             return []
         out: list[Progress] = []

@@ -77,9 +77,18 @@ class Batch:
         """The samples at ``index`` (a slice or an index tensor)."""
         return Batch(self.x[index], self.y[index], self.t[index])
 
-    def to(self, device: torch.device | str) -> Batch:
-        """The batch on ``device``."""
-        return Batch(self.x.to(device), self.y.to(device), self.t.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on ``device`` (``non_blocking``: an asynchronous copy from page-locked memory)."""
+        return Batch(self.x.to(device, non_blocking=non_blocking), self.y.to(device, non_blocking=non_blocking),
+                     self.t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory, for asynchronous copies to a GPU.
+
+        Raises:
+            RuntimeError: if no GPU is visible (torch needs one to pin memory).
+        """
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), self.t.pin_memory())
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any]) -> Batch:
@@ -173,6 +182,7 @@ class StageContext:
             write state too large for the checkpoint (Parquet replay buffers); None if the stage has none.
         store: the pipeline's storage (S3 endpoint and credentials), where strategies write state too large for the
             checkpoint; the default (:func:`local_store`) knows local paths and URIs that need no settings.
+        autocast_dtype: ``torch.bfloat16`` under ``training.precision: bf16`` (see :meth:`autocast`), else None.
     """
 
     model: torch.nn.Module
@@ -195,6 +205,13 @@ class StageContext:
     target_table: torch.Tensor | None = None
     state_uri: str | None = None
     store: ObjectStore = field(default_factory=local_store)
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> Any:
+        """The context in which the forward pass and the loss run: bfloat16 autocast on ``device`` when
+        ``autocast_dtype`` is set (``training.precision: bf16``), else a no-op."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)
 
     def units_of(self) -> torch.Tensor:
         """``[T, K]`` bool: the output units that belong to each domain's labels."""

@@ -148,7 +148,7 @@ def test_training_and_evaluation_on_two_nodes_match_a_local_run(tmp_path: Path, 
                                                                mlflow_server: MlflowServer) -> None:
     """Training workers pinned to the head (node_a), evaluation actors to the other node (node_b), shards,
     checkpoints and the replay buffer on the loopback S3 server, MLflow on a real server whose artifacts go to S3;
-    R equals a local run's. Then `lifelong lineage` lists both stages and every shard digest of the manifests, and
+    R equals a local run's, and a run with Ray Train's executor (one fit for the pipeline). Then `lifelong lineage` lists both stages and every shard digest of the manifests, and
     `lifelong audit` passes, and names a checkpoint, then a shard, whose byte was flipped in the bucket."""
     import boto3
 
@@ -188,6 +188,20 @@ def test_training_and_evaluation_on_two_nodes_match_a_local_run(tmp_path: Path, 
     assert abs(mine["acc"] - report["acc"]) <= 0.01
     for row_local, row_cluster in zip(mine["R"], report["R"]):
         assert all(abs(a - b) <= 0.01 for a, b in zip(row_local, row_cluster)), (mine["R"], report["R"])
+    # Ray Train's executor on the same cluster: one fit for both stages, its workers on node_a too, the same R.
+    proc = on(ray_two_nodes, "submit", str(spread), "--set", "training.executor=ray_train", "--workdir",
+              str(tmp_path / "fit"), "--data-root", str(data_root), "--tracking-uri", mlflow_server.uri,
+              *[arg for k, v in aws.items() for arg in ("--env", f"{k}={v}")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    fit_job = proc.stdout.strip().splitlines()[-1]
+    follow = on(ray_two_nodes, "logs", fit_job, "--follow", cwd=tmp_path)
+    assert job_status(fit_job, ray_two_nodes, tmp_path)["status"] == "SUCCEEDED", follow.stdout[-3000:]
+    fit_run = mlflow_run(tmp_path, fit_job, uri=mlflow_server.uri)
+    fit = json.loads((Path(fit_run.data.tags["lifelong.run_dir"]) / "report.json").read_text())
+    assert [s["node_id"] for s in fit["stages"]] == [head, head]
+    assert all(s["checkpoint"].startswith(f"s3://{bucket}/runs/") for s in fit["stages"])
+    for row_fit, row_cluster in zip(fit["R"], report["R"]):
+        assert all(abs(a - b) <= 0.01 for a, b in zip(row_fit, row_cluster)), (fit["R"], report["R"])
     check_lineage_and_audit(tmp_path, run, s3, bucket, {**os.environ, **aws, "MLFLOW_TRACKING_URI": mlflow_server.uri})
 
 
