@@ -16,6 +16,7 @@ import typer
 import yaml
 
 from orchestrator.cli import app
+from orchestrator.plan import Resources, check_workers
 from orchestrator.spec import bind, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +95,14 @@ def test_rayjob_runs_a_pipeline_that_exists_and_validates() -> None:
     pipeline = load_pipeline(path, [])
     bind(pipeline, str(path))
     assert pipeline.training.use_gpu and all(d.uri and d.uri.startswith("s3://") for d in pipeline.domains)
+    # The RayCluster's GPU workers, as kept up, hold the pipeline's workers and evaluation actors.
+    held = {"CPU": 0.0, "GPU": 0.0}
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        held["CPU"] += group["minReplicas"] * float(limits["cpu"])
+        held["GPU"] += group["minReplicas"] * float(limits.get("nvidia.com/gpu", 0))
+    t = pipeline.training
+    check_workers(Resources(t.num_workers, t.cpus_per_worker, t.use_gpu, 1), held, pipeline)
 
 
 def validate_launcher(config: dict[str, Any]) -> None:
