@@ -168,11 +168,7 @@ def tune(
             ray.shutdown()
     print_leaderboard(summary, console)
     if json_out:
-        typer.echo(json.dumps({"best": summary.best.__dict__ if summary.best else None,
-                               "rows": [r.__dict__ for r in summary.rows], "domains_run": summary.domains_run,
-                               "domains_saved": summary.domains_saved, "wall_seconds": summary.wall_seconds,
-                               "experiment_dir": str(summary.experiment_dir), "tune_run_id": summary.tune_run_id},
-                              default=str))
+        typer.echo(json.dumps(summary.to_json(), default=str))
 
 
 JobsAddressOpt = Annotated[Optional[str], typer.Option(
@@ -346,8 +342,9 @@ def lineage(
         node.add(line(f"parent: stage {parent['stage']} ({parent['model_id']})" if parent else
                       f"parent: initial model {record['root']['checkpoint']}  model.pt "
                       f"{record['root']['model_sha256']}"))
-        node.add(line(f"checkpoint {s['checkpoint']}  model.pt {s['model_sha256']}  "
-                      f"strategy.pt {s['strategy_sha256']}"))
+        files = node.add(line(f"checkpoint {s['checkpoint']}"))
+        files.add(line(f"model.pt  sha256 {s['model_sha256']}"))
+        files.add(line(f"strategy.pt  sha256 {s['strategy_sha256']}"))
         for d in s["data"]:
             data = node.add(line(f"data {d['domain']}/{d['split']} {d['uri']}  manifest {d['manifest_digest']}  "
                                  f"split {d['split_digest']}"))

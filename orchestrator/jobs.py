@@ -19,6 +19,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -124,7 +125,7 @@ class Submission:
     """A submitted job.
 
     Attributes:
-        job_id: the job's submission id (``lifelong-<pipeline>-<UTC time>``), also the name of the run's MLflow
+        job_id: the job's submission id (``lifelong-<pipeline>-<UTC time>-<4 random hex digits>``), also the name of the run's MLflow
             parent run. address: the Jobs API it was sent to. pipeline: the pipeline's name. entrypoint: the
             command the job runs. tracking: where the run's MLflow records go, as the job will see it.
     """
@@ -190,7 +191,7 @@ def submit(request: SubmitRequest) -> Submission:
     # MLflow runs KILLED; Ray's own SIGTERM handler in a driver kills it on the spot) and gives it 30 s to do so.
     env = {"RAY_JOB_STOP_SIGNAL": "SIGINT", "RAY_JOB_STOP_WAIT_TIME_S": "30", **job_env(request.env)}
     client = connect(request.address)
-    job_id = f"lifelong-{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    job_id = f"lifelong-{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
     with tempfile.TemporaryDirectory(prefix="lifelong-submit-") as tmp:
         if request.working_dir is not None:
             root = request.working_dir.resolve()

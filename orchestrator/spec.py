@@ -15,10 +15,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from orchestrator.errors import SpecError
 
@@ -106,7 +107,7 @@ class OptimizerSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0)
 
 
-def positive_resources(resources: dict[str, float]) -> dict[str, float]:
+def _positive_resources(resources: dict[str, float]) -> dict[str, float]:
     """Check custom Ray resources: names other than Ray's own (CPU, GPU, memory) and amounts > 0.
 
     Raises:
@@ -118,6 +119,11 @@ def positive_resources(resources: dict[str, float]) -> dict[str, float]:
         if not amount > 0:
             raise ValueError(f"{name}: the amount must be > 0, got {amount}")
     return resources
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_positive_resources)]
+"""Custom Ray resources of one role (training workers, evaluation actors): ``{name: amount > 0}``, Ray's own (CPU,
+GPU, memory) excluded."""
 
 
 class TrainingSpec(_Strict):
@@ -151,14 +157,9 @@ class TrainingSpec(_Strict):
     max_failures: int = Field(0, ge=0, description="restarts of a stage from its parent checkpoint after a worker "
                               "process dies")
     progress_every: int = Field(20, ge=1, description="report progress every N steps")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each worker "
+    resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each worker "
                                         "reserves besides its CPUs and GPU, e.g. {node_a: 0.01} to place the "
                                         "workers on the nodes that carry node_a")
-
-    @field_validator("resources")
-    @classmethod
-    def _positive_resources(cls, v: dict[str, float]) -> dict[str, float]:
-        return positive_resources(v)
 
 
 class EvaluationSpec(_Strict):
@@ -175,13 +176,8 @@ class EvaluationSpec(_Strict):
                                 "starts once rows up to k - 1 - max_lag of R are complete; None: no limit. "
                                 "`lifelong tune` trials use 0, so that a trial its scheduler stops trains no "
                                 "further stage")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each evaluation "
+    resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each evaluation "
                                         "actor reserves besides its CPUs, e.g. {node_b: 0.01}")
-
-    @field_validator("resources")
-    @classmethod
-    def _positive_resources(cls, v: dict[str, float]) -> dict[str, float]:
-        return positive_resources(v)
 
 
 class TrackingSpec(_Strict):

@@ -403,6 +403,14 @@ class TuneSummary:
     domains_saved: int
     wall_seconds: float = 0.0
 
+    def to_json(self) -> dict[str, Any]:
+        """The leaderboard as ``leaderboard.json`` and ``lifelong tune --json`` give it (JSON-ready values, paths
+        as strings)."""
+        return {"best": self.best.__dict__ if self.best else None, "rows": [r.__dict__ for r in self.rows],
+                "domains_run": self.domains_run, "domains_saved": self.domains_saved,
+                "wall_seconds": self.wall_seconds, "experiment_dir": str(self.experiment_dir),
+                "tune_run_id": self.tune_run_id}
+
 
 def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id: str) -> TuneSummary:
     """The final leaderboard from Ray Tune's ``ResultGrid``."""
@@ -618,11 +626,9 @@ def _tuner(pipeline: Pipeline, t: TuneSpec, settings: TrialSettings, bundles: li
 
 def _finish(summary: TuneSummary, request: TuneRequest, options: TuneOptions, tracker: Any) -> None:
     """Write the leaderboard, close the MLflow runs (a stopped trial's runs end KILLED) and export the best."""
-    board = {"best": summary.best.__dict__ if summary.best else None, "rows": [r.__dict__ for r in summary.rows],
-             "domains_run": summary.domains_run, "domains_saved": summary.domains_saved,
-             "wall_seconds": summary.wall_seconds, "tune_run_id": summary.tune_run_id}
     path = summary.experiment_dir / LEADERBOARD_FILE
-    Storage.from_settings().write_bytes(str(path), json.dumps(board, indent=1, default=str).encode(), overwrite=True)
+    Storage.from_settings().write_bytes(str(path), json.dumps(summary.to_json(), indent=1, default=str).encode(),
+                                        overwrite=True)
     _end_stopped_runs(tracker, summary.tune_run_id)
     run_id = summary.tune_run_id
     tracker.log_metrics(run_id, {"trials": len(summary.rows), "trial_domains_run": summary.domains_run,
