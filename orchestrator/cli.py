@@ -22,6 +22,8 @@ from orchestrator.errors import LifelongError, SpecError
 from orchestrator.spec import SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
+    from orchestrator.plan import Domain
+    from orchestrator.storage import Storage
     from orchestrator.tuning import TuneSummary
 
 app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
@@ -413,8 +415,11 @@ def validate(
     set_: SetOpt = None,
     workdir: WorkdirOpt = Path("lifelong-runs"),
 ) -> None:
-    """Check a pipeline: print every problem with its field path (exit 2 if any)."""
-    from orchestrator.shards import MANIFEST, domain_uri
+    """Check a pipeline as its run's validate node would, writing nothing: the spec (every problem with its field
+    path), each domain's manifest, one schema across the stream, no empty split, and, for domains whose shards exist,
+    every shard's sha256 and labels. Exit 2 if anything is wrong."""
+    from orchestrator.plan import Domain, check_stream
+    from orchestrator.shards import MANIFEST, domain_uri, read_manifest
     from orchestrator.spec import bind
     from orchestrator.storage import Storage
 
@@ -427,22 +432,41 @@ def validate(
         for path, msg in e.problems:
             console.print(f"  {path or '<top>'}: {msg}", highlight=False)
         raise typer.Exit(code=2) from None
-    problems = []
+    problems, present = [], []
     storage = Storage.from_settings(spec.storage.s3)
     for i, d in enumerate(spec.domains):
         uri = domain_uri(spec, i, workdir.resolve())
         try:
-            present = storage.exists(f"{uri.rstrip('/')}/{MANIFEST}")
+            if storage.exists(f"{uri.rstrip('/')}/{MANIFEST}"):
+                present.append(Domain(d.name, uri, read_manifest(uri, storage)))
+            elif d.source is None:
+                problems.append(f"domains.{i}.uri: no {MANIFEST} at {uri} and no source to build it from")
         except LifelongError as e:
-            problems.append(f"domains.{i}.uri: {e}")
-            continue
-        if d.source is None and not present:
-            problems.append(f"domains.{i}.uri: no {MANIFEST} at {uri} and no source to build it from")
+            problems.append(f"domains.{i} ({d.name}): {e}")
+    if not problems and len(present) == len(spec.domains):
+        try:  # the stream as a whole, then every shard (the run's validate node)
+            check_stream(present, spec)
+            validate_shards(present, storage)
+        except LifelongError as e:
+            problems.append(str(e))
     for p in problems:
-        Console(stderr=True).print(p, highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {p}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(code=2)
-    typer.echo(f"{pipeline}: OK ({len(spec.domains)} domains, {spec.scenario}, strategy {spec.strategy_label()})")
+    built = len(spec.domains) - len(present)
+    typer.echo(f"{pipeline}: OK ({len(spec.domains)} domains, {spec.scenario}, strategy {spec.strategy_label()}"
+               + (f"; {built} to be built from their source" if built else "; shards re-hashed") + ")")
+
+
+def validate_shards(domains: list["Domain"], storage: "Storage") -> None:
+    """:func:`orchestrator.dag.validate_domains` without importing the run's modules (torch, Ray).
+
+    Raises:
+        ShardError: at the first fault, naming the domain and the shard.
+    """
+    from orchestrator.ingest import validate_domains
+
+    validate_domains([(d.name, d.uri, d.manifest) for d in domains], storage)
 
 
 @shards_app.command("build")
@@ -492,6 +516,70 @@ def shards_build(
     except (LifelongError, ValueError) as e:
         _fail(e)
     Console().print(table)
+
+
+UriArg = Annotated[str, typer.Argument(help="The domain's folder or URI (where its manifest.json is).")]
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    "--endpoint-url", help="S3-compatible endpoint for s3:// URIs [default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, "
+    "else AWS].")]
+
+
+@shards_app.command("inspect")
+def shards_inspect(uri: UriArg, endpoint_url: EndpointOpt = None,
+                   json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+                   ) -> None:
+    """Print a domain's manifest: schema, label set, and per split its rows, shards and digest (no shard is read)."""
+    from orchestrator.shards import read_manifest
+    from orchestrator.spec import S3Spec
+    from orchestrator.storage import Storage
+
+    try:
+        m = read_manifest(uri, Storage.from_settings(S3Spec(endpoint_url=endpoint_url)))
+    except LifelongError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(m, indent=1))
+        return
+    f, label = m["schema"]["features"], m["schema"]["label"]
+    console = stdout_console()
+    console.print(f"domain '{m['domain']}' at {uri}: digest {m['digest']}\n  features: column '{f['column']}', "
+                  f"{f['dtype']} {f['shape']} x {f['scale']:g}; label: column '{label['column']}', {label['dtype']}\n"
+                  f"  labels: {', '.join(map(str, m['label_set']))}\n  source: {m.get('source') or m.get('origin')}",
+                  highlight=False, soft_wrap=True)
+    table = Table("split", "rows", "shards", "digest", "shard sha256 (first 16)")
+    for name in ("train", "val", "test"):
+        split = m["splits"][name]
+        table.add_row(name, str(split["rows"]), str(len(split["shards"])), split["digest"],
+                      " ".join(s["sha256"][:16] for s in split["shards"][:4]) + (" …" if len(split["shards"]) > 4
+                                                                                  else ""))
+    console.print(table)
+
+
+@shards_app.command("verify")
+def shards_verify(uri: UriArg, endpoint_url: EndpointOpt = None) -> None:
+    """Re-hash every shard of a domain against its manifest and check its schema, row counts and labels (exit 2 at
+    the first fault, naming the shard)."""
+    from orchestrator.shards import read_manifest, verify_domain
+    from orchestrator.spec import S3Spec
+    from orchestrator.storage import Storage
+
+    storage = Storage.from_settings(S3Spec(endpoint_url=endpoint_url))
+    try:
+        m = read_manifest(uri, storage)
+        verify_domain(uri, m, storage=storage)
+    except LifelongError as e:
+        _fail(e)
+    count = sum(len(s["shards"]) for s in m["splits"].values())
+    rows = sum(s["rows"] for s in m["splits"].values())
+    typer.echo(f"{uri}: OK ({count} shards, {rows} rows re-hashed; every label in the label set)")
+
+
+@shards_app.command("schema")
+def shards_schema() -> None:
+    """Print the JSON Schema of manifest.json (the public shard format, lifelong-shards/1)."""
+    from orchestrator.manifest import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=1))
 
 
 def main() -> None:

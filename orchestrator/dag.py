@@ -41,7 +41,7 @@ from orchestrator.evaluation import EvaluationScheduler
 from orchestrator.ingest import validate_domains as verify_shards
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
 from orchestrator.models import build_model
-from orchestrator.plan import Domain, Resources, StagePlan, bind, check_workers
+from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers
 from orchestrator.registry import ModelRegistry
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_heatmap, save_json
 from orchestrator.spec import Pipeline, SourceSpec, flatten
@@ -82,10 +82,12 @@ class RunOptions:
 
 def prepare_domains(pipeline: Pipeline, options: RunOptions, storage: Storage,
                     log: Callable[[str], None]) -> list[Domain]:
-    """Resolve each domain's shards, building missing ones from their ``source``.
+    """Resolve each domain's shards, building missing ones from their ``source``, and check the stream from the
+    manifests (:func:`orchestrator.plan.check_stream`).
 
     Raises:
-        ShardError: a domain has no shards and no source, or its shards were built from another source.
+        ShardError: a domain has no shards and no source, an invalid manifest, shards built from another source, an
+            empty split, or a schema that differs from domain 0's.
     """
     data_root = shards.find_data_root(options.data_root, options.search_from)
     out = []
@@ -104,6 +106,7 @@ def prepare_domains(pipeline: Pipeline, options: RunOptions, storage: Storage,
             raise ShardError(f"domains.{i} ({spec.name}): shards at {uri} were built from another source "
                              f"({manifest.get('source')}); move them or set domains.{i}.uri")
         out.append(Domain(spec.name, uri, manifest))
+    check_stream(out, pipeline)
     return out
 
 
@@ -116,7 +119,8 @@ def same_source(manifest: dict[str, Any], source: SourceSpec) -> bool:
 
 
 def validate_domains(domains: list[Domain], storage: Storage) -> None:
-    """The ``validate`` node: re-hash every shard (on the driver, while the workers boot and stream stage 0).
+    """The ``validate`` node: re-hash every shard and check every split's labels against the label set (on the
+    driver, while the workers boot and stream stage 0).
 
     Raises:
         ShardError: at the first fault, naming the domain and the shard.

@@ -16,7 +16,7 @@ read by string keys:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,8 @@ from orchestrator.spec import Pipeline, bind
 from orchestrator.storage import Storage, join
 from strategies import BoundStrategy, train_domains_of
 
-__all__ = ["Domain", "InputFormat", "Resources", "StageData", "StagePlan", "StageSpec", "bind", "check_workers"]
+__all__ = ["Domain", "InputFormat", "Resources", "StageData", "StagePlan", "StageSpec", "bind", "check_stream",
+           "check_workers"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,31 @@ class Domain:
         return {"domain": self.name, "uri": self.uri, "manifest_digest": self.manifest.get("digest", ""),
                 "split": "train", "digest": train["digest"],
                 "shards": [{key: s[key] for key in ("path", "sha256", "rows")} for s in train["shards"]]}
+
+
+def check_stream(domains: Sequence[Domain], pipeline: Pipeline) -> None:
+    """What the run would otherwise hit later, from the manifests alone (no shard is read): one schema across the
+    stream (the feature column, dtype, input shape and scale, the label column and dtype of domain 0), and no empty
+    training split or, when the run evaluates, empty evaluation split.
+
+    Raises:
+        ShardError: naming the domain, the manifest field and both values.
+    """
+    first = domains[0]
+    for d in domains:
+        splits = d.manifest["splits"]
+        if splits["train"]["rows"] == 0:
+            raise ShardError(f"domain '{d.name}' ({d.uri}): its train split is empty")
+        split = pipeline.evaluation.split
+        if pipeline.evaluation.enabled and splits.get(split, {}).get("rows", 0) == 0:
+            raise ShardError(f"domain '{d.name}' ({d.uri}): its {split} split, which evaluation.split scores, is "
+                             f"empty")
+        for part, key in (("features", "column"), ("features", "dtype"), ("features", "shape"),
+                          ("features", "scale"), ("label", "column"), ("label", "dtype")):
+            mine, theirs = d.manifest["schema"][part][key], first.manifest["schema"][part][key]
+            if mine != theirs:
+                raise ShardError(f"domain '{d.name}' ({d.uri}): schema.{part}.{key} is {mine!r}, domain "
+                                 f"'{first.name}' has {theirs!r}; every domain of a stream needs one schema")
 
 
 @dataclass(frozen=True)
@@ -159,17 +185,13 @@ class StagePlan:
     @classmethod
     def build(cls, pipeline: Pipeline, domains: list[Domain], storage: Storage, strategies: tuple[BoundStrategy, ...],
               resources: Resources, root: str) -> StagePlan:
-        """Check that the domains agree on their input format and build the plan.
+        """Check the stream (:func:`check_stream`) and build the plan.
 
         Raises:
-            ShardError: two domains have different input shapes.
+            ShardError: as :func:`check_stream`.
         """
+        check_stream(domains, pipeline)
         first = domains[0].manifest["schema"]
-        for d in domains[1:]:
-            shape = d.manifest["schema"]["features"]["shape"]
-            if shape != first["features"]["shape"]:
-                raise ShardError(f"domain '{d.name}': input shape {shape} differs from domain '{domains[0].name}' "
-                                 f"({first['features']['shape']})")
         layout = HeadLayout.build(pipeline.scenario, [list(d.manifest["label_set"]) for d in domains])
         features = first["features"]
         form = InputFormat(tuple(features["shape"]), float(features["scale"]), features["column"],

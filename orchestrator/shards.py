@@ -33,15 +33,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from orchestrator.errors import ShardError
+from orchestrator.manifest import FORMAT, parse
 from orchestrator.storage import Storage, is_local, join, local_path
 
 if TYPE_CHECKING:  # the data path (read tasks) stays free of the spec's imports (torch, via the strategies)
     from orchestrator.spec import Pipeline, SourceSpec
 
 MANIFEST = "manifest.json"
-FORMAT = "lifelong-shards/1"
 SPLITS = ("train", "val", "test")
 DATA_ROOT_ENV = "LIFELONG_DATA_ROOT"
 
@@ -273,10 +274,11 @@ def raw_scale(source: SourceSpec) -> float:
 # ---------------------------------------------------------------- reading and validation
 
 def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
-    """Read ``<uri>/manifest.json``.
+    """Read ``<uri>/manifest.json`` and validate it (:class:`orchestrator.manifest.Manifest`); a domain without a
+    ``val`` split gets an empty one.
 
     Raises:
-        ShardError: if it is missing or not a valid manifest.
+        ShardError: if it is missing or not a valid manifest (naming the file and the first field at fault).
     """
     fs, root = (storage or Storage.from_settings()).fsspec(uri)
     path = join(root, MANIFEST)
@@ -287,9 +289,15 @@ def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
         raise ShardError(f"missing manifest {join(uri, MANIFEST)}") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ShardError(f"corrupt manifest {join(uri, MANIFEST)}: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{join(uri, MANIFEST)}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    return manifest
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(f"{join(uri, MANIFEST)}: unknown format {found!r} (expected {FORMAT})")
+    try:
+        return parse(manifest).as_dict()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<top>"
+        raise ShardError(f"{join(uri, MANIFEST)}: {where}: {first['msg']}") from None
 
 
 def shard_uris(uri: str, manifest: Mapping[str, Any], split: str) -> list[str]:
@@ -299,7 +307,9 @@ def shard_uris(uri: str, manifest: Mapping[str, Any], split: str) -> list[str]:
 
 def verify_domain(uri: str, manifest: Mapping[str, Any], check_hashes: bool = True,
                   storage: Storage | None = None) -> None:
-    """Check every shard of a domain: it exists, its sha256 and row count match, and its schema has the columns.
+    """Check every shard of a domain: it exists, its sha256 and row count match, its schema has the columns, its
+    label column holds integers, and every label is in the manifest's label set (in every split: a test label outside
+    it would be scored as a wrong answer, a train label would fail the stage).
 
     Raises:
         ShardError: naming the first shard at fault and what is wrong with it.
@@ -307,6 +317,7 @@ def verify_domain(uri: str, manifest: Mapping[str, Any], check_hashes: bool = Tr
     fs, _ = (storage or Storage.from_settings()).fsspec(uri)
     schema = manifest["schema"]
     want = {schema["features"]["column"], schema["label"]["column"]}
+    label_set = np.asarray(sorted(manifest["label_set"]), dtype=np.int64)
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             full = join(uri, shard["path"])
@@ -329,6 +340,21 @@ def verify_domain(uri: str, manifest: Mapping[str, Any], check_hashes: bool = Tr
                                  f"(columns: {', '.join(sorted(columns))})")
             if meta.num_rows != shard["rows"]:
                 raise ShardError(f"shard {full}: {meta.num_rows} rows, manifest says {shard['rows']}")
+            _check_labels(full, pq.read_table(pa.BufferReader(blob), columns=[schema["label"]["column"]]).column(0),
+                          schema["label"]["column"], label_set)
+
+
+def _check_labels(shard: str, labels: pa.ChunkedArray, column: str, label_set: np.ndarray) -> None:
+    """Refuse a label column that is not of integers, or holds a label outside ``label_set``, naming the first."""
+    if not pa.types.is_integer(labels.type):
+        raise ShardError(f"shard {shard}: label column '{column}' holds {labels.type}, not integers")
+    if labels.null_count:
+        raise ShardError(f"shard {shard}: label column '{column}' has {labels.null_count} empty value(s)")
+    values = labels.to_numpy().astype(np.int64)
+    outside = values[~np.isin(values, label_set)]
+    if outside.size:
+        raise ShardError(f"shard {shard}: label {int(outside[0])} is not in the manifest's label_set "
+                         f"{label_set.tolist()}")
 
 
 def read_split(uri: str, manifest: dict[str, Any], split: str, storage: Storage | None = None) -> RawSplit:
