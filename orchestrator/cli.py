@@ -472,26 +472,37 @@ def validate_shards(domains: list["Domain"], storage: "Storage") -> None:
 @shards_app.command("build")
 def shards_build(
     out: Annotated[str, typer.Option("--out", help="Output folder or URI; one sub-folder per domain.")],
-    dataset: Annotated[str, typer.Option(help="mnist | fashion_mnist | sklearn_digits")] = "mnist",
+    dataset: Annotated[str, typer.Option(help="mnist | fashion_mnist | sklearn_digits | image_folder (your images: "
+                                               "one sub-folder per class under --path)")] = "mnist",
     scenario: Annotated[str, typer.Option(help="split (by classes) | permuted (inputs)")] = "split",
-    tasks: Annotated[int, typer.Option(help="Number of domains.")] = 5,
+    tasks: Annotated[Optional[int], typer.Option(
+        help="Number of domains [default: 5; image_folder: every class, --classes-per-task per domain].")] = None,
     classes_per_task: Annotated[int, typer.Option(help="split: classes per domain.")] = 2,
-    path: Annotated[Optional[str], typer.Option(help="Raw dataset folder, relative to the data root.")] = None,
+    domain: Annotated[Optional[list[str]], typer.Option(
+        "--domain", help="NAME=CLASS,CLASS: one domain of these classes (labels, or class folder names), named by "
+        "you (repeatable; replaces --tasks and --classes-per-task).")] = None,
+    path: Annotated[Optional[str], typer.Option(help="Raw dataset folder: absolute, or relative to the data root.")]
+    = None,
     data_root: DataRootOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Share of train carved out as val.")] = 0.1,
+    image_size: Annotated[Optional[tuple[int, int]], typer.Option(
+        help="image_folder: HEIGHT WIDTH every image is resized to [default: the first image's size].")] = None,
+    channels: Annotated[int, typer.Option(help="image_folder: 1 (grey) or 3 (RGB).")] = 1,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 8192,
     endpoint_url: Annotated[Optional[str], typer.Option(
         "--endpoint-url", help="S3-compatible endpoint for s3:// outputs [default: $AWS_ENDPOINT_URL_S3, "
         "$AWS_ENDPOINT_URL, else AWS]. Credentials come from the AWS environment or profile.")] = None,
 ) -> None:
     """Write domain shards and manifests (DESIGN §2) for a split-by-classes or permuted-inputs scenario, to a local
-    folder or straight to object storage (``--out s3://bucket/prefix``)."""
+    folder or straight to object storage (``--out s3://bucket/prefix``). Your own images: ``--dataset image_folder
+    --path DIR``, with ``--domain NAME=CLASSES`` to name the domains and choose their classes."""
+    from pydantic import ValidationError
+
     from orchestrator import shards
     from orchestrator.spec import S3Spec
     from orchestrator.storage import Storage
 
     storage = Storage.from_settings(S3Spec(endpoint_url=endpoint_url))
-
     if scenario not in ("split", "permuted"):
         _fail(LifelongError(f"--scenario: unknown scenario '{scenario}' (use split or permuted)"))
     default_path = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}.get(dataset)
@@ -500,19 +511,40 @@ def shards_build(
     for col in ("domain", "labels", "train", "val", "test"):
         table.add_column(col)
     table.add_column("digest", overflow="fold")
+    common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
+              "rows_per_shard": rows_per_shard,
+              **({"image_size": image_size, "channels": channels} if dataset == "image_folder" else {})}
     try:
-        for k in range(tasks):
-            common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
-                      "rows_per_shard": rows_per_shard}
-            if scenario == "split":
-                source = SourceSpec(classes=list(range(k * classes_per_task, (k + 1) * classes_per_task)), **common)
-                name = f"classes-{'-'.join(map(str, source.classes or []))}"
-            else:
-                source = SourceSpec(permutation_seed=k, **common)
-                name = f"perm-{k}"
+        plan: list[tuple[str, SourceSpec]] = []
+        if domain:
+            for item in domain:
+                name, sep, classes = item.partition("=")
+                if not sep or not name or not classes:
+                    raise LifelongError(f"--domain {item!r}: expected NAME=CLASS,CLASS")
+                picked = [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in classes.split(",")]
+                plan.append((name, SourceSpec(classes=picked, **common)))
+        elif scenario == "split":
+            names: list[int | str] = list(range(10))
+            if dataset == "image_folder":
+                folder = shards.resolve_source_dir(SourceSpec(**common), root)
+                names = list(shards.image_classes(folder))
+            count = tasks if tasks is not None else (len(names) // classes_per_task if dataset == "image_folder"
+                                                     else 5)
+            for k in range(count):
+                picked = names[k * classes_per_task:(k + 1) * classes_per_task]
+                if not picked:
+                    raise LifelongError(f"--tasks {count} x --classes-per-task {classes_per_task}: only "
+                                        f"{len(names)} classes")
+                plan.append((f"classes-{'-'.join(map(str, picked))}", SourceSpec(classes=picked, **common)))
+        else:
+            plan = [(f"perm-{k}", SourceSpec(permutation_seed=k, **common)) for k in range(tasks or 5)]
+        for name, source in plan:
             m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage)
             table.add_row(name, ",".join(map(str, m["label_set"])), *(str(m["splits"][s]["rows"]) for s in
                                                                         ("train", "val", "test")), m["digest"])
+    except ValidationError as e:
+        first = e.errors()[0]
+        _fail(LifelongError(f"{'.'.join(map(str, first['loc'])) or 'source'}: {first['msg']}"))
     except (LifelongError, ValueError) as e:
         _fail(e)
     Console().print(table)

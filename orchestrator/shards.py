@@ -67,12 +67,14 @@ class RawDataset:
     Attributes:
         train, test: the dataset's own splits. shape: input shape, e.g. ``(1, 28, 28)``.
         scale: multiply stored uint8 values by this to get float inputs (e.g. 1/255).
+        label_names: the name of each label (an image folder's class folders), if the dataset has names.
     """
 
     train: RawSplit
     test: RawSplit
     shape: tuple[int, ...]
     scale: float
+    label_names: list[str] | None = None
 
 
 def digest(text: str | bytes) -> str:
@@ -143,11 +145,14 @@ def resolve_source_dir(source: SourceSpec, data_root: Path | None) -> Path:
 
 
 def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
-    """Load the raw dataset a source names.
+    """Load the raw dataset a source names (of an image folder, only the class folders ``source.classes`` names).
 
     Raises:
-        ShardError: if the files are missing (naming the folder and the data root in use).
+        ShardError: if the files are missing (naming the folder and the data root in use), or an image is unreadable
+            (naming the file).
     """
+    if source.kind == "image_folder":
+        return load_image_folder(source, data_root)
     if source.kind == "sklearn_digits":
         from sklearn.datasets import load_digits
 
@@ -167,17 +172,119 @@ def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
     return RawDataset(splits["train"], splits["test"], (1, 28, 28), 1.0 / 255.0)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def image_classes(folder: Path) -> list[str]:
+    """The class folders of an image folder (``folder/train`` if the user split it), sorted: label i is the i-th.
+
+    Raises:
+        ShardError: if the folder is missing or has no class sub-folder.
+    """
+    root = folder / "train" if (folder / "train").is_dir() and (folder / "test").is_dir() else folder
+    if not root.is_dir():
+        raise ShardError(f"image folder {folder} does not exist")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise ShardError(f"image folder {root} has no class sub-folders (one folder of images per class)")
+    return names
+
+
+def class_labels(source: SourceSpec, names: list[str] | None) -> list[int] | None:
+    """``source.classes`` as labels: folder names become their index in ``names``.
+
+    Raises:
+        ShardError: naming a class that is not one of ``names`` (or a label out of their range).
+    """
+    if source.classes is None:
+        return None
+    out = []
+    for c in source.classes:
+        if isinstance(c, str):
+            if names is None or c not in names:
+                raise ShardError(f"source.classes: no class folder '{c}' (classes: {', '.join(names or [])})")
+            out.append(names.index(c))
+        else:
+            if names is not None and not 0 <= c < len(names):
+                raise ShardError(f"source.classes: label {c} is not one of the {len(names)} class folders")
+            out.append(c)
+    return out
+
+
+def _decode(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """One image file as ``[channels, H, W]`` uint8, resized to ``size`` (height, width) if given."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            if size is not None and image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ShardError(f"unreadable image {path}: {str(e).splitlines()[0]}") from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def load_image_folder(source: SourceSpec, data_root: Path | None) -> RawDataset:
+    """The images of the class folders ``source.classes`` names (all classes if None), as a :class:`RawDataset`;
+    the user's own ``train``/``test`` folders when they exist, else a seeded ``source.test_fraction`` of each class
+    held out as test.
+
+    Raises:
+        ShardError: a missing folder, a class folder without images, or an unreadable image (naming it).
+    """
+    folder = resolve_source_dir(source, data_root)
+    names = image_classes(folder)
+    own = (folder / "train").is_dir() and (folder / "test").is_dir()
+    wanted = class_labels(source, names)
+    labels = range(len(names)) if wanted is None else sorted(set(wanted))
+    size = tuple(source.image_size) if source.image_size is not None else None
+    parts: dict[str, tuple[list[np.ndarray], list[int]]] = {"train": ([], []), "test": ([], [])}
+    for label in labels:
+        roots = {"train": folder / "train", "test": folder / "test"} if own else {"all": folder}
+        for split, root in roots.items():
+            files = sorted(p for p in (root / names[label]).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+                if (root / names[label]).is_dir() else []
+            if not files and split != "test":
+                raise ShardError(f"class folder {root / names[label]} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            images = []
+            for path in files:
+                image = _decode(path, source.channels, size)
+                size = size or (image.shape[1], image.shape[2])  # the first image's size for the rest
+                images.append(image.reshape(-1))
+            if split == "all":
+                order = np.random.default_rng(label).permutation(len(images))
+                n_test = max(1, int(round(len(images) * source.test_fraction))) if len(images) > 1 else 0
+                for i, index in enumerate(order):
+                    target = parts["test"] if i < n_test else parts["train"]
+                    target[0].append(images[index])
+                    target[1].append(label)
+            else:
+                parts[split][0].extend(images)
+                parts[split][1].extend([label] * len(images))
+    assert size is not None
+    width = source.channels * size[0] * size[1]
+
+    def raw(split: str) -> RawSplit:
+        xs, ys = parts[split]
+        x = np.stack(xs) if xs else np.zeros((0, width), np.uint8)
+        return RawSplit(x, np.asarray(ys, dtype=np.int64))
+
+    return RawDataset(raw("train"), raw("test"), (source.channels, *size), 1.0 / 255.0, names)
+
+
 def make_domain_splits(raw: RawDataset, source: SourceSpec, name: str) -> dict[str, RawSplit]:
     """Apply the scenario (class filter, input permutation) and carve a deterministic ``val`` split out of train.
 
     The val split is ``source.val_fraction`` of train, chosen by a permutation seeded from the domain name.
     """
     out = {}
-    perm = None
+    perm, classes = None, class_labels(source, raw.label_names)
     if source.permutation_seed is not None:
         perm = np.random.default_rng(source.permutation_seed).permutation(raw.train.x.shape[1])
     for split, part in (("train", raw.train), ("test", raw.test)):
-        keep = np.isin(part.y, source.classes) if source.classes is not None else np.ones(len(part.y), bool)
+        keep = np.isin(part.y, classes) if classes is not None else np.ones(len(part.y), bool)
         x, y = part.x[keep][: source.max_rows], part.y[keep][: source.max_rows]
         out[split] = RawSplit(x[:, perm] if perm is not None else x, y)
     if source.classes is not None and len(out["train"].y) == 0:
@@ -217,15 +324,18 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
     store = storage or Storage()
     if store.exists(join(uri, MANIFEST)):
         raise ShardError(f"{uri} already holds a domain; refusing to overwrite it")
-    splits = make_domain_splits(load_raw(source, data_root), source, name)
+    raw = load_raw(source, data_root)
+    splits = make_domain_splits(raw, source, name)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "domain": name,
         "schema": {
-            "features": {"column": "x", "dtype": "uint8", "shape": list(raw_shape(source)), "scale": raw_scale(source)},
+            "features": {"column": "x", "dtype": "uint8", "shape": list(raw.shape), "scale": raw.scale},
             "label": {"column": "y", "dtype": "int64"},
         },
         "label_set": sorted(int(v) for v in np.unique(splits["train"].y)),
+        **({"label_names": {str(i): n for i, n in enumerate(raw.label_names)
+                            if i in set(splits["train"].y.tolist())}} if raw.label_names else {}),
         "source": source.model_dump(mode="json"),
         "origin": ("sklearn.datasets.load_digits" if source.kind == "sklearn_digits"
                    else str(resolve_source_dir(source, data_root))),
@@ -259,16 +369,6 @@ def _shard_files(splits: dict[str, RawSplit], rows_per_shard: int,
                            "sha256": hashlib.sha256(blob).hexdigest()})
             yield rel, blob
         listing[split] = {"rows": len(data.y), "shards": shards, "digest": digest(json.dumps(shards, sort_keys=True))}
-
-
-def raw_shape(source: SourceSpec) -> tuple[int, ...]:
-    """Input shape of a source kind's samples, e.g. ``(1, 28, 28)``."""
-    return (1, 8, 8) if source.kind == "sklearn_digits" else (1, 28, 28)
-
-
-def raw_scale(source: SourceSpec) -> float:
-    """Factor that maps a source kind's stored uint8 values to float inputs in [0, 1]."""
-    return 1.0 / 16.0 if source.kind == "sklearn_digits" else 1.0 / 255.0
 
 
 # ---------------------------------------------------------------- reading and validation

@@ -35,23 +35,40 @@ class SourceSpec(_Strict):
     """Where a domain's shards are built from when they are missing.
 
     ``kind`` is the raw dataset; ``path`` is its folder, relative to the data root (``--data-root``,
-    ``LIFELONG_DATA_ROOT``, or ``../shared/data`` beside the checkout). ``classes`` keeps only these labels (split by
-    classes); ``permutation_seed`` permutes the input features with a seeded permutation (permuted inputs).
+    ``LIFELONG_DATA_ROOT``, or ``../shared/data`` beside the checkout) unless absolute. ``classes`` keeps only these
+    labels (split by classes); ``permutation_seed`` permutes the input features with a seeded permutation (permuted
+    inputs).
+
+    ``image_folder`` is the user's own images: one sub-folder per class under ``path`` (the labels are the sorted
+    folder names' indices; ``classes`` may name folders), or ``path/train/<class>/`` and ``path/test/<class>/`` when
+    the user has split them. PNG, JPEG, BMP, GIF and WebP files are decoded with Pillow, converted to ``channels``
+    (1: grey, 3: RGB) and resized to ``image_size`` (default: the first image's size).
     """
 
-    kind: Literal["mnist", "fashion_mnist", "sklearn_digits"]
+    kind: Literal["mnist", "fashion_mnist", "sklearn_digits", "image_folder"]
     path: str | None = None
-    classes: list[int] | None = None
+    classes: list[int | str] | None = None
     permutation_seed: int | None = None
     max_rows: int | None = Field(None, ge=1, description="keep the first N rows of each raw split after the class "
                                  "filter (small subsets for tests and dry runs)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="image_folder without train/ and test/ "
+                                 "sub-folders: the seeded share of each class's images held out as test")
+    image_size: tuple[int, int] | None = Field(None, description="image_folder: [height, width] every image is "
+                                               "resized to; default the first image's size")
+    channels: Literal[1, 3] = Field(1, description="image_folder: 1 (grey) or 3 (RGB)")
     rows_per_shard: int = Field(8192, gt=0)
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceSpec:
-        if self.kind in ("mnist", "fashion_mnist") and not self.path:
-            raise ValueError(f"source kind '{self.kind}' needs a 'path' to its IDX files")
+        if self.kind in ("mnist", "fashion_mnist", "image_folder") and not self.path:
+            what = "image folder" if self.kind == "image_folder" else "IDX files"
+            raise ValueError(f"source kind '{self.kind}' needs a 'path' to its {what}")
+        if self.kind != "image_folder" and any(isinstance(c, str) for c in self.classes or []):
+            raise ValueError(f"classes: source kind '{self.kind}' has integer labels; only image_folder takes "
+                             f"class folder names")
+        if self.image_size is not None and min(self.image_size) < 1:
+            raise ValueError(f"image_size: {list(self.image_size)}: both sides must be >= 1")
         return self
 
 
