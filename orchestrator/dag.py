@@ -43,7 +43,7 @@ from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracki
 from orchestrator.models import build_model
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers
 from orchestrator.registry import ModelRegistry
-from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_heatmap, save_json
+from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_curve, save_heatmap, save_json
 from orchestrator.spec import Pipeline, SourceSpec, flatten
 from orchestrator.storage import Storage, is_local, join, local_path
 from orchestrator.workers import StageRunner
@@ -299,7 +299,10 @@ def _stages(run: RunInfo, runner: StageRunner, options: RunOptions,
         bar.close()
         if scheduler is not None:
             scheduler.close()
-    return builder.report()
+    report = builder.report()
+    if "curve" in report and scheduler is not None:
+        report["curve_snapshots_dropped"] = scheduler.snapshots_dropped  # evaluation fell behind training
+    return report
 
 
 def _write_report(report: dict[str, Any], run_dir: Path, tracker: BackgroundTracker, parent: RunRef,
@@ -314,6 +317,10 @@ def _write_report(report: dict[str, Any], run_dir: Path, tracker: BackgroundTrac
         save_json({"R": report["R"], "b": report["b"], "domains": report["domains"]}, run_dir / "accuracy_matrix.json")
         tracker.call(save_heatmap, report, run_dir / "accuracy_matrix.png")
         artifacts = ["accuracy_matrix.json", "accuracy_matrix.png", *artifacts]
+    if report.get("curve"):
+        tracker.log_metrics(parent, {k: v for k, v in report["stability"].items() if v == v})  # NaN: not logged
+        tracker.call(save_curve, report, run_dir / "continual_evaluation.png")
+        artifacts = ["continual_evaluation.png", *artifacts]
 
     def finish(mlflow_run_id: str) -> None:  # on the tracker's thread, once the parent run's id is known
         report["mlflow_run_id"] = mlflow_run_id

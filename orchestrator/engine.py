@@ -13,9 +13,11 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
 - and, to come: resume (which skips committed stages).
 
 Events, in order: ``run_started``; per stage ``before_stage``, ``stage_started``, ``progress`` (many), then
-``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``run_finished`` after the
-last stage (listeners finish their own work there: the evaluation waits for the last row); ``run_stopped`` instead if
-a listener ended the run early on purpose, or the process was interrupted (Ctrl+C, or SIGINT from `lifelong stop`).
+``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``curve_evaluated``
+whenever a snapshot of the model in training has been scored (continual evaluation, ``evaluation.every_n_steps``);
+``run_finished`` after the last stage (listeners finish their own work there: the evaluation waits for the last
+row); ``run_stopped`` instead if a listener ended the run early on purpose, or the process was interrupted (Ctrl+C,
+or SIGINT from `lifelong stop`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,25 @@ class Cell:
     node_id: str = ""
 
 
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of the continual-evaluation curve: the model in training during stage ``stage``, after ``step``
+    steps of it (``global_step`` steps of the whole run), scored on a fixed subsample of domain ``col``.
+
+    Attributes:
+        acc: accuracy in [0, 1]. n: samples scored. end: whether this is the snapshot at the end of the stage's
+            training.
+    """
+
+    stage: int
+    step: int
+    global_step: int
+    col: int
+    acc: float
+    n: int
+    end: bool = False
+
+
 class Listener:
     """A concern plugged into the stage engine. Every method is optional; the defaults do nothing."""
 
@@ -114,6 +135,10 @@ class Listener:
 
     def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
         """Row ``row`` of R is complete (``cells`` in column order)."""
+
+    def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
+        """A snapshot of the model in training has been scored on every domain seen so far (``evaluation.
+        every_n_steps``), ``points`` in column order."""
 
     def poll(self) -> None:
         """Called about every 0.5 s while a stage trains: do pending work, raise a pending error."""
@@ -169,6 +194,11 @@ class Listeners(Listener):
         """Forward to every listener."""
         for m in self.members:
             m.row_evaluated(row, cells)
+
+    def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.curve_evaluated(points)
 
     def poll(self) -> None:
         """Forward to every listener."""

@@ -6,6 +6,12 @@ the stage engine, sends row i (``(checkpoint, row i, domains j...)``, one call p
 domains) through a ``ray.util.ActorPool`` once stage i is committed, so that row i is computed while stage i+1
 trains; the actors run at background CPU priority
 (``orchestrator/cpu.py``) and take only the cycles training leaves idle.
+
+Continual evaluation (``evaluation.every_n_steps``, De Lange et al., "Continual evaluation for lifelong learning:
+identifying the stability gap", ICLR 2023, §3): rank 0 of the training workers puts a snapshot of the weights in the
+object store every N steps (and at the end of each stage's training) and reports it as progress; the scheduler sends
+it to the same actors, which score a fixed subsample of every domain seen so far. Training never waits for it: a
+snapshot is dropped (and counted) while ``evaluation.max_queued_snapshots`` are still queued.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from ray.util import ActorPool
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.cpu import background_priority
-from orchestrator.engine import Cell, Listener, RunInfo, StageResult
+from orchestrator.engine import Cell, CurvePoint, Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError, one_line
 from orchestrator.models import HeadLayout, build_model, masked_logits
 from orchestrator.plan import InputFormat, StagePlan, StageSpec
 from orchestrator.shards import read_split
+from orchestrator.stage import Progress
 from orchestrator.spec import ModelSpec
 from orchestrator.storage import Storage
 from strategies import BoundStrategy
@@ -61,6 +68,7 @@ class Evaluator:
         self.model = build_model(model, form.shape, layout.num_outputs).to(self.device).eval()
         self.loaded: str | None = None
         self.data: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.subsamples: dict[int, torch.Tensor] = {}  # continual evaluation's fixed subsample of each domain
         self.targets, self.mask = layout.target_table(), layout.head_mask()
 
     def _domain(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,17 +91,47 @@ class Evaluator:
             for s, state in zip(self.strategies, strategy_states):
                 s.load_state_dict(state)
             self.loaded = checkpoint
+        x, y, t = self._domain(j)
+        correct = self._correct(j, x, y, t)
+        return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time(),
+                    ray.get_runtime_context().get_node_id())
+
+    def _correct(self, j: int, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> int:
+        """Samples of domain j (``x`` ``[N, *shape]``, targets ``y`` and domain ids ``t`` ``[N]``) that the loaded
+        model, through the strategies' ``inference_model``, classifies correctly."""
         model = self.model
         for s in self.strategies:
             model = s.inference_model(model, j)
-        x, y, t = self._domain(j)
         correct = 0
         with torch.no_grad():
             for i in range(0, len(y), self.batch_size):
                 logits = masked_logits(model(x[i:i + self.batch_size]), t[i:i + self.batch_size], self.mask)
                 correct += int((logits.argmax(1) == y[i:i + self.batch_size]).sum())
-        return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time(),
-                    ray.get_runtime_context().get_node_id())
+        return correct
+
+    def evaluate_snapshot(self, weights: dict[str, torch.Tensor], stage: int, step: int, global_step: int,
+                          end: bool, cols: list[int], limit: int, threads: int = 1) -> list[CurvePoint]:
+        """Continual evaluation: the accuracy of ``weights`` (the model in training during ``stage``, after ``step``
+        of its steps) on a fixed subsample of each domain in ``cols``: the first ``limit`` samples of a permutation
+        of its evaluation split seeded by the domain's index, the same at every call.
+
+        The strategies keep the state of the last checkpoint this actor loaded (what their ``inference_model``
+        needs, such as masks, is that of a committed stage).
+        """
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        self.model.load_state_dict(weights)
+        self.loaded = None  # the next checkpoint is loaded again
+        points = []
+        for j in cols:
+            x, y, t = self._domain(j)
+            if j not in self.subsamples:
+                order = torch.from_numpy(np.random.default_rng(j).permutation(len(y))[:limit]).to(y.device)
+                self.subsamples[j] = order
+            index = self.subsamples[j]
+            correct = self._correct(j, x[index], y[index], t[index])
+            points.append(CurvePoint(stage, step, global_step, j, correct / max(len(index), 1), len(index), end))
+        return points
 
     def evaluate_cells(self, checkpoint: str, row: int, cols: list[int], threads: int = 1) -> list[Cell]:
         """Cells R[row][j] of ``checkpoint`` for every domain j in ``cols`` (see :meth:`evaluate`), in that order,
@@ -123,6 +161,9 @@ class EvaluationScheduler(Listener):
         self.pool = ActorPool([])
         self.rows: dict[int, dict[int, Cell]] = {}
         self.threads = 1  # torch threads per actor call; the training workers' share once the last stage is done
+        self.offset = 0  # training steps of the committed stages (continual evaluation's global step)
+        self.snapshots_queued = 0
+        self.snapshots_dropped = 0
 
     def run_started(self, run: RunInfo) -> None:
         """Remember the plan and the initial checkpoint."""
@@ -154,6 +195,21 @@ class EvaluationScheduler(Listener):
             r = self.plan.resources
             self.threads = max(1, r.threads * r.num_workers // max(1, len(self.actors)))
         self._submit(stage.task_id, result.checkpoint)
+        self.offset += int(result.stats.get("steps", 0))
+
+    def progress(self, stage: StageSpec, report: Progress) -> None:
+        """Send a snapshot of the model in training to the actors (continual evaluation), unless
+        ``evaluation.max_queued_snapshots`` are still queued (then it is dropped and counted)."""
+        if report.kind not in ("snapshot", "snapshot_end") or report.weights is None or not self.actors:
+            return
+        assert self.plan is not None
+        if self.snapshots_queued >= self.plan.pipeline.evaluation.max_queued_snapshots:
+            self.snapshots_dropped += 1
+            return
+        self.snapshots_queued += 1
+        args = (report.weights, stage.task_id, report.step, self.offset + report.step, report.kind == "snapshot_end",
+                list(range(stage.task_id + 1)), self.plan.pipeline.evaluation.subsample)
+        self.pool.submit(lambda actor, a: actor.evaluate_snapshot.remote(*a, self.threads), args)
 
     def before_stage(self, k: int) -> None:
         """With ``evaluation.max_lag`` = L, wait until rows -1..k-1-L of R are complete (and reported downstream)."""
@@ -203,6 +259,10 @@ class EvaluationScheduler(Listener):
                 return
             except ray.exceptions.RayError as e:
                 raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
+            if cells and isinstance(cells[0], CurvePoint):
+                self.snapshots_queued -= 1
+                self.downstream.curve_evaluated(cells)  # type: ignore[arg-type]
+                continue
             for cell in cells:
                 row = self.rows[cell.row]
                 row[cell.col] = cell

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 
 from orchestrator.checkpoint import read_lineage
 from orchestrator.cpu import background_priority
-from orchestrator.engine import Cell, Listener, StageResult
+from orchestrator.engine import Cell, CurvePoint, Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError, check_reachable
 from orchestrator.metrics import SeenSoFar
 from orchestrator.plan import StageSpec
@@ -256,6 +256,7 @@ class MlflowStages(Listener):
         self.runs: dict[int, RunRef] = {}
         self.open: set[int] = set()  # stages whose run has not ended
         self.seen = SeenSoFar()
+        self.names: list[str] = []
 
     def stage_started(self, stage: StageSpec) -> None:
         """Create the stage's run, with its dataset inputs and params."""
@@ -290,6 +291,16 @@ class MlflowStages(Listener):
         """End the stage's run as FAILED."""
         self.tracker.end(self.runs[stage.task_id], "FAILED")
         self.open.discard(stage.task_id)
+
+    def run_started(self, run: RunInfo) -> None:
+        """Remember the domains' names (continual evaluation's metric names)."""
+        self.names = [d.name for d in run.plan.domains]
+
+    def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
+        """Log continual evaluation to the pipeline run: ``continual_acc.<domain>`` at step = the global step."""
+        if points:
+            self.tracker.log_metrics(self.parent, {f"continual_acc.{self.names[p.col]}": p.acc for p in points},
+                                     step=points[0].global_step)
 
     def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
         """Log the metrics over the domains seen so far, once per stage k, in order of k."""

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the accuracy matrix.
+"""Continual-learning metrics from the accuracy matrix, and the stability-gap metrics of continual evaluation.
 
 ``R[i][j]`` is the accuracy on domain j's test split after stage i (``T x T``); ``b[j]`` is the accuracy of the
 initial model on domain j. Definitions follow Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual
@@ -75,3 +75,47 @@ class SeenSoFar:
             out.append((self.done, seen_metrics([self.rows[i] for i in range(self.done + 1)])))
             self.done += 1
         return out
+
+
+def stability_gap(points: list[dict[str, float]], num_domains: int, window_steps: int) -> dict[str, float]:
+    """The continual-evaluation metrics of De Lange et al., "Continual evaluation for lifelong learning: identifying
+    the stability gap", ICLR 2023, §3, from the curve of a run (``evaluation.every_n_steps``).
+
+    Let a(i, n) be the accuracy on domain i's fixed subsample at global training step n, and t_i the step at which
+    stage i's training ended (its ``end`` point).
+
+    Args:
+        points: ``{"stage", "global_step", "col", "acc", "end"}`` per curve point, any order.
+        num_domains: T. window_steps: w, the window of the windowed forgetting, in steps.
+    Returns:
+        ``task_end_acc`` = mean_{i<T-1} a(i, t_i); ``min_acc`` = mean_{i<T-1} min_{n>t_i} a(i, n) (min-ACC);
+        ``wc_acc`` = a(T-1, t_{T-1}) / T + (1 - 1/T) min-ACC (WC-ACC); ``windowed_forgetting`` = mean_{i<T-1}
+        max_{t_i <= n1 < n2 <= n1 + w} (a(i, n1) - a(i, n2)) (WF^w); ``gap`` = task_end_acc - min_acc. Domains
+        with no point after their stage are left out of the means; NaN where no domain is left (e.g. T = 1).
+    """
+    nan = float("nan")
+    end_step: dict[int, float] = {}
+    end_acc: dict[int, float] = {}
+    for p in points:
+        if p["end"] and p["col"] == p["stage"]:
+            end_step[int(p["stage"])] = p["global_step"]
+            end_acc[int(p["stage"])] = p["acc"]
+    mins, ends, drops = [], [], []
+    for i in range(num_domains - 1):
+        if i not in end_step:
+            continue
+        curve = sorted((p["global_step"], p["acc"]) for p in points if p["col"] == i and p["stage"] > i)
+        if not curve:
+            continue
+        mins.append(min(acc for _, acc in curve))
+        ends.append(end_acc[i])
+        series = [(end_step[i], end_acc[i]), *curve]
+        drops.append(max(0.0, max((a1 - a2 for k, (n1, a1) in enumerate(series) for n2, a2 in series[k + 1:]
+                                   if n2 - n1 <= window_steps), default=0.0)))
+    if not mins:
+        return {"task_end_acc": nan, "min_acc": nan, "wc_acc": nan, "windowed_forgetting": nan, "gap": nan}
+    min_acc, task_end = float(np.mean(mins)), float(np.mean(ends))
+    last = end_acc.get(num_domains - 1, nan)
+    return {"task_end_acc": task_end, "min_acc": min_acc,
+            "wc_acc": last / num_domains + (1 - 1 / num_domains) * min_acc,
+            "windowed_forgetting": float(np.mean(drops)), "gap": task_end - min_acc}

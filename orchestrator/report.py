@@ -11,6 +11,7 @@ Three listeners of the stage engine (``orchestrator/engine.py``) live here:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -22,8 +23,8 @@ from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from orchestrator.engine import Cell, Listener, RunInfo, StageResult
-from orchestrator.metrics import cl_metrics
+from orchestrator.engine import Cell, CurvePoint, Listener, RunInfo, StageResult
+from orchestrator.metrics import cl_metrics, stability_gap
 from orchestrator.plan import StageSpec
 from orchestrator.stage import Progress
 from orchestrator.storage import join
@@ -44,6 +45,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         stages.add_row(str(s["stage"]), names[s["stage"]], f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}",
                        f"{s['overhead_seconds']:.1f}", f"{s['samples_per_second']:.0f}", f"{s['epoch_loss'][-1]:.4f}")
     console.print(stages)
+    gap = report.get("stability")
+    if gap:
+        console.print(f"continual evaluation ({len(report['curve'])} points): task-end ACC {gap['task_end_acc']:.4f}, "
+                      f"min-ACC {gap['min_acc']:.4f} (stability gap {gap['gap']:.4f}), WC-ACC {gap['wc_acc']:.4f}, "
+                      f"windowed forgetting {gap['windowed_forgetting']:.4f}", highlight=False)
 
 
 def _print_matrix(report: dict[str, Any], console: Console) -> None:
@@ -84,6 +90,37 @@ def save_heatmap(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("evaluated on domain j")
     ax.set_title(f"{report['pipeline']} / {report['strategy']}: ACC {report['acc']:.3f}, BWT {report['bwt']:+.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save_curve(report: dict[str, Any], path: Path) -> Path:
+    """Save the continual-evaluation curves as a PNG (accuracy on each domain's subsample against the global training
+    step, one line per domain, the stage boundaries dashed) and return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, points = report["domains"], report["curve"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for j, name in enumerate(names):
+        mine = sorted((p["global_step"], p["acc"]) for p in points if p["col"] == j)
+        if mine:
+            ax.plot([s for s, _ in mine], [a for _, a in mine], marker=".", markersize=3, linewidth=1, label=name)
+    for p in points:
+        if p["end"] and p["col"] == p["stage"]:
+            ax.axvline(p["global_step"], color="grey", linestyle="--", linewidth=0.7)
+    gap = report.get("stability") or {}
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training step (all stages)")
+    ax.set_ylabel("accuracy (fixed subsample)")
+    ax.set_title(f"{report['pipeline']} / {report['strategy']}: continual evaluation; min-ACC "
+                 f"{gap.get('min_acc', float('nan')):.3f}, task-end {gap.get('task_end_acc', float('nan')):.3f}, "
+                 f"WC-ACC {gap.get('wc_acc', float('nan')):.3f}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -155,6 +192,12 @@ class EventLog(Listener):
             self.write("eval_cell", t=c.end, row=row, col=c.col, start=c.start, end=c.end, acc=c.acc,
                        node_id=c.node_id)
 
+    def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
+        """One ``curve_point`` per point of the continual evaluation."""
+        for p in points:
+            self.write("curve_point", stage=p.stage, step=p.step, global_step=p.global_step, col=p.col, acc=p.acc,
+                       n=p.n, end=p.end)
+
 
 class ReportBuilder(Listener):
     """Collects the committed stages and the rows of R into the report (see :meth:`report`).
@@ -165,6 +208,8 @@ class ReportBuilder(Listener):
 
     def __init__(self, evaluate: bool) -> None:
         self.evaluate = evaluate
+        self.curve: list[dict[str, Any]] = []
+        self.window = 100
         self.stages: list[dict[str, Any]] = []
         self.rows: dict[int, list[float]] = {}
         self.names: list[str] = []
@@ -174,6 +219,7 @@ class ReportBuilder(Listener):
         """Remember the pipeline's names."""
         p = run.plan.pipeline
         self.names = [d.name for d in run.plan.domains]
+        self.window = p.evaluation.window_steps
         self.header = {"pipeline": p.name, "strategy": p.strategy_label(), "scenario": p.scenario,
                        "domains": self.names}
 
@@ -185,11 +231,19 @@ class ReportBuilder(Listener):
         """Keep row ``row`` of R (row -1: b)."""
         self.rows[row] = [c.acc for c in cells]
 
+    def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
+        """Keep the continual-evaluation points."""
+        self.curve.extend(dataclasses.asdict(p) for p in points)
+
     def report(self) -> dict[str, Any]:
         """``pipeline``, ``strategy``, ``scenario``, ``domains``, ``stages``, ``R`` (T x T), ``b`` (T), and
         :func:`orchestrator.metrics.cl_metrics`'s ``acc``, ``bwt``, ``fwt``, ``forgetting``, ``avg_forgetting``
-        (None and empty lists for a training-only run)."""
+        (None and empty lists for a training-only run); with continual evaluation, ``curve`` (its points, by global
+        step) and ``stability`` (:func:`orchestrator.metrics.stability_gap`)."""
         report = {**self.header, "stages": self.stages}
+        if self.curve:
+            curve = sorted(self.curve, key=lambda p: (p["global_step"], p["col"]))
+            report.update(curve=curve, stability=stability_gap(curve, len(self.names), self.window))
         if not self.evaluate:
             return {**report, "R": [], "b": [], "acc": None, "bwt": None, "fwt": None, "forgetting": [],
                     "avg_forgetting": None}

@@ -193,6 +193,16 @@ class EvaluationSpec(_Strict):
                                 "starts once rows up to k - 1 - max_lag of R are complete; None: no limit. "
                                 "`lifelong tune` trials use 0, so that a trial its scheduler stops trains no "
                                 "further stage")
+    every_n_steps: int | None = Field(None, ge=1, description="continual evaluation: every N training steps, the "
+                                      "model in training is scored on a fixed subsample of every domain seen so far, "
+                                      "by the evaluation actors, without stalling training (the stability gap)")
+    subsample: int = Field(1000, ge=1, description="continual evaluation: samples per domain (a fixed, seeded "
+                           "subset of its evaluation split)")
+    window_steps: int = Field(100, ge=1, description="continual evaluation: window of the windowed forgetting, in "
+                              "training steps")
+    max_queued_snapshots: int = Field(32, ge=1, description="continual evaluation: snapshots waiting for an actor "
+                                      "at most (each holds a copy of the weights in Ray's object store); beyond it a "
+                                      "snapshot is dropped and counted in the report, so training never waits")
     resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each evaluation "
                                         "actor reserves besides its CPUs, e.g. {node_b: 0.01}")
 

@@ -46,9 +46,13 @@ class Progress:
     """A training worker's progress report, sent to the driver (rank 0 only).
 
     Attributes:
-        stage: the stage. kind: ``step`` (every ``training.progress_every`` steps) or ``epoch`` (once per epoch).
-        epoch: 0-based. step: optimizer steps so far in the stage. samples: new-domain samples seen by this worker.
-        loss: the last step's loss (``step``) or the epoch's mean loss (``epoch``). seconds: since training began.
+        stage: the stage. kind: ``step`` (every ``training.progress_every`` steps), ``epoch`` (once per epoch),
+            ``snapshot`` (every ``evaluation.every_n_steps`` steps: the weights in training, for continual
+            evaluation) or ``snapshot_end`` (the same, when the stage's training ends). epoch: 0-based. step:
+            optimizer steps so far in the stage.
+        samples: new-domain samples seen by this worker. loss: the last step's loss (``step``, ``snapshot``) or the
+            epoch's mean loss (``epoch``). seconds: since training began. weights: a snapshot's state_dict (CPU
+            tensors) or a Ray object reference to it; None otherwise.
     """
 
     stage: int
@@ -58,6 +62,7 @@ class Progress:
     samples: int
     loss: float
     seconds: float
+    weights: Any = None
 
 
 ProgressFn = Callable[[Progress], None]
@@ -267,12 +272,16 @@ def make_optimizer(pipeline: Pipeline, model: torch.nn.Module) -> torch.optim.Op
 
 
 def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
-             on_progress: ProgressFn | None = None, progress_every: int = 20) -> dict[str, Any]:
+             on_progress: ProgressFn | None = None, progress_every: int = 20, snapshot_every: int | None = None,
+             snapshot: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Train ``ctx.train_model`` on the current domain for ``epochs`` epochs with the strategies' hooks, then for as
     many more as the strategies ask for (``extra_epochs``: PackNet's retraining after pruning), through the same loop.
 
     Each epoch is one pass over ``ctx.iter_task_batches()``. ``on_progress`` receives a :class:`Progress` of kind
-    ``step`` every ``progress_every`` steps and one of kind ``epoch`` per epoch, with the epoch's mean loss.
+    ``step`` every ``progress_every`` steps and one of kind ``epoch`` per epoch, with the epoch's mean loss; with
+    ``snapshot_every`` and ``snapshot`` (which returns the weights in training, or a reference to them), one of kind
+    ``snapshot`` every ``snapshot_every`` steps and one of kind ``snapshot_end`` when training ends (before
+    ``after_task``).
 
     Returns:
         ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
@@ -282,6 +291,13 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
         TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step).
     """
     emit = on_progress or (lambda event: None)
+    every = snapshot_every if (snapshot_every and snapshot is not None and on_progress is not None) else 0
+
+    def snap(loss: float, kind: str = "snapshot") -> None:
+        assert snapshot is not None
+        emit(Progress(ctx.task_id, kind, ctx.epoch, ctx.step, stats["samples"], loss, time.perf_counter() - start,
+                      snapshot()))
+
     for s in strategies:
         s.before_task(ctx)
     ctx.train_model.train()
@@ -290,13 +306,15 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     planned, epoch = epochs, 0
     while epoch < planned:
         ctx.epoch = epoch
-        loss = _train_epoch(ctx, strategies, stats, emit, progress_every, start)
+        loss = _train_epoch(ctx, strategies, stats, emit, progress_every, start, every, snap)
         stats["epoch_loss"].append(loss)
         stats["epoch_seconds"].append(time.perf_counter() - start - sum(stats["epoch_seconds"]))
         emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, stats["samples"], loss, time.perf_counter() - start))
         epoch += 1
         if epoch == epochs:  # the planned epochs are done: the strategies may ask for more
             planned += max([s.extra_epochs(ctx) for s in strategies], default=0)
+    if every:  # the task's end (the accuracy the stability gap is measured against)
+        snap(stats["epoch_loss"][-1] if stats["epoch_loss"] else float("nan"), "snapshot_end")
     for s in strategies:
         s.after_task(ctx)
     stats["train_seconds"] = time.perf_counter() - start
@@ -304,7 +322,8 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
 
 
 def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str, Any], emit: ProgressFn,
-                 progress_every: int, start: float) -> float:
+                 progress_every: int, start: float, snapshot_every: int = 0,
+                 snap: Callable[[float], None] | None = None) -> float:
     """One pass over ``ctx.iter_task_batches()``; adds the new-domain samples to ``stats`` and returns the epoch's
     mean loss per new sample."""
     total, count = 0.0, 0
@@ -320,6 +339,8 @@ def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str,
         if ctx.step % progress_every == 0:
             emit(Progress(ctx.task_id, "step", ctx.epoch, ctx.step, stats["samples"], value,
                           time.perf_counter() - start))
+        if snapshot_every and snap is not None and ctx.step % snapshot_every == 0:
+            snap(value)
     return total / max(count, 1)
 
 
@@ -428,11 +449,16 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
                          device=device if device.type == "cuda" else None)
     ctx = stage_context(stage, rank, world, model, train_model, device, batches)
     setup_seconds = time.perf_counter() - t0
-    stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress if rank == 0 else None,
-                     pipeline.training.progress_every)
-    stats["setup_seconds"] = setup_seconds
-    stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
     import ray  # run_stage runs in a Ray worker; fit_task alone (the strategy benchmark) needs no Ray
 
+    def snapshot() -> Any:  # the weights in training, in the object store for the evaluation actors
+        return ray.put({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+
+    stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress if rank == 0 else None,
+                     pipeline.training.progress_every, pipeline.evaluation.every_n_steps
+                     if pipeline.evaluation.enabled else None, snapshot)
+    stats["setup_seconds"] = setup_seconds
+    stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
+    stats["steps"] = ctx.step
     stats["node_id"] = ray.get_runtime_context().get_node_id()
     return stats, model, strategies

@@ -113,3 +113,33 @@ def test_resources_the_cluster_cannot_hold_are_refused(ray_local: None) -> None:
         check_resources(validate_raw(raw, "test"))
     raw["evaluation"] = {"num_actors": 1, "cpus_per_actor": 0.5}  # 2.0 of 2: fits
     assert check_resources(validate_raw(raw, "test")).num_workers == 2
+
+
+def test_continual_evaluation_scores_the_model_in_training(ray_local: None, tmp_path: Path) -> None:
+    """Every 10 steps (and at each stage's end) rank 0's weights are scored on a fixed subsample of every domain
+    seen so far; the report has the curve and the stability-gap metrics, MLflow the step metrics, the run folder
+    the PNG. Training is the same as without it."""
+    import mlflow
+
+    raw = digits("continual", epochs=3, batch_size=16)
+    raw["evaluation"].update(every_n_steps=10, subsample=100, window_steps=30)
+    report = run(validate_raw(raw, "test"), RunOptions(workdir=tmp_path, show_progress=False))
+    steps = [s["stage"] for s in report["stages"]]
+    curve = report["curve"]
+    assert report["curve_snapshots_dropped"] == 0
+    ends = [p for p in curve if p["end"]]
+    assert sorted({(p["stage"], p["col"]) for p in ends}) == [(0, 0), (1, 0), (1, 1)]  # each stage's end, domains seen
+    assert {p["col"] for p in curve if p["stage"] == 0} == {0}
+    assert len({p["n"] for p in curve if p["col"] == 0}) == 1 and 0 < curve[0]["n"] <= 100  # one fixed subsample
+    first_stage_steps = max(p["step"] for p in curve if p["stage"] == 0)
+    assert min(p["global_step"] for p in curve if p["stage"] == 1) == first_stage_steps + 10
+    gap = report["stability"]
+    assert 0.0 <= gap["min_acc"] <= gap["task_end_acc"] <= 1.0 and gap["gap"] == pytest.approx(
+        gap["task_end_acc"] - gap["min_acc"])
+    assert (Path(report["run_dir"]) / "continual_evaluation.png").stat().st_size > 10_000
+    history = mlflow.MlflowClient(report["tracking_uri"]).get_metric_history(report["mlflow_run_id"],
+                                                                            "continual_acc.digits-0-1")
+    assert sorted(m.step for m in history) == sorted(p["global_step"] for p in curve if p["col"] == 0)
+    plain = run(validate_raw(digits("continual", epochs=3, batch_size=16), "test"),
+                RunOptions(workdir=tmp_path, show_progress=False))
+    assert plain["R"] == report["R"] and steps == [0, 1]  # snapshots do not change training
