@@ -111,16 +111,19 @@ def domain_uri(pipeline: Pipeline, index: int, workdir: Path) -> str:
 # ---------------------------------------------------------------- raw datasets
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped IDX file (MNIST format) into a uint8 array.
+    """Read an IDX file (MNIST format), gzipped or not, into a uint8 array.
 
     Raises:
         ShardError: if the file is missing or its header is not IDX.
     """
     try:
-        with gzip.open(path, "rb") as f:
-            data = f.read()
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":  # gzip's magic
+            data = gzip.decompress(data)
     except OSError as e:
         raise ShardError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4:
+        raise ShardError(f"{path} is not an IDX file ({len(data)} bytes)")
     magic = int.from_bytes(data[:4], "big")
     if magic >> 8 != 0x08:  # unsigned byte data
         raise ShardError(f"{path} is not an IDX uint8 file (magic 0x{magic:08x})")
@@ -153,6 +156,8 @@ def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
     """
     if source.kind == "image_folder":
         return load_image_folder(source, data_root)
+    if source.kind == "idx":
+        return load_idx(source, data_root)
     if source.kind == "sklearn_digits":
         from sklearn.datasets import load_digits
 
@@ -170,6 +175,40 @@ def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
         y = _read_idx(folder / labels).astype(np.int64)
         splits[split] = RawSplit(x.reshape(len(x), -1), y)
     return RawDataset(splits["train"], splits["test"], (1, 28, 28), 1.0 / 255.0)
+
+
+def load_idx(source: SourceSpec, data_root: Path | None) -> RawDataset:
+    """The user's IDX files (MNIST format, gzipped or not): ``source.idx`` names the images and labels of each split
+    it has, relative to ``source.path``; without a test split, a seeded ``source.test_fraction`` of train is held out
+    as test. Images of ``[N, H, W]`` become inputs of shape ``[1, H, W]``; ``[N, D]`` of shape ``[1, D]``.
+
+    Raises:
+        ShardError: a missing or malformed file, or images and labels of different lengths (naming the files).
+    """
+    folder = resolve_source_dir(source, data_root)
+    assert source.idx is not None
+    splits: dict[str, RawSplit] = {}
+    shape: tuple[int, ...] = ()
+    for split, (images, labels) in source.idx.items():
+        x, y = _read_idx(folder / images), _read_idx(folder / labels)
+        if y.ndim != 1 or len(x) != len(y):
+            raise ShardError(f"{folder / labels}: {y.shape[0] if y.ndim else 0} labels for the {len(x)} images of "
+                             f"{folder / images}")
+        if x.ndim < 2:
+            raise ShardError(f"{folder / images}: {x.ndim}-D data is not a set of images")
+        this = (1, *x.shape[1:]) if x.ndim <= 3 else tuple(x.shape[1:])
+        if shape and this != shape:
+            raise ShardError(f"{folder / images}: images of shape {list(this)}, the train split's are {list(shape)}")
+        shape = this
+        splits[split] = RawSplit(x.reshape(len(x), -1), y.astype(np.int64))
+    if "test" not in splits:
+        train = splits["train"]
+        order = np.random.default_rng(0).permutation(len(train.y))
+        n_test = int(round(len(order) * source.test_fraction))
+        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+        splits = {"train": RawSplit(train.x[train_idx], train.y[train_idx]),
+                  "test": RawSplit(train.x[test_idx], train.y[test_idx])}
+    return RawDataset(splits["train"], splits["test"], shape, 1.0 / 255.0)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")

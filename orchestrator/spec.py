@@ -39,13 +39,14 @@ class SourceSpec(_Strict):
     labels (split by classes); ``permutation_seed`` permutes the input features with a seeded permutation (permuted
     inputs).
 
+    ``idx`` is the user's own IDX files (``idx: {train: [images, labels], test: [...]}``, test optional).
     ``image_folder`` is the user's own images: one sub-folder per class under ``path`` (the labels are the sorted
     folder names' indices; ``classes`` may name folders), or ``path/train/<class>/`` and ``path/test/<class>/`` when
     the user has split them. PNG, JPEG, BMP, GIF and WebP files are decoded with Pillow, converted to ``channels``
     (1: grey, 3: RGB) and resized to ``image_size`` (default: the first image's size).
     """
 
-    kind: Literal["mnist", "fashion_mnist", "sklearn_digits", "image_folder"]
+    kind: Literal["mnist", "fashion_mnist", "sklearn_digits", "image_folder", "idx"]
     path: str | None = None
     classes: list[int | str] | None = None
     permutation_seed: int | None = None
@@ -53,7 +54,10 @@ class SourceSpec(_Strict):
                                  "filter (small subsets for tests and dry runs)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="image_folder without train/ and test/ "
-                                 "sub-folders: the seeded share of each class's images held out as test")
+                                 "sub-folders, idx without a test split: the seeded share held out as test")
+    idx: dict[Literal["train", "test"], tuple[str, str]] | None = Field(
+        None, description="kind idx: [images file, labels file] of each split the user has (train at least), "
+        "relative to path; gzipped or not")
     image_size: tuple[int, int] | None = Field(None, description="image_folder: [height, width] every image is "
                                                "resized to; default the first image's size")
     channels: Literal[1, 3] = Field(1, description="image_folder: 1 (grey) or 3 (RGB)")
@@ -61,9 +65,12 @@ class SourceSpec(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceSpec:
-        if self.kind in ("mnist", "fashion_mnist", "image_folder") and not self.path:
+        if self.kind in ("mnist", "fashion_mnist", "image_folder", "idx") and not self.path:
             what = "image folder" if self.kind == "image_folder" else "IDX files"
             raise ValueError(f"source kind '{self.kind}' needs a 'path' to its {what}")
+        if (self.kind == "idx") != (self.idx is not None) or (self.idx is not None and "train" not in self.idx):
+            raise ValueError("idx: source kind 'idx' needs idx: {train: [images, labels]} (test optional), and "
+                             "only it takes idx")
         if self.kind != "image_folder" and any(isinstance(c, str) for c in self.classes or []):
             raise ValueError(f"classes: source kind '{self.kind}' has integer labels; only image_folder takes "
                              f"class folder names")
