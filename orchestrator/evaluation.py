@@ -257,6 +257,11 @@ class EvaluationScheduler(Listener):
                 cells: list[Cell] = self.pool.get_next_unordered(timeout=timeout)
             except TimeoutError:
                 return
+            except ray.exceptions.ObjectLostError:  # OwnerDiedError too
+                # a snapshot whose training worker died (its stage restarts): lost, as a dropped one
+                self.snapshots_queued -= 1
+                self.snapshots_dropped += 1
+                continue
             except ray.exceptions.RayError as e:
                 raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
             if cells and isinstance(cells[0], CurvePoint):
