@@ -22,8 +22,6 @@ from orchestrator.errors import LifelongError, SpecError
 from orchestrator.spec import SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
-    from orchestrator.plan import Domain
-    from orchestrator.storage import Storage
     from orchestrator.tuning import TuneSummary
 
 app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
@@ -418,7 +416,7 @@ def validate(
     """Check a pipeline as its run's validate node would, writing nothing: the spec (every problem with its field
     path), each domain's manifest, one schema across the stream, no empty split, and, for domains whose shards exist,
     every shard's sha256 and labels. Exit 2 if anything is wrong."""
-    from orchestrator.plan import Domain, check_stream
+    from orchestrator.plan import Domain, check_stream, validate_shards
     from orchestrator.shards import MANIFEST, domain_uri, read_manifest
     from orchestrator.spec import bind
     from orchestrator.storage import Storage
@@ -458,15 +456,9 @@ def validate(
                + (f"; {built} to be built from their source" if built else "; shards re-hashed") + ")")
 
 
-def validate_shards(domains: list["Domain"], storage: "Storage") -> None:
-    """:func:`orchestrator.dag.validate_domains` without importing the run's modules (torch, Ray).
-
-    Raises:
-        ShardError: at the first fault, naming the domain and the shard.
-    """
-    from orchestrator.ingest import validate_domains
-
-    validate_domains([(d.name, d.uri, d.manifest) for d in domains], storage)
+EndpointOpt = Annotated[Optional[str], typer.Option(
+    "--endpoint-url", help="S3-compatible endpoint for s3:// URIs [default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, "
+    "else AWS]. Credentials come from the AWS environment or profile.")]
 
 
 @shards_app.command("build")
@@ -489,9 +481,7 @@ def shards_build(
         help="image_folder: HEIGHT WIDTH every image is resized to [default: the first image's size].")] = None,
     channels: Annotated[int, typer.Option(help="image_folder: 1 (grey) or 3 (RGB).")] = 1,
     rows_per_shard: Annotated[int, typer.Option(help="Rows per Parquet shard.")] = 8192,
-    endpoint_url: Annotated[Optional[str], typer.Option(
-        "--endpoint-url", help="S3-compatible endpoint for s3:// outputs [default: $AWS_ENDPOINT_URL_S3, "
-        "$AWS_ENDPOINT_URL, else AWS]. Credentials come from the AWS environment or profile.")] = None,
+    endpoint_url: EndpointOpt = None,
 ) -> None:
     """Write domain shards and manifests (DESIGN §2) for a split-by-classes or permuted-inputs scenario, to a local
     folder or straight to object storage (``--out s3://bucket/prefix``). Your own images: ``--dataset image_folder
@@ -515,29 +505,7 @@ def shards_build(
               "rows_per_shard": rows_per_shard,
               **({"image_size": image_size, "channels": channels} if dataset == "image_folder" else {})}
     try:
-        plan: list[tuple[str, SourceSpec]] = []
-        if domain:
-            for item in domain:
-                name, sep, classes = item.partition("=")
-                if not sep or not name or not classes:
-                    raise LifelongError(f"--domain {item!r}: expected NAME=CLASS,CLASS")
-                picked = [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in classes.split(",")]
-                plan.append((name, SourceSpec(classes=picked, **common)))
-        elif scenario == "split":
-            names: list[int | str] = list(range(10))
-            if dataset == "image_folder":
-                folder = shards.resolve_source_dir(SourceSpec(**common), root)
-                names = list(shards.image_classes(folder))
-            count = tasks if tasks is not None else (len(names) // classes_per_task if dataset == "image_folder"
-                                                     else 5)
-            for k in range(count):
-                picked = names[k * classes_per_task:(k + 1) * classes_per_task]
-                if not picked:
-                    raise LifelongError(f"--tasks {count} x --classes-per-task {classes_per_task}: only "
-                                        f"{len(names)} classes")
-                plan.append((f"classes-{'-'.join(map(str, picked))}", SourceSpec(classes=picked, **common)))
-        else:
-            plan = [(f"perm-{k}", SourceSpec(permutation_seed=k, **common)) for k in range(tasks or 5)]
+        plan = _domains_to_build(dataset, scenario, tasks, classes_per_task, domain or [], common, root)
         for name, source in plan:
             m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage)
             table.add_row(name, ",".join(map(str, m["label_set"])), *(str(m["splits"][s]["rows"]) for s in
@@ -550,10 +518,43 @@ def shards_build(
     Console().print(table)
 
 
+def _domains_to_build(dataset: str, scenario: str, tasks: Optional[int], classes_per_task: int, domain: list[str],
+                      common: dict[str, object], root: Optional[Path]) -> list[tuple[str, SourceSpec]]:
+    """``(name, source)`` of each domain `shards build` writes: the user's ``--domain NAME=CLASSES``, else
+    ``--tasks`` groups of ``--classes-per-task`` classes (an image folder's class folders, in sorted order), else
+    ``--tasks`` permutations.
+
+    Raises:
+        LifelongError: a malformed ``--domain``, or more groups than classes.
+        pydantic.ValidationError: a source that does not validate.
+    """
+    from orchestrator import shards
+
+    if domain:
+        plan = []
+        for item in domain:
+            name, sep, classes = item.partition("=")
+            if not sep or not name or not classes:
+                raise LifelongError(f"--domain {item!r}: expected NAME=CLASS,CLASS")
+            picked = [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in classes.split(",")]
+            plan.append((name, SourceSpec(classes=picked, **common)))
+        return plan
+    if scenario == "permuted":
+        return [(f"perm-{k}", SourceSpec(permutation_seed=k, **common)) for k in range(tasks or 5)]
+    names: list[int | str] = list(range(10))
+    if dataset == "image_folder":
+        names = list(shards.image_classes(shards.resolve_source_dir(SourceSpec(**common), root)))
+    count = tasks if tasks is not None else (len(names) // classes_per_task if dataset == "image_folder" else 5)
+    plan = []
+    for k in range(count):
+        picked = names[k * classes_per_task:(k + 1) * classes_per_task]
+        if not picked:
+            raise LifelongError(f"--tasks {count} x --classes-per-task {classes_per_task}: only {len(names)} classes")
+        plan.append((f"classes-{'-'.join(map(str, picked))}", SourceSpec(classes=picked, **common)))
+    return plan
+
+
 UriArg = Annotated[str, typer.Argument(help="The domain's folder or URI (where its manifest.json is).")]
-EndpointOpt = Annotated[Optional[str], typer.Option(
-    "--endpoint-url", help="S3-compatible endpoint for s3:// URIs [default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, "
-    "else AWS].")]
 
 
 @shards_app.command("inspect")

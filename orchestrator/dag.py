@@ -38,10 +38,9 @@ from orchestrator.checkpoint import code_version, write_checkpoint
 from orchestrator.engine import Listener, Listeners, RunInfo, RunStopped, run_stages
 from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
-from orchestrator.ingest import validate_domains as verify_shards
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
 from orchestrator.models import build_model
-from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers
+from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers, validate_shards
 from orchestrator.registry import ModelRegistry
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_curve, save_heatmap, save_json
 from orchestrator.spec import Pipeline, SourceSpec, flatten
@@ -116,16 +115,6 @@ def same_source(manifest: dict[str, Any], source: SourceSpec) -> bool:
         return SourceSpec.model_validate(manifest.get("source") or {}) == source
     except ValueError:
         return False
-
-
-def validate_domains(domains: list[Domain], storage: Storage) -> None:
-    """The ``validate`` node: re-hash every shard and check every split's labels against the label set (on the
-    driver, while the workers boot and stream stage 0).
-
-    Raises:
-        ShardError: at the first fault, naming the domain and the shard.
-    """
-    verify_shards([(d.name, d.uri, d.manifest) for d in domains], storage)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -210,7 +199,7 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
         # The worker processes boot and start streaming stage 0's data while the shards are validated.
         timeline["workers_start"] = time.time()
         runner.prestart(resources, plan.data(0))
-        validate_domains(domains, storage)
+        validate_shards(domains, storage)
         timeline["validated"] = time.time()
         return _tracked_run(plan, options, runner, timeline)
     finally:

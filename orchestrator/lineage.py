@@ -255,6 +255,7 @@ class MlflowStages(Listener):
         self.tracker, self.parent, self.run_id = tracker, parent, run_id
         self.runs: dict[int, RunRef] = {}
         self.open: set[int] = set()  # stages whose run has not ended
+        self.lineages: dict[int, RunRef] = {}  # each committed stage's lineage.json, read on the tracker's thread
         self.seen = SeenSoFar()
         self.names: list[str] = []
 
@@ -283,7 +284,8 @@ class MlflowStages(Listener):
         wall = result.end - result.start
         self.tracker.log_metrics(ref, {"stage_wall_seconds": wall, "train_seconds": train,
                                        "overhead_seconds": wall - train})
-        self.tracker.log_dict(ref, self.tracker.call(read_lineage, result.checkpoint, stage.storage), "lineage.json")
+        self.lineages[stage.task_id] = self.tracker.call(read_lineage, result.checkpoint, stage.storage)
+        self.tracker.log_dict(ref, self.lineages[stage.task_id], "lineage.json")
         self.tracker.end(ref, "FINISHED")
         self.open.discard(stage.task_id)
 

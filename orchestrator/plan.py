@@ -22,14 +22,14 @@ from typing import Any
 
 from orchestrator.checkpoint import lineage_record
 from orchestrator.errors import LifelongError, ShardError
-from orchestrator.ingest import ShardFile, WorkerShard, stage_files
+from orchestrator.ingest import ShardFile, WorkerShard, stage_files, validate_domains
 from orchestrator.models import HeadLayout
 from orchestrator.spec import Pipeline, bind
 from orchestrator.storage import Storage, join
 from strategies import BoundStrategy, train_domains_of
 
 __all__ = ["Domain", "InputFormat", "Resources", "StageData", "StagePlan", "StageSpec", "bind", "check_stream",
-           "check_workers"]
+           "check_workers", "validate_shards"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,16 @@ def check_stream(domains: Sequence[Domain], pipeline: Pipeline) -> None:
             if mine != theirs:
                 raise ShardError(f"domain '{d.name}' ({d.uri}): schema.{part}.{key} is {mine!r}, domain "
                                  f"'{first.name}' has {theirs!r}; every domain of a stream needs one schema")
+
+
+def validate_shards(domains: Sequence[Domain], storage: Storage) -> None:
+    """The ``validate`` node: re-hash every shard and check every split's labels against the label set (a run
+    does it on the driver while the workers boot and stream stage 0; ``lifelong validate`` does it alone).
+
+    Raises:
+        ShardError: at the first fault, naming the domain and the shard.
+    """
+    validate_domains([(d.name, d.uri, d.manifest) for d in domains], storage)
 
 
 @dataclass(frozen=True)
@@ -185,12 +195,8 @@ class StagePlan:
     @classmethod
     def build(cls, pipeline: Pipeline, domains: list[Domain], storage: Storage, strategies: tuple[BoundStrategy, ...],
               resources: Resources, root: str) -> StagePlan:
-        """Check the stream (:func:`check_stream`) and build the plan.
-
-        Raises:
-            ShardError: as :func:`check_stream`.
-        """
-        check_stream(domains, pipeline)
+        """Build the plan from domains that :func:`check_stream` has accepted (``dag.prepare_domains`` checks
+        them)."""
         first = domains[0].manifest["schema"]
         layout = HeadLayout.build(pipeline.scenario, [list(d.manifest["label_set"]) for d in domains])
         features = first["features"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.checkpoint import LINEAGE_FILE, read_lineage
+from orchestrator.checkpoint import LINEAGE_FILE
 from orchestrator.engine import Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError
 from orchestrator.lineage import BackgroundTracker, MlflowStages, Tracker
@@ -148,11 +148,12 @@ class ModelRegistry(Listener):
         self.tracker.with_tracker(ensure_registered_model, self.name)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
-        """Queue the stage's registration after its parent's (its lineage is read on the tracker's thread)."""
+        """Queue the stage's registration after its parent's, with the ``lineage.json`` that the stage-run
+        listener (``stages``, before this one) has queued for reading."""
         k = stage.task_id
-        lineage = self.tracker.call(read_lineage, result.checkpoint, stage.storage)
         self.models[k] = self.tracker.with_tracker(register_stage, self.name, self.stages.runs[k],
-                                                   self.models.get(k - 1), lineage, result.checkpoint, self.params)
+                                                   self.models.get(k - 1), self.stages.lineages[k],
+                                                   result.checkpoint, self.params)
 
 
 @dataclass(frozen=True)

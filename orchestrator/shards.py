@@ -177,6 +177,16 @@ def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
     return RawDataset(splits["train"], splits["test"], (1, 28, 28), 1.0 / 255.0)
 
 
+def hold_out(n: int, fraction: float, seed: int, at_least_one: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept, held out)`` sorted indices of ``n`` samples: ``round(n * fraction)`` of them (at least one when
+    ``at_least_one`` and ``n > 1``) chosen by a permutation seeded with ``seed``."""
+    order = np.random.default_rng(seed).permutation(n)
+    count = int(round(n * fraction))
+    if at_least_one and n > 1:
+        count = max(1, count)
+    return np.sort(order[count:]), np.sort(order[:count])
+
+
 def load_idx(source: SourceSpec, data_root: Path | None) -> RawDataset:
     """The user's IDX files (MNIST format, gzipped or not): ``source.idx`` names the images and labels of each split
     it has, relative to ``source.path``; without a test split, a seeded ``source.test_fraction`` of train is held out
@@ -203,9 +213,7 @@ def load_idx(source: SourceSpec, data_root: Path | None) -> RawDataset:
         splits[split] = RawSplit(x.reshape(len(x), -1), y.astype(np.int64))
     if "test" not in splits:
         train = splits["train"]
-        order = np.random.default_rng(0).permutation(len(train.y))
-        n_test = int(round(len(order) * source.test_fraction))
-        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+        train_idx, test_idx = hold_out(len(train.y), source.test_fraction, seed=0)
         splits = {"train": RawSplit(train.x[train_idx], train.y[train_idx]),
                   "test": RawSplit(train.x[test_idx], train.y[test_idx])}
     return RawDataset(splits["train"], splits["test"], shape, 1.0 / 255.0)
@@ -293,12 +301,10 @@ def load_image_folder(source: SourceSpec, data_root: Path | None) -> RawDataset:
                 size = size or (image.shape[1], image.shape[2])  # the first image's size for the rest
                 images.append(image.reshape(-1))
             if split == "all":
-                order = np.random.default_rng(label).permutation(len(images))
-                n_test = max(1, int(round(len(images) * source.test_fraction))) if len(images) > 1 else 0
-                for i, index in enumerate(order):
-                    target = parts["test"] if i < n_test else parts["train"]
-                    target[0].append(images[index])
-                    target[1].append(label)
+                for part, indices in zip(("train", "test"), hold_out(len(images), source.test_fraction, seed=label,
+                                                                     at_least_one=True)):
+                    parts[part][0].extend(images[i] for i in indices)
+                    parts[part][1].extend([label] * len(indices))
             else:
                 parts[split][0].extend(images)
                 parts[split][1].extend([label] * len(images))
@@ -329,9 +335,7 @@ def make_domain_splits(raw: RawDataset, source: SourceSpec, name: str) -> dict[s
     if source.classes is not None and len(out["train"].y) == 0:
         raise ShardError(f"domain '{name}': no training samples with classes {source.classes}")
     seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
-    order = np.random.default_rng(seed).permutation(len(out["train"].y))
-    n_val = int(round(len(order) * source.val_fraction))
-    val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    train_idx, val_idx = hold_out(len(out["train"].y), source.val_fraction, seed)
     train = out["train"]
     out["val"] = RawSplit(train.x[val_idx], train.y[val_idx])
     out["train"] = RawSplit(train.x[train_idx], train.y[train_idx])

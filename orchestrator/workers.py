@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import ray
 import torch
 
-from orchestrator.checkpoint import write_checkpoint
+from orchestrator.checkpoint import read_lineage, write_checkpoint
 from orchestrator.errors import TrainingError, one_line
 from orchestrator.plan import Resources, StageData, StageSpec
 from orchestrator.stage import Prefetch, Progress, make_stream, pins_memory, prefetch_batches, run_stage
@@ -346,8 +346,6 @@ def _next_stage_after(checkpoint: Any) -> int:
 def _free_checkpoint_uri(stage: StageSpec) -> str:
     """The stage's checkpoint folder, or ``<folder>-retryN`` if an earlier attempt already committed one there
     (nothing committed is overwritten)."""
-    from orchestrator.checkpoint import read_lineage
-
     uri, attempt = stage.checkpoint_uri, 0
     while True:
         candidate = uri if attempt == 0 else f"{uri}-retry{attempt}"

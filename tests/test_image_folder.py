@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.small_stream import write_pipeline
+
 CLASSES = ("bag", "coat", "dress", "shirt")
 
 
@@ -41,14 +43,9 @@ def write_images(folder: Path, per_class: int = 40, split: bool = False) -> Path
 
 def pipeline(tmp_path: Path, images: Path, **source: object) -> Path:
     common = {"kind": "image_folder", "path": str(images), "image_size": [8, 8], **source}
-    spec = {"name": "p", "scenario": "class_il",
-            "domains": [{"name": "bags-coats", "source": {**common, "classes": ["bag", "coat"]}},
-                        {"name": "dresses-shirts", "source": {**common, "classes": ["dress", "shirt"]}}],
-            "model": {"name": "mlp", "hidden": [32]}, "training": {"epochs": 4, "batch_size": 16},
-            "evaluation": {"num_actors": 1, "cpus_per_actor": 0.25}}
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_pipeline(tmp_path, [{"name": "bags-coats", "source": {**common, "classes": ["bag", "coat"]}},
+                                     {"name": "dresses-shirts", "source": {**common, "classes": ["dress", "shirt"]}}],
+                          epochs=4)
 
 
 def test_shards_build_names_the_domains_and_keeps_the_class_names(tmp_path: Path) -> None:

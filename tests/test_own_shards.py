@@ -16,10 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
-
 from orchestrator.manifest import parse
 from orchestrator.shards import digest
+from tests.small_stream import write_pipeline
 
 SIDE = 6  # 6x6 grey images
 
@@ -73,13 +72,8 @@ def stream(tmp_path: Path, change: Callable[[Path], None] | None = None) -> Path
     write_domain(root, "b", [2, 3], sizes, seed=1)
     if change is not None:
         change(root)
-    spec = {"name": "p", "scenario": "class_il",
-            "domains": [{"name": "a", "uri": str(root / "a")}, {"name": "b", "uri": str(root / "b")}],
-            "model": {"name": "mlp", "hidden": [32]}, "training": {"epochs": 3, "batch_size": 16},
-            "evaluation": {"num_actors": 1, "cpus_per_actor": 0.25}}
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+    return write_pipeline(tmp_path, [{"name": "a", "uri": str(root / "a")}, {"name": "b", "uri": str(root / "b")}],
+                          epochs=3)
 
 
 def drop_digests(root: Path) -> None:
