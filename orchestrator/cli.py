@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import LifelongError, SpecError
-from orchestrator.spec import SourceSpec, load_pipeline, read_spec_file
+from orchestrator.spec import TEXT_KINDS, Pipeline, SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
     from orchestrator.tuning import TuneSummary
@@ -42,6 +42,13 @@ def stderr_console() -> Console:
     tables keep their columns whole (Rich's width there is 80)."""
     console = Console(stderr=True)
     return console if console.is_terminal else Console(stderr=True, width=200)
+
+
+def _scenario(spec: Pipeline) -> str:
+    """The pipeline's scenario as printed: ``language modelling`` for a language model, else its ``scenario``."""
+    from orchestrator.spec import LANGUAGE_MODELS
+
+    return "language modelling" if spec.model.name in LANGUAGE_MODELS else spec.scenario
 
 
 def _fail(err: Exception) -> None:
@@ -91,7 +98,7 @@ def run(
         options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri, address=address,
                              search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress,
                              run_name=run_name)
-        console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {spec.scenario}, "
+        console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {_scenario(spec)}, "
                       f"strategy {spec.strategy_label()}, {spec.training.num_workers} worker(s)")
         report = run_pipeline(spec, options)
     except LifelongError as e:
@@ -112,8 +119,9 @@ def run(
     if json_out:
         keys = ("pipeline", "strategy", "scenario", "domains", "R", "b", "acc", "bwt", "fwt", "forgetting",
                 "avg_forgetting", "wall_seconds", "mlflow_run_id", "run_id", "run_dir", "tracking_uri", "stages",
-                "timeline")
-        typer.echo(json.dumps({k: report[k] for k in keys}))
+                "timeline", "P", "P_b", "avg_ppl", "ppl_rise", "ppl_forgetting", "avg_ppl_forgetting", "ppl_fwt",
+                "bits_per_token")
+        typer.echo(json.dumps({k: report[k] for k in keys if k in report}))
 
 
 @app.command()
@@ -452,7 +460,7 @@ def validate(
     if problems:
         raise typer.Exit(code=2)
     built = len(spec.domains) - len(present)
-    typer.echo(f"{pipeline}: OK ({len(spec.domains)} domains, {spec.scenario}, strategy {spec.strategy_label()}"
+    typer.echo(f"{pipeline}: OK ({len(spec.domains)} domains, {_scenario(spec)}, strategy {spec.strategy_label()}"
                + (f"; {built} to be built from their source" if built else "; shards re-hashed") + ")")
 
 
@@ -465,14 +473,25 @@ EndpointOpt = Annotated[Optional[str], typer.Option(
 def shards_build(
     out: Annotated[str, typer.Option("--out", help="Output folder or URI; one sub-folder per domain.")],
     dataset: Annotated[str, typer.Option(help="mnist | fashion_mnist | sklearn_digits | image_folder (your images: "
-                                               "one sub-folder per class under --path)")] = "mnist",
+                                               "one sub-folder per class under --path) | csv | jsonl | parquet | "
+                                               "text_files (your text, for language models)")] = "mnist",
     scenario: Annotated[str, typer.Option(help="split (by classes) | permuted (inputs)")] = "split",
     tasks: Annotated[Optional[int], typer.Option(
         help="Number of domains [default: 5; image_folder: every class, --classes-per-task per domain].")] = None,
     classes_per_task: Annotated[int, typer.Option(help="split: classes per domain.")] = 2,
     domain: Annotated[Optional[list[str]], typer.Option(
         "--domain", help="NAME=CLASS,CLASS: one domain of these classes (labels, or class folder names), named by "
-        "you (repeatable; replaces --tasks and --classes-per-task).")] = None,
+        "you (repeatable; replaces --tasks and --classes-per-task). Text: NAME=VALUE,VALUE, the rows whose "
+        "--split-by column holds these values; text_files: NAME=PATH, a file or folder per domain.")] = None,
+    text_column: Annotated[Optional[list[str]], typer.Option(
+        "--text-column", help="csv, jsonl, parquet: a column holding the text (repeatable; joined by newlines).")]
+    = None,
+    split_by: Annotated[Optional[str], typer.Option(help="csv, jsonl, parquet: the column whose values cut the "
+                                                         "rows into domains (see --domain).")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="csv without a header row: its column names, comma "
+                                                        "separated.")] = None,
+    context: Annotated[int, typer.Option(help="text: tokens per block the model reads.")] = 128,
+    tokenizer: Annotated[str, typer.Option(help="text: 'bytes' or the path of a tokenizer.json.")] = "bytes",
     path: Annotated[Optional[str], typer.Option(help="Raw dataset folder: absolute, or relative to the data root.")]
     = None,
     data_root: DataRootOpt = None,
@@ -504,11 +523,16 @@ def shards_build(
     common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
               "rows_per_shard": rows_per_shard,
               **({"image_size": image_size, "channels": channels} if dataset == "image_folder" else {})}
+    if dataset in TEXT_KINDS:
+        common.update(context=context, tokenizer=tokenizer, **({"text_columns": text_column} if text_column else {}),
+                      **({"columns": [c.strip() for c in columns.split(",")]} if columns else {}))
     try:
-        plan = _domains_to_build(dataset, scenario, tasks, classes_per_task, domain or [], common, root)
+        plan = (_text_domains_to_build(dataset, split_by, domain or [], common) if dataset in TEXT_KINDS else
+                _domains_to_build(dataset, scenario, tasks, classes_per_task, domain or [], common, root))
         for name, source in plan:
             m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage)
-            table.add_row(name, ",".join(map(str, m["label_set"])), *(str(m["splits"][s]["rows"]) for s in
+            labels = ",".join(map(str, m["label_set"])) or f"text ({m['schema']['text']['vocab_size']} ids)"
+            table.add_row(name, labels, *(str(m["splits"][s]["rows"]) for s in
                                                                         ("train", "val", "test")), m["digest"])
     except ValidationError as e:
         first = e.errors()[0]
@@ -554,6 +578,33 @@ def _domains_to_build(dataset: str, scenario: str, tasks: Optional[int], classes
     return plan
 
 
+def _text_domains_to_build(dataset: str, split_by: Optional[str], domain: list[str],
+                           common: dict[str, object]) -> list[tuple[str, SourceSpec]]:
+    """``(name, source)`` of each text domain `shards build` writes: ``--domain NAME=PATH`` for text files,
+    ``--domain NAME=VALUE,VALUE`` (the rows whose ``--split-by`` column holds them) for tables.
+
+    Raises:
+        LifelongError: no ``--domain``, a malformed one, or a table without ``--split-by``.
+        pydantic.ValidationError: a source that does not validate.
+    """
+    if not domain:
+        raise LifelongError(f"--domain: name each domain of a {dataset} source (NAME=VALUE,VALUE with --split-by; "
+                            f"NAME=PATH for text_files)")
+    plan = []
+    for item in domain:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise LifelongError(f"--domain {item!r}: expected NAME=" + ("PATH" if dataset == "text_files" else
+                                                                          "VALUE,VALUE"))
+        if dataset == "text_files":
+            plan.append((name, SourceSpec(**{**common, "path": value})))
+        elif not split_by:
+            raise LifelongError("--split-by: name the column whose values --domain picks")
+        else:
+            plan.append((name, SourceSpec(**common, where={split_by: [v.strip() for v in value.split(",")]})))
+    return plan
+
+
 UriArg = Annotated[str, typer.Argument(help="The domain's folder or URI (where its manifest.json is).")]
 
 
@@ -573,11 +624,15 @@ def shards_inspect(uri: UriArg, endpoint_url: EndpointOpt = None,
     if json_out:
         typer.echo(json.dumps(m, indent=1))
         return
-    f, label = m["schema"]["features"], m["schema"]["label"]
+    f, label, text = m["schema"]["features"], m["schema"].get("label"), m["schema"].get("text")
+    if text:
+        what = (f"text: blocks of {text['context']} + 1 token ids, vocabulary {text['vocab_size']} "
+                f"(tokenizer {text['tokenizer']}, end of document {text['eos']})")
+    else:
+        what = f"label: column '{label['column']}', {label['dtype']}\n  labels: {', '.join(map(str, m['label_set']))}"
     console = stdout_console()
     console.print(f"domain '{m['domain']}' at {uri}: digest {m['digest']}\n  features: column '{f['column']}', "
-                  f"{f['dtype']} {f['shape']} x {f['scale']:g}; label: column '{label['column']}', {label['dtype']}\n"
-                  f"  labels: {', '.join(map(str, m['label_set']))}\n  source: {m.get('source') or m.get('origin')}",
+                  f"{f['dtype']} {f['shape']} x {f['scale']:g}; {what}\n  source: {m.get('source') or m.get('origin')}",
                   highlight=False, soft_wrap=True)
     table = Table("split", "rows", "shards", "digest", "shard sha256 (first 16)")
     for name in ("train", "val", "test"):
@@ -604,7 +659,8 @@ def shards_verify(uri: UriArg, endpoint_url: EndpointOpt = None) -> None:
         _fail(e)
     count = sum(len(s["shards"]) for s in m["splits"].values())
     rows = sum(s["rows"] for s in m["splits"].values())
-    typer.echo(f"{uri}: OK ({count} shards, {rows} rows re-hashed; every label in the label set)")
+    checked = "token blocks of text" if m["schema"].get("text") else "every label in the label set"
+    typer.echo(f"{uri}: OK ({count} shards, {rows} rows re-hashed; {checked})")
 
 
 @shards_app.command("schema")

@@ -40,6 +40,7 @@ from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
 from orchestrator.models import build_model
+from orchestrator.schedules import save_schedule_plot
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers, validate_shards
 from orchestrator.registry import ModelRegistry
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_curve, save_heatmap, save_json
@@ -230,6 +231,12 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
     try:
         plan = replace(plan, root=stage_root(pipeline, run_id, run_dir))
         run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code, tracker.flush)
+        schedule = pipeline.training.lr_schedule
+        if schedule.name != "constant":  # the learning rate the stages will follow, as an artifact
+            tracker.call(save_schedule_plot, schedule, pipeline.training.optimizer.lr,
+                         [plan.planned_steps(k) for k in range(plan.num_stages)], [d.name for d in plan.domains],
+                         run_dir / "lr_schedule.png")
+            tracker.log_artifact(parent, run_dir / "lr_schedule.png")
         stages = MlflowStages(tracker, parent, run_id)
         registry = [ModelRegistry(tracker, stages, pipeline.tracking.registered_model or pipeline.name,
                                   options.run_params)] if options.register else []
@@ -300,7 +307,15 @@ def _write_report(report: dict[str, Any], run_dir: Path, tracker: BackgroundTrac
     parent run with its metrics."""
     artifacts = ["report.json", "events.jsonl"]
     tracker.log_metrics(parent, {"wall_seconds": report["wall_seconds"]})
-    if report["R"]:
+    if report.get("P"):  # text domains: the perplexity matrix instead of R
+        tracker.log_metrics(parent, {"avg_ppl": report["avg_ppl"], "ppl_rise": report["ppl_rise"],
+                                     "ppl_forgetting": report["avg_ppl_forgetting"], "ppl_fwt": report["ppl_fwt"],
+                                     "bits_per_token": report["bits_per_token"]})
+        save_json({"P": report["P"], "b": report["P_b"], "R": report["R"], "domains": report["domains"]},
+                  run_dir / "perplexity_matrix.json")
+        tracker.call(save_heatmap, report, run_dir / "perplexity_matrix.png")
+        artifacts = ["perplexity_matrix.json", "perplexity_matrix.png", *artifacts]
+    elif report["R"]:
         tracker.log_metrics(parent, {"ACC": report["acc"], "BWT": report["bwt"], "FWT": report["fwt"],
                                      "forgetting": report["avg_forgetting"]})
         save_json({"R": report["R"], "b": report["b"], "domains": report["domains"]}, run_dir / "accuracy_matrix.json")

@@ -79,8 +79,10 @@ class Cell:
     """One cell R[row][col] of the accuracy matrix (row -1: the initial model).
 
     Attributes:
-        acc: accuracy in [0, 1]. n: samples scored. start, end: unix seconds on the evaluation actor. node_id: the
-            Ray node of that actor ("" when unknown).
+        acc: accuracy in [0, 1] (text domains: next-token accuracy). n: samples scored (text: tokens). start, end:
+            unix seconds on the evaluation actor. node_id: the Ray node of that actor ("" when unknown).
+        nll: mean negative log-likelihood per sample (text: per token), in nats; ``exp(nll)`` is the perplexity
+            P[row][col] of a text domain.
     """
 
     row: int
@@ -90,6 +92,7 @@ class Cell:
     start: float
     end: float
     node_id: str = ""
+    nll: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class CurvePoint:
 
     Attributes:
         acc: accuracy in [0, 1]. n: samples scored. end: whether this is the snapshot at the end of the stage's
-            training.
+            training. nll: mean negative log-likelihood per sample (text: per token), in nats.
     """
 
     stage: int
@@ -109,6 +112,7 @@ class CurvePoint:
     acc: float
     n: int
     end: bool = False
+    nll: float = float("nan")
 
 
 class Listener:

@@ -64,7 +64,7 @@ class Evaluator:
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.strategies = [b.build() for b in strategies]
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
-        self.input_shape, self.scale, self.storage = form.shape, form.scale, storage
+        self.input_shape, self.scale, self.storage, self.form = form.shape, form.scale, storage, form
         self.model = build_model(model, form.shape, layout.num_outputs).to(self.device).eval()
         self.loaded: str | None = None
         self.data: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -72,13 +72,20 @@ class Evaluator:
         self.targets, self.mask = layout.target_table(), layout.head_mask()
 
     def _domain(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Domain j's evaluation split: inputs, targets and domain ids (text: the blocks' input and target ids)."""
         if j not in self.data:
             uri, manifest = self.domains[j]
             raw = read_split(uri, manifest, self.split, self.storage)
-            x = torch.from_numpy(raw.x.reshape(len(raw.y), *self.input_shape).astype(np.float32)) * self.scale
-            t = torch.full((len(raw.y),), j, dtype=torch.long)
-            self.data[j] = (x.to(self.device), self.targets[t, torch.from_numpy(raw.y)].to(self.device),
-                            t.to(self.device))
+            n = len(raw.x)
+            t = torch.full((n,), j, dtype=torch.long)
+            if self.form.text:
+                tokens = torch.from_numpy(raw.x.astype(np.int64))
+                x, y = tokens[:, :-1], tokens[:, 1:]
+            else:
+                assert raw.y is not None
+                x = torch.from_numpy(raw.x.reshape(n, *self.input_shape).astype(np.float32)) * self.scale
+                y = self.targets[t, torch.from_numpy(raw.y)]
+            self.data[j] = (x.to(self.device), y.to(self.device), t.to(self.device))
         return self.data[j]
 
     def evaluate(self, checkpoint: str, row: int, j: int) -> Cell:
@@ -92,22 +99,29 @@ class Evaluator:
                 s.load_state_dict(state)
             self.loaded = checkpoint
         x, y, t = self._domain(j)
-        correct = self._correct(j, x, y, t)
-        return Cell(row, j, correct / max(len(y), 1), len(y), start, time.time(),
-                    ray.get_runtime_context().get_node_id())
+        correct, nll, n = self._score(j, x, y, t)
+        return Cell(row, j, correct / max(n, 1), n, start, time.time(), ray.get_runtime_context().get_node_id(),
+                    nll / max(n, 1))
 
-    def _correct(self, j: int, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> int:
-        """Samples of domain j (``x`` ``[N, *shape]``, targets ``y`` and domain ids ``t`` ``[N]``) that the loaded
-        model, through the strategies' ``inference_model``, classifies correctly."""
+    def _score(self, j: int, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> tuple[int, float, int]:
+        """``(correct, summed negative log-likelihood in nats, count)`` of the loaded model, through the strategies'
+        ``inference_model``, on domain j (``x`` ``[N, *shape]``, targets ``y`` and domain ids ``t`` ``[N]``): counted
+        per sample, or per token for text (``x``, ``y`` ``[N, L]``; at most 65,536 tokens per forward pass)."""
         model = self.model
         for s in self.strategies:
             model = s.inference_model(model, j)
-        correct = 0
+        correct, nll, count = 0, 0.0, 0
+        rows = min(self.batch_size, max(1, 2**16 // x.shape[1])) if self.form.text else self.batch_size
         with torch.no_grad():
-            for i in range(0, len(y), self.batch_size):
-                logits = masked_logits(model(x[i:i + self.batch_size]), t[i:i + self.batch_size], self.mask)
-                correct += int((logits.argmax(1) == y[i:i + self.batch_size]).sum())
-        return correct
+            for i in range(0, len(y), rows):
+                logits = model(x[i:i + rows])
+                if not self.form.text:
+                    logits = masked_logits(logits, t[i:i + rows], self.mask)
+                flat, target = logits.flatten(0, -2).float(), y[i:i + rows].flatten()
+                correct += int((flat.argmax(-1) == target).sum())
+                nll += float(torch.nn.functional.cross_entropy(flat, target, reduction="sum"))
+                count += len(target)
+        return correct, nll, count
 
     def evaluate_snapshot(self, weights: dict[str, torch.Tensor], stage: int, step: int, global_step: int,
                           end: bool, cols: list[int], limit: int, threads: int = 1) -> list[CurvePoint]:
@@ -129,8 +143,8 @@ class Evaluator:
                 order = torch.from_numpy(np.random.default_rng(j).permutation(len(y))[:limit]).to(y.device)
                 self.subsamples[j] = order
             index = self.subsamples[j]
-            correct = self._correct(j, x[index], y[index], t[index])
-            points.append(CurvePoint(stage, step, global_step, j, correct / max(len(index), 1), len(index), end))
+            correct, nll, n = self._score(j, x[index], y[index], t[index])
+            points.append(CurvePoint(stage, step, global_step, j, correct / max(n, 1), n, end, nll / max(n, 1)))
         return points
 
     def evaluate_cells(self, checkpoint: str, row: int, cols: list[int], threads: int = 1) -> list[Cell]:

@@ -71,13 +71,14 @@ class WorkerShard:
     """Worker ``rank``'s part of a stage's training data (see the module docstring), read where it runs.
 
     Attributes:
-        files: the stage's shard files in stream order. columns: ``(features, label)`` column names.
+        files: the stage's shard files in stream order. columns: the columns read (``(features, label)``, or
+            ``(features,)`` for text).
         storage: how to reach the URIs. rank, world: this worker and the number of workers.
         permutation_seed: for ``shuffle: full``, the seed of the permutation of all rows; None streams in file order.
     """
 
     files: tuple[ShardFile, ...]
-    columns: tuple[str, str]
+    columns: tuple[str, ...]
     storage: Storage
     rank: int = 0
     world: int = 1

@@ -16,6 +16,7 @@ The default tracking URI is ``sqlite:///<absolute workdir>/mlflow.db``: absolute
 
 from __future__ import annotations
 
+import math
 import logging
 import os
 import time
@@ -258,6 +259,7 @@ class MlflowStages(Listener):
         self.lineages: dict[int, RunRef] = {}  # each committed stage's lineage.json, read on the tracker's thread
         self.seen = SeenSoFar()
         self.names: list[str] = []
+        self.text = False
 
     def stage_started(self, stage: StageSpec) -> None:
         """Create the stage's run, with its dataset inputs and params."""
@@ -295,19 +297,25 @@ class MlflowStages(Listener):
         self.open.discard(stage.task_id)
 
     def run_started(self, run: RunInfo) -> None:
-        """Remember the domains' names (continual evaluation's metric names)."""
+        """Remember the domains' names (continual evaluation's metric names) and whether they are text."""
         self.names = [d.name for d in run.plan.domains]
+        self.text = run.plan.input.text
 
     def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
-        """Log continual evaluation to the pipeline run: ``continual_acc.<domain>`` at step = the global step."""
+        """Log continual evaluation to the pipeline run: ``continual_acc.<domain>`` (text: ``continual_ppl.<domain>``)
+        at step = the global step."""
         if points:
-            self.tracker.log_metrics(self.parent, {f"continual_acc.{self.names[p.col]}": p.acc for p in points},
-                                     step=points[0].global_step)
+            values = {f"continual_ppl.{self.names[p.col]}": math.exp(p.nll) for p in points} if self.text else \
+                {f"continual_acc.{self.names[p.col]}": p.acc for p in points}
+            self.tracker.log_metrics(self.parent, values, step=points[0].global_step)
 
     def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
         """Log the metrics over the domains seen so far, once per stage k, in order of k."""
         for k, metrics in self.seen.add(row, [c.acc for c in cells]):
             self.tracker.log_metrics(self.parent, {f"{name}_seen": v for name, v in metrics.items()}, step=k)
+        if row >= 0 and self.text:  # text domains: row i of the perplexity matrix P, one metric per domain
+            self.tracker.log_metrics(self.parent, {f"ppl.{self.names[c.col]}": math.exp(c.nll) for c in cells},
+                                     step=row)
 
     def run_stopped(self, stage: StageSpec | None, reason: str) -> None:
         """End the run of the stage that was training, if any, as KILLED."""

@@ -5,8 +5,10 @@ A domain lives under one URI::
     <uri>/manifest.json                      this file, written last (the domain's commit record)
     <uri>/<split>/part-00000.parquet ...     the shards of each split (train, test, and optionally val)
 
-Every shard is a Parquet file with a feature column (uint8 values, the flattened input, as a fixed-size binary or a
-list of uint8) and an integer label column. ``lifelong shards build`` writes this layout; anyone may write it by
+Every shard is a Parquet file with a feature column (the flattened input, as a fixed-size binary or a list of
+values) and, for classification, an integer label column. A text domain (``schema.text``, language modelling) has no
+label column: each row is one block of ``context + 1`` token ids (uint8, uint16 or int32), the model reads the first
+``context`` and predicts the last ``context``. ``lifelong shards build`` writes this layout; anyone may write it by
 hand, and ``lifelong shards schema`` prints the JSON Schema of the manifest. Digests:
 
 - a shard's ``sha256``: hex sha256 of the file's bytes (64 characters);
@@ -31,11 +33,12 @@ class _Record(BaseModel):
 
 
 class FeatureSchema(_Record):
-    """The feature column: ``dtype`` uint8 values, ``shape`` the input shape (e.g. ``[1, 28, 28]``; its product is
-    the number of values per row), ``scale`` the factor that maps stored values to model inputs (e.g. 1/255)."""
+    """The feature column: ``dtype`` its values (uint8 for images; uint8, uint16 or int32 token ids for text),
+    ``shape`` the input shape (e.g. ``[1, 28, 28]``, or ``[context + 1]`` for text; its product is the number of
+    values per row), ``scale`` the factor that maps stored values to model inputs (e.g. 1/255; 1 for text)."""
 
     column: str = Field(min_length=1)
-    dtype: Literal["uint8"]
+    dtype: Literal["uint8", "uint16", "int32"]
     shape: list[int] = Field(min_length=1)
     scale: float = Field(gt=0)
 
@@ -53,11 +56,42 @@ class LabelSchema(_Record):
     dtype: Literal[INTEGER_DTYPES]  # type: ignore[valid-type]
 
 
+class TextSchema(_Record):
+    """A text domain's tokens (language modelling): ``vocab_size`` token ids ``0 .. vocab_size - 1``; ``tokenizer``
+    ``bytes`` (UTF-8 bytes, ids 0-255) or the path of the tokenizer file that made them; ``eos`` the id that ends each
+    document (documents are packed back to back into blocks); ``context`` the tokens the model reads per block."""
+
+    vocab_size: int = Field(ge=2)
+    tokenizer: str = Field(min_length=1)
+    eos: int = Field(ge=0)
+    context: int = Field(ge=1)
+
+
 class ShardSchema(_Record):
-    """The columns every shard of the domain has."""
+    """The columns every shard of the domain has: features and, for classification, a label; or, for text, features
+    only (token blocks) and ``text``."""
 
     features: FeatureSchema
-    label: LabelSchema
+    label: LabelSchema | None = None
+    text: TextSchema | None = None
+
+    @model_validator(mode="after")
+    def _one_task(self) -> ShardSchema:
+        if (self.label is None) == (self.text is None):
+            raise ValueError("give either a label column (classification) or text (token blocks), not both or none")
+        if self.text is not None:
+            if self.features.shape != [self.text.context + 1]:
+                raise ValueError(f"features.shape is {self.features.shape}; token blocks of a text domain need "
+                                 f"[context + 1] = [{self.text.context + 1}]")
+            limit = {"uint8": 2**8, "uint16": 2**16, "int32": 2**31}[self.features.dtype]
+            if self.text.vocab_size > limit:
+                raise ValueError(f"text.vocab_size {self.text.vocab_size} does not fit features.dtype "
+                                 f"{self.features.dtype}")
+            if self.text.eos >= self.text.vocab_size:
+                raise ValueError(f"text.eos {self.text.eos} is outside the vocabulary of {self.text.vocab_size}")
+        elif self.features.dtype != "uint8":
+            raise ValueError(f"features.dtype {self.features.dtype}: a classification domain's features are uint8")
+        return self
 
 
 class ShardEntry(_Record):
@@ -96,7 +130,7 @@ class Manifest(_Record):
     format: Literal["lifelong-shards/1"]
     domain: str = Field(min_length=1)
     shard_schema: ShardSchema = Field(alias="schema")
-    label_set: list[int] = Field(min_length=1)
+    label_set: list[int]
     splits: dict[Literal["train", "val", "test"], SplitListing]
     digest: str = Field(min_length=1)
     source: dict[str, Any] | None = None
@@ -109,6 +143,10 @@ class Manifest(_Record):
             raise ValueError(f"splits: no '{missing[0]}' split")
         if len(set(self.label_set)) != len(self.label_set):
             raise ValueError("label_set: repeated labels")
+        if self.shard_schema.label is not None and not self.label_set:
+            raise ValueError("label_set: a classification domain needs at least one label")
+        if self.shard_schema.text is not None and self.label_set:
+            raise ValueError("label_set: a text domain has no labels; leave it empty")
         return self
 
     def as_dict(self) -> dict[str, Any]:

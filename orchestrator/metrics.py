@@ -1,4 +1,5 @@
-"""Continual-learning metrics from the accuracy matrix, and the stability-gap metrics of continual evaluation.
+"""Continual-learning metrics from the accuracy matrix (or, for language models, the perplexity matrix), and the
+stability-gap metrics of continual evaluation.
 
 ``R[i][j]`` is the accuracy on domain j's test split after stage i (``T x T``); ``b[j]`` is the accuracy of the
 initial model on domain j. Definitions follow Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual
@@ -9,6 +10,18 @@ ECCV 2018, §4 (forgetting).
 from __future__ import annotations
 
 import numpy as np
+
+
+def _square(matrix: list[list[float]], b: list[float], name: str) -> np.ndarray:
+    """``matrix`` as a ``T x T`` float array.
+
+    Raises:
+        ValueError: if it is not square or ``b`` is not of length T (naming the matrix).
+    """
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or len(b) != m.shape[0]:
+        raise ValueError(f"{name} must be T x T and b of length T; got {name} {m.shape}, b {len(b)}")
+    return m
 
 
 def cl_metrics(R: list[list[float]], b: list[float]) -> dict[str, float | list[float]]:
@@ -26,9 +39,7 @@ def cl_metrics(R: list[list[float]], b: list[float]) -> dict[str, float | list[f
     Raises:
         ValueError: if R is not square or b has the wrong length.
     """
-    r = np.asarray(R, dtype=float)
-    if r.ndim != 2 or r.shape[0] != r.shape[1] or len(b) != r.shape[0]:
-        raise ValueError(f"R must be T x T and b of length T; got R {r.shape}, b {len(b)}")
+    r = _square(R, b, "R")
     t = r.shape[0]
     acc = float(r[-1].mean())
     if t == 1:
@@ -119,3 +130,58 @@ def stability_gap(points: list[dict[str, float]], num_domains: int, window_steps
     return {"task_end_acc": task_end, "min_acc": min_acc,
             "wc_acc": last / num_domains + (1 - 1 / num_domains) * min_acc,
             "windowed_forgetting": float(np.mean(drops)), "gap": task_end - min_acc}
+
+
+def lm_metrics(P: list[list[float]], b: list[float]) -> dict[str, float | list[float]]:
+    """Continual-learning metrics of a language model from its perplexity matrix (lower is better), the analogues
+    of :func:`cl_metrics` as in continual pre-training (Ke et al., "Continual Pre-training of Language Models",
+    ICLR 2023, §4; Ibrahim et al., "Simple and Scalable Strategies to Continually Pre-train Large Language
+    Models", TMLR 2024, §5).
+
+    Args:
+        P: ``T x T`` validation perplexities; ``P[i][j]`` after stage i on domain j.
+        b: ``T`` perplexities of the initial model.
+    Returns:
+        ``avg_ppl`` = mean_j P[T-1][j]; ``ppl_rise`` = mean_{j<T-1} (P[T-1][j] - P[j][j]), the mean rise in
+        perplexity on the earlier domains (forgetting; negative is backward transfer); ``ppl_forgetting`` = per
+        domain j < T-1, P[T-1][j] - min_{i<T-1} P[i][j] (a list), and ``avg_ppl_forgetting`` its mean; ``ppl_fwt`` =
+        mean_{j>0} (b[j] - P[j-1][j]), how much lower than the initial model's the perplexity on domain j is before
+        it is trained on. The rise, forgetting and FWT are 0.0 when T = 1.
+    Raises:
+        ValueError: if P is not square or b has the wrong length.
+    """
+    p = _square(P, b, "P")
+    t = p.shape[0]
+    avg = float(p[-1].mean())
+    if t == 1:
+        return {"avg_ppl": avg, "ppl_rise": 0.0, "ppl_forgetting": [], "avg_ppl_forgetting": 0.0, "ppl_fwt": 0.0}
+    forgetting = [float(p[-1, j] - p[: t - 1, j].min()) for j in range(t - 1)]
+    return {"avg_ppl": avg, "ppl_rise": float(np.mean([p[-1, j] - p[j, j] for j in range(t - 1)])),
+            "ppl_forgetting": forgetting, "avg_ppl_forgetting": float(np.mean(forgetting)),
+            "ppl_fwt": float(np.mean([b[j] - p[j - 1, j] for j in range(1, t)]))}
+
+
+def lm_stability_gap(points: list[dict[str, float]], num_domains: int) -> dict[str, float]:
+    """The stability gap of a language model, the analogue of :func:`stability_gap` on perplexity (lower is better):
+    with p(i, n) = exp(nll) on domain i's fixed subsample at global step n and t_i the end of stage i's training,
+
+    Args:
+        points: ``{"stage", "global_step", "col", "nll", "end"}`` per curve point (nll in nats per token).
+        num_domains: T.
+    Returns:
+        ``task_end_ppl`` = mean_{i<T-1} p(i, t_i); ``max_ppl`` = mean_{i<T-1} max_{n>t_i} p(i, n); ``gap`` =
+        max_ppl - task_end_ppl (how far perplexity on earlier domains climbs while later ones train). NaN where no
+        domain has points after its stage (e.g. T = 1).
+    """
+    nan = float("nan")
+    ends = {int(p["stage"]): float(np.exp(p["nll"])) for p in points if p["end"] and p["col"] == p["stage"]}
+    peaks, at_end = [], []
+    for i in range(num_domains - 1):
+        later = [float(np.exp(p["nll"])) for p in points if p["col"] == i and p["stage"] > i]
+        if i in ends and later:
+            peaks.append(max(later))
+            at_end.append(ends[i])
+    if not peaks:
+        return {"task_end_ppl": nan, "max_ppl": nan, "gap": nan}
+    return {"task_end_ppl": float(np.mean(at_end)), "max_ppl": float(np.mean(peaks)),
+            "gap": float(np.mean(peaks) - np.mean(at_end))}

@@ -1,15 +1,17 @@
 """Models and output heads.
 
-Built-in models are ``mlp`` (flatten, hidden ReLU layers, linear output) and a small ``cnn``; users plug their own in
-with an import path ``package.module:factory``. Every model maps ``[B, *input_shape]`` floats to
-``[B, num_outputs]`` logits.
+Built-in models are ``mlp`` (flatten, hidden ReLU layers, linear output) and a small ``cnn`` for classification, and
+the language models ``gpt`` and ``hf`` of ``orchestrator/gpt.py`` for text domains; users plug their own in with an
+import path ``package.module:factory``. A classifier maps ``[B, *input_shape]`` floats to ``[B, num_outputs]``
+logits; a language model maps ``[B, L]`` token ids to ``[B, L, vocab]`` logits.
 
 Heads follow the scenario (see :class:`HeadLayout`):
 
 - class-IL: one head over the union of all domains' labels;
 - domain-IL: one head of ``max_j |labels_j|`` outputs, each domain's labels mapped onto it in sorted order;
 - task-IL (multi-head): domain j owns the output slice ``[offset_j, offset_j + |labels_j|)``; logits outside the
-  sample's own head are masked, which is the same as a separate linear head per task.
+  sample's own head are masked, which is the same as a separate linear head per task;
+- language modelling (``lm``, text domains): one output per token id, shared by every domain.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class HeadLayout:
     """How raw labels of each domain map to output units.
 
     Attributes:
-        scenario: ``class_il``, ``task_il`` or ``domain_il``.
-        label_sets: sorted label set of each domain, in stream order.
+        scenario: ``class_il``, ``task_il``, ``domain_il``, or ``lm`` (text domains: next-token prediction).
+        label_sets: sorted label set of each domain, in stream order (empty for text domains).
         num_outputs: width of the model's output layer.
         offsets: first output unit of each domain's head (all 0 unless task-IL).
     """
@@ -44,6 +46,11 @@ class HeadLayout:
     label_sets: tuple[tuple[int, ...], ...]
     num_outputs: int
     offsets: tuple[int, ...]
+
+    @classmethod
+    def language(cls, vocab_size: int, num_domains: int) -> HeadLayout:
+        """The layout of a stream of text domains: ``vocab_size`` outputs (token ids), the same for every domain."""
+        return cls("lm", tuple(() for _ in range(num_domains)), vocab_size, tuple(0 for _ in range(num_domains)))
 
     @classmethod
     def build(cls, scenario: str, label_sets: list[list[int]]) -> HeadLayout:
@@ -65,7 +72,7 @@ class HeadLayout:
 
         Unknown labels map to -1.
         """
-        max_label = max(label for s in self.label_sets for label in s)
+        max_label = max((label for s in self.label_sets for label in s), default=0)
         table = torch.full((len(self.label_sets), max_label + 1), -1, dtype=torch.long)
         union = sorted({label for s in self.label_sets for label in s})
         for j, labels in enumerate(self.label_sets):
@@ -141,7 +148,8 @@ class CNN(nn.Module):
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """Build the model named by ``spec`` for inputs ``[B, *input_shape]`` and ``num_outputs`` logits.
+    """Build the model named by ``spec`` for inputs ``[B, *input_shape]`` and ``num_outputs`` logits (a language
+    model: token blocks of ``input_shape = (context + 1,)`` and a vocabulary of ``num_outputs``).
 
     Raises:
         LifelongError: if a user factory cannot be imported or does not return an ``nn.Module``.
@@ -150,6 +158,15 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int)
         return MLP(math.prod(input_shape), spec.hidden, num_outputs)
     if spec.name == "cnn":
         return CNN(input_shape, spec.channels, num_outputs)
+    if spec.name == "gpt":
+        from orchestrator.gpt import GPT
+
+        return GPT(num_outputs, spec.context or input_shape[0] - 1, spec.layers, spec.heads, spec.width, spec.dropout)
+    if spec.name == "hf":
+        from orchestrator.gpt import HFCausalLM
+
+        assert spec.hf is not None
+        return HFCausalLM(num_outputs, spec.hf.config, spec.hf.path)
     module_name, _, attr = spec.name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)

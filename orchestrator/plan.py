@@ -16,6 +16,7 @@ read by string keys:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from orchestrator.checkpoint import lineage_record
 from orchestrator.errors import LifelongError, ShardError
 from orchestrator.ingest import ShardFile, WorkerShard, stage_files, validate_domains
 from orchestrator.models import HeadLayout
-from orchestrator.spec import Pipeline, bind
+from orchestrator.spec import LANGUAGE_MODELS, Pipeline, bind
 from orchestrator.storage import Storage, join
 from strategies import BoundStrategy, train_domains_of
 
@@ -67,11 +68,34 @@ def check_stream(domains: Sequence[Domain], pipeline: Pipeline) -> None:
             raise ShardError(f"domain '{d.name}' ({d.uri}): its {split} split, which evaluation.split scores, is "
                              f"empty")
         for part, key in (("features", "column"), ("features", "dtype"), ("features", "shape"),
-                          ("features", "scale"), ("label", "column"), ("label", "dtype")):
-            mine, theirs = d.manifest["schema"][part][key], first.manifest["schema"][part][key]
+                          ("features", "scale"), ("label", "column"), ("label", "dtype"), ("text", "vocab_size"),
+                          ("text", "tokenizer"), ("text", "eos"), ("text", "context")):
+            mine, theirs = (m["schema"].get(part) or {} for m in (d.manifest, first.manifest))
+            mine, theirs = mine.get(key), theirs.get(key)
             if mine != theirs:
                 raise ShardError(f"domain '{d.name}' ({d.uri}): schema.{part}.{key} is {mine!r}, domain "
                                  f"'{first.name}' has {theirs!r}; every domain of a stream needs one schema")
+    check_model(first, pipeline)
+
+
+def check_model(first: Domain, pipeline: Pipeline) -> None:
+    """Refuse a model that cannot read the stream's shards: a classifier (``mlp``, ``cnn``) on text domains, a
+    language model on classification domains, or a ``gpt`` whose ``context`` is shorter than the shards' blocks.
+
+    Raises:
+        ShardError: naming ``model.name`` (or ``model.context``) and the domain.
+    """
+    text, name = first.manifest["schema"].get("text"), pipeline.model.name
+    where = f"domain '{first.name}' ({first.uri})"
+    if text is None and name in LANGUAGE_MODELS:
+        raise ShardError(f"model.name {name} is a language model, but {where} holds classification shards (a label "
+                         f"column); use mlp, cnn or your own model")
+    if text is not None and name in ("mlp", "cnn"):
+        raise ShardError(f"model.name {name} is a classifier, but {where} holds text (token blocks); use gpt or hf")
+    context = pipeline.model.context
+    if text is not None and name == "gpt" and context is not None and context < text["context"]:
+        raise ShardError(f"model.context {context} is shorter than the blocks of {where} ({text['context']} "
+                         f"tokens); raise it or rebuild the shards with a smaller source.context")
 
 
 def validate_shards(domains: Sequence[Domain], storage: Storage) -> None:
@@ -99,13 +123,26 @@ class Resources:
 
 @dataclass(frozen=True)
 class InputFormat:
-    """How shard rows become model inputs: ``[*shape]`` uint8 features in column ``features`` times ``scale``, and
-    integer labels in column ``label``."""
+    """How shard rows become model inputs: ``[*shape]`` features of ``dtype`` in column ``features`` times ``scale``,
+    and integer labels in column ``label``; or, for text domains (``vocab_size`` > 0, no label column), blocks of
+    ``shape = (context + 1,)`` token ids, whose first ``context`` are the input and last ``context`` the targets."""
 
     shape: tuple[int, ...]
     scale: float
     features: str
-    label: str
+    label: str | None
+    dtype: str = "uint8"
+    vocab_size: int = 0
+
+    @property
+    def text(self) -> bool:
+        """True for text domains (language modelling)."""
+        return self.vocab_size > 0
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The shard columns a batch is made of."""
+        return (self.features,) + ((self.label,) if self.label else ())
 
 
 @dataclass(frozen=True)
@@ -137,7 +174,7 @@ class StageData:
     def shard(self, rank: int, world: int) -> WorkerShard:
         """Worker ``rank`` of ``world``'s part of the stage's training data (see ``orchestrator/ingest.py``)."""
         full = self.seed * 1000 + self.task_id if self.shuffle == "full" else None
-        return WorkerShard(self.files, (self.input.features, self.input.label), self.storage, rank, world, full)
+        return WorkerShard(self.files, self.input.columns, self.storage, rank, world, full)
 
 
 @dataclass(frozen=True)
@@ -198,10 +235,14 @@ class StagePlan:
         """Build the plan from domains that :func:`check_stream` has accepted (``dag.prepare_domains`` checks
         them)."""
         first = domains[0].manifest["schema"]
-        layout = HeadLayout.build(pipeline.scenario, [list(d.manifest["label_set"]) for d in domains])
-        features = first["features"]
+        features, text = first["features"], first.get("text")
+        if text is not None:
+            layout = HeadLayout.language(int(text["vocab_size"]), len(domains))
+        else:
+            layout = HeadLayout.build(pipeline.scenario, [list(d.manifest["label_set"]) for d in domains])
         form = InputFormat(tuple(features["shape"]), float(features["scale"]), features["column"],
-                           first["label"]["column"])
+                           first["label"]["column"] if text is None else None, features["dtype"],
+                           int(text["vocab_size"]) if text is not None else 0)
         instances = [b.build() for b in strategies]
         stage_domains = tuple(tuple(train_domains_of(instances, k)) for k in range(len(domains)))
         return cls(pipeline, tuple(domains), storage, strategies, layout, form, resources, root, stage_domains)
@@ -218,6 +259,11 @@ class StagePlan:
     def train_rows(self, k: int) -> int:
         """Training rows stage k streams per epoch (all workers together)."""
         return sum(self.domains[j].manifest["splits"]["train"]["rows"] for j in self.train_domains(k))
+
+    def planned_steps(self, k: int) -> int:
+        """Optimizer steps stage k plans on each worker (epochs x steps per epoch; strategies may add epochs)."""
+        t = self.pipeline.training
+        return math.ceil(self.train_rows(k) / self.resources.num_workers / t.batch_size) * t.epochs
 
     def data(self, k: int) -> StageData:
         """Stage k's data description."""

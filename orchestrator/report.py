@@ -13,25 +13,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
 from orchestrator.engine import Cell, CurvePoint, Listener, RunInfo, StageResult
-from orchestrator.metrics import cl_metrics, stability_gap
+from orchestrator.metrics import cl_metrics, lm_metrics, lm_stability_gap, stability_gap
 from orchestrator.plan import StageSpec
 from orchestrator.stage import Progress
 from orchestrator.storage import join
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
-    """Print the accuracy matrix R (rows: after stage i; columns: domain j), the metrics and per-stage timings."""
+    """Print the accuracy matrix R (rows: after stage i; columns: domain j), or for text domains the perplexity
+    matrix P, the metrics and per-stage timings."""
     names = report["domains"]
     if report["R"]:
         _print_matrix(report, console)
@@ -46,49 +49,78 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                        f"{s['overhead_seconds']:.1f}", f"{s['samples_per_second']:.0f}", f"{s['epoch_loss'][-1]:.4f}")
     console.print(stages)
     gap = report.get("stability")
-    if gap:
+    if gap and "max_ppl" in gap:
+        console.print(f"continual evaluation ({len(report['curve'])} points): task-end perplexity "
+                      f"{gap['task_end_ppl']:.3f}, max perplexity {gap['max_ppl']:.3f} (stability gap {gap['gap']:.3f})",
+                      highlight=False)
+    elif gap:
         console.print(f"continual evaluation ({len(report['curve'])} points): task-end ACC {gap['task_end_acc']:.4f}, "
                       f"min-ACC {gap['min_acc']:.4f} (stability gap {gap['gap']:.4f}), WC-ACC {gap['wc_acc']:.4f}, "
                       f"windowed forgetting {gap['windowed_forgetting']:.4f}", highlight=False)
 
 
 def _print_matrix(report: dict[str, Any], console: Console) -> None:
+    """R (or, for text, P) with the initial model's row, then the summary of its metrics."""
+    text = bool(report.get("P"))
+    if text:
+        title, matrix, b, fmt = "Perplexity matrix P[i][j]", report["P"], report["P_b"], "{:.2f}"
+        summary = {"avg PPL": f"{report['avg_ppl']:.3f}", "PPL rise": f"{report['ppl_rise']:+.3f}",
+                   "PPL forgetting": f"{report['avg_ppl_forgetting']:.3f}", "PPL FWT": f"{report['ppl_fwt']:+.3f}",
+                   "bits/token": f"{report['bits_per_token']:.4f}"}
+    else:
+        title, matrix, b, fmt = "Accuracy matrix R[i][j]", report["R"], report["b"], "{:.3f}"
+        summary = {"ACC": f"{report['acc']:.4f}", "BWT": f"{report['bwt']:+.4f}", "FWT": f"{report['fwt']:+.4f}",
+                   "forgetting": f"{report['avg_forgetting']:.4f}"}
     names = report["domains"]
-    table = Table(title=f"Accuracy matrix R[i][j] ({report['pipeline']}, strategy {report['strategy']})")
+    table = Table(title=f"{title} ({report['pipeline']}, strategy {report['strategy']}"
+                        + ("; lower is better)" if text else ")"))
     table.add_column("after stage")
     for n in names:
         table.add_column(n, justify="right")
-    table.add_row("init (b)", *[f"{v:.3f}" for v in report["b"]], style="dim")
-    for i, row in enumerate(report["R"]):
-        table.add_row(f"{i}: {names[i]}", *[f"{v:.3f}" for v in row])
+    table.add_row("init (b)", *[fmt.format(v) for v in b], style="dim")
+    for i, row in enumerate(matrix):
+        table.add_row(f"{i}: {names[i]}", *[fmt.format(v) for v in row])
     console.print(table)
-    summary = Table(title="Summary")
-    for col in ("ACC", "BWT", "FWT", "forgetting", "wall s", "MLflow run"):
-        summary.add_column(col, justify="right")
-    summary.add_row(f"{report['acc']:.4f}", f"{report['bwt']:+.4f}", f"{report['fwt']:+.4f}",
-                    f"{report['avg_forgetting']:.4f}", f"{report['wall_seconds']:.1f}", report["mlflow_run_id"])
-    console.print(summary)
+    summary.update({"wall s": f"{report['wall_seconds']:.1f}", "MLflow run": report["mlflow_run_id"]})
+    table = Table(title="Summary")
+    for col in summary:
+        table.add_column(col, justify="right")
+    table.add_row(*summary.values())
+    console.print(table)
 
 
 def save_heatmap(report: dict[str, Any], path: Path) -> Path:
-    """Save R as a PNG heatmap (rows: after stage i, columns: domain j, values in [0, 1]) and return the path."""
+    """Save R as a PNG heatmap (rows: after stage i, columns: domain j, values in [0, 1]), or for text domains the
+    perplexity matrix P (colours on a log scale), and return the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    names = report["domains"]
+    names, text = report["domains"], bool(report.get("P"))
     t = len(names)
+    matrix = report["P"] if text else report["R"]
     fig, ax = plt.subplots(figsize=(1.2 * t + 2.5, 1.0 * t + 1.8))
-    im = ax.imshow(report["R"], vmin=0.0, vmax=1.0, cmap="viridis")
+    if text:
+        im = ax.imshow(matrix, norm=LogNorm(), cmap="viridis_r")
+        middle = float(np.sqrt(np.min(matrix) * np.max(matrix)))
+    else:
+        im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
     for i in range(t):
         for j in range(t):
-            v = report["R"][i][j]
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=9)
+            v = matrix[i][j]
+            dark = v > middle if text else v < 0.6
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if dark else "black", fontsize=9)
     ax.set_xticks(range(t), names, rotation=45, ha="right")
     ax.set_yticks(range(t), [f"after {n}" for n in names])
     ax.set_xlabel("evaluated on domain j")
-    ax.set_title(f"{report['pipeline']} / {report['strategy']}: ACC {report['acc']:.3f}, BWT {report['bwt']:+.3f}")
+    if text:
+        ax.set_title(f"{report['pipeline']} / {report['strategy']}: perplexity; avg {report['avg_ppl']:.2f}, rise "
+                     f"{report['ppl_rise']:+.2f}", fontsize=10)
+    else:
+        ax.set_title(f"{report['pipeline']} / {report['strategy']}: ACC {report['acc']:.3f}, BWT "
+                     f"{report['bwt']:+.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -104,18 +136,29 @@ def save_curve(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, points = report["domains"], report["curve"]
+    names, points, text = report["domains"], report["curve"], bool(report.get("P"))
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for j, name in enumerate(names):
-        mine = sorted((p["global_step"], p["acc"]) for p in points if p["col"] == j)
+        mine = sorted((p["global_step"], math.exp(p["nll"]) if text else p["acc"]) for p in points if p["col"] == j)
         if mine:
             ax.plot([s for s, _ in mine], [a for _, a in mine], marker=".", markersize=3, linewidth=1, label=name)
     for p in points:
         if p["end"] and p["col"] == p["stage"]:
             ax.axvline(p["global_step"], color="grey", linestyle="--", linewidth=0.7)
     gap = report.get("stability") or {}
-    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("training step (all stages)")
+    if text:
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (fixed subsample)")
+        ax.set_title(f"{report['pipeline']} / {report['strategy']}: continual evaluation; max perplexity "
+                     f"{gap.get('max_ppl', float('nan')):.3f}, task-end {gap.get('task_end_ppl', float('nan')):.3f}",
+                     fontsize=10)
+        ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+    ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy (fixed subsample)")
     ax.set_title(f"{report['pipeline']} / {report['strategy']}: continual evaluation; min-ACC "
                  f"{gap.get('min_acc', float('nan')):.3f}, task-end {gap.get('task_end_acc', float('nan')):.3f}, "
@@ -212,6 +255,8 @@ class ReportBuilder(Listener):
         self.window = 100
         self.stages: list[dict[str, Any]] = []
         self.rows: dict[int, list[float]] = {}
+        self.nll: dict[int, list[float]] = {}
+        self.text = False
         self.names: list[str] = []
         self.header: dict[str, Any] = {}
 
@@ -220,7 +265,9 @@ class ReportBuilder(Listener):
         p = run.plan.pipeline
         self.names = [d.name for d in run.plan.domains]
         self.window = p.evaluation.window_steps
-        self.header = {"pipeline": p.name, "strategy": p.strategy_label(), "scenario": p.scenario,
+        self.text = run.plan.input.text
+        self.header = {"pipeline": p.name, "strategy": p.strategy_label(),
+                       "scenario": "lm" if run.plan.input.text else p.scenario,
                        "domains": self.names}
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
@@ -228,8 +275,9 @@ class ReportBuilder(Listener):
         self.stages.append(stage_summary(stage, result))
 
     def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
-        """Keep row ``row`` of R (row -1: b)."""
+        """Keep row ``row`` of R (row -1: b) and of the mean negative log-likelihoods."""
         self.rows[row] = [c.acc for c in cells]
+        self.nll[row] = [c.nll for c in cells]
 
     def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
         """Keep the continual-evaluation points."""
@@ -239,16 +287,25 @@ class ReportBuilder(Listener):
         """``pipeline``, ``strategy``, ``scenario``, ``domains``, ``stages``, ``R`` (T x T), ``b`` (T), and
         :func:`orchestrator.metrics.cl_metrics`'s ``acc``, ``bwt``, ``fwt``, ``forgetting``, ``avg_forgetting``
         (None and empty lists for a training-only run); with continual evaluation, ``curve`` (its points, by global
-        step) and ``stability`` (:func:`orchestrator.metrics.stability_gap`)."""
+        step) and ``stability`` (:func:`orchestrator.metrics.stability_gap`). For text domains, R holds next-token
+        accuracies and the report adds ``P`` (T x T perplexities), ``P_b``, ``bits_per_token`` (the last row's mean
+        negative log-likelihood in bits) and :func:`orchestrator.metrics.lm_metrics`."""
         report = {**self.header, "stages": self.stages}
         if self.curve:
             curve = sorted(self.curve, key=lambda p: (p["global_step"], p["col"]))
-            report.update(curve=curve, stability=stability_gap(curve, len(self.names), self.window))
+            report.update(curve=curve, stability=lm_stability_gap(curve, len(self.names)) if self.text else
+                          stability_gap(curve, len(self.names), self.window))
         if not self.evaluate:
             return {**report, "R": [], "b": [], "acc": None, "bwt": None, "fwt": None, "forgetting": [],
                     "avg_forgetting": None}
         R = [self.rows[i] for i in range(len(self.stages))]
-        return {**report, "R": R, "b": self.rows[-1], **cl_metrics(R, self.rows[-1])}
+        report = {**report, "R": R, "b": self.rows[-1], **cl_metrics(R, self.rows[-1])}
+        if self.text:
+            P = [[math.exp(v) for v in self.nll[i]] for i in range(len(self.stages))]
+            b = [math.exp(v) for v in self.nll[-1]]
+            report.update(P=P, P_b=b, bits_per_token=float(np.mean(self.nll[len(P) - 1])) / math.log(2),
+                          **lm_metrics(P, b))
+        return report
 
 
 class ProgressBar(Listener):

@@ -54,10 +54,11 @@ _IDX_FILES = {
 
 @dataclass
 class RawSplit:
-    """In-memory samples of one split: ``x`` ``[N, D]`` uint8 (flattened), ``y`` ``[N]`` int64."""
+    """In-memory samples of one split: ``x`` ``[N, D]`` (flattened uint8 features, or token blocks of a text domain:
+    uint8, uint16 or int32), ``y`` ``[N]`` int64 labels (None for a text domain, which has none)."""
 
     x: np.ndarray
-    y: np.ndarray
+    y: np.ndarray | None
 
 
 @dataclass
@@ -345,13 +346,16 @@ def make_domain_splits(raw: RawDataset, source: SourceSpec, name: str) -> dict[s
 # ---------------------------------------------------------------- writing
 
 def _table(split: RawSplit) -> pa.Table:
-    """A split as a shard table: ``x`` one fixed-size binary value of D bytes per row (uint8 features; Parquet
-    decodes it about 5x faster than a list of D uint8, measured on 8,192 MNIST rows: 8.5 ms against 42 ms), ``y``
-    int64 labels."""
-    width = split.x.shape[1]
-    data = np.ascontiguousarray(split.x, dtype=np.uint8).tobytes()
-    x = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(split.y), [None, pa.py_buffer(data)])
-    return pa.table({"x": x, "y": pa.array(split.y, type=pa.int64())})
+    """A split as a shard table: ``x`` one fixed-size binary value per row (the D values' bytes, little-endian;
+    Parquet decodes it about 5x faster than a list of D uint8, measured on 8,192 MNIST rows: 8.5 ms against 42 ms),
+    ``y`` int64 labels (none for a text domain)."""
+    x = np.ascontiguousarray(split.x)
+    width = x.shape[1] * x.dtype.itemsize
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(x), [None, pa.py_buffer(x.astype(
+        x.dtype.newbyteorder("<"), copy=False).tobytes())])
+    if split.y is None:
+        return pa.table({"x": column})
+    return pa.table({"x": column, "y": pa.array(split.y, type=pa.int64())})
 
 
 def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None,
@@ -367,23 +371,16 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
     store = storage or Storage()
     if store.exists(join(uri, MANIFEST)):
         raise ShardError(f"{uri} already holds a domain; refusing to overwrite it")
-    raw = load_raw(source, data_root)
-    splits = make_domain_splits(raw, source, name)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "domain": name,
-        "schema": {
-            "features": {"column": "x", "dtype": "uint8", "shape": list(raw.shape), "scale": raw.scale},
-            "label": {"column": "y", "dtype": "int64"},
-        },
-        "label_set": sorted(int(v) for v in np.unique(splits["train"].y)),
-        **({"label_names": {str(i): n for i, n in enumerate(raw.label_names)
-                            if i in set(splits["train"].y.tolist())}} if raw.label_names else {}),
+        **_described(source, data_root, name),
         "source": source.model_dump(mode="json"),
         "origin": ("sklearn.datasets.load_digits" if source.kind == "sklearn_digits"
                    else str(resolve_source_dir(source, data_root))),
         "splits": {},
     }
+    splits = manifest.pop("_splits")
 
     def record() -> bytes:
         manifest["digest"] = digest(json.dumps(manifest["splits"], sort_keys=True))
@@ -396,22 +393,43 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
     return manifest
 
 
+def _described(source: SourceSpec, data_root: Path | None, name: str) -> dict[str, Any]:
+    """A domain's splits (under ``_splits``) and what its manifest says of them: ``schema``, ``label_set`` and, for an
+    image folder, ``label_names``."""
+    from orchestrator.text import TEXT_KINDS, text_splits
+
+    if source.kind in TEXT_KINDS:
+        splits, text = text_splits(source, data_root, name)
+        features = {"column": "x", "dtype": str(splits["train"].x.dtype), "shape": [text["context"] + 1], "scale": 1.0}
+        return {"_splits": splits, "schema": {"features": features, "text": text}, "label_set": []}
+    raw = load_raw(source, data_root)
+    splits = make_domain_splits(raw, source, name)
+    labels = sorted(int(v) for v in np.unique(splits["train"].y))
+    return {"_splits": splits,
+            "schema": {"features": {"column": "x", "dtype": "uint8", "shape": list(raw.shape), "scale": raw.scale},
+                       "label": {"column": "y", "dtype": "int64"}},
+            "label_set": labels,
+            **({"label_names": {str(i): n for i, n in enumerate(raw.label_names) if i in set(labels)}}
+               if raw.label_names else {})}
+
+
 def _shard_files(splits: dict[str, RawSplit], rows_per_shard: int,
                  listing: dict[str, Any]) -> Iterator[tuple[str, bytes]]:
     """``(relative path, Parquet bytes)`` of every shard, split by split; each split's entry (rows, shards with their
     sha256, digest) is added to ``listing`` once its shards are out."""
     for split in SPLITS:
         data, shards = splits[split], []
-        for i in range(max(1, -(-len(data.y) // rows_per_shard))):
+        for i in range(max(1, -(-len(data.x) // rows_per_shard))):
             rows = slice(i * rows_per_shard, (i + 1) * rows_per_shard)
             sink = pa.BufferOutputStream()
-            pq.write_table(_table(RawSplit(data.x[rows], data.y[rows])), sink, compression="zstd")
+            part = RawSplit(data.x[rows], None if data.y is None else data.y[rows])
+            pq.write_table(_table(part), sink, compression="zstd")
             blob = sink.getvalue().to_pybytes()
             rel = f"{split}/part-{i:05d}.parquet"
-            shards.append({"path": rel, "rows": len(data.y[rows]), "bytes": len(blob),
+            shards.append({"path": rel, "rows": len(part.x), "bytes": len(blob),
                            "sha256": hashlib.sha256(blob).hexdigest()})
             yield rel, blob
-        listing[split] = {"rows": len(data.y), "shards": shards, "digest": digest(json.dumps(shards, sort_keys=True))}
+        listing[split] = {"rows": len(data.x), "shards": shards, "digest": digest(json.dumps(shards, sort_keys=True))}
 
 
 # ---------------------------------------------------------------- reading and validation
@@ -440,7 +458,7 @@ def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<top>"
-        raise ShardError(f"{join(uri, MANIFEST)}: {where}: {first['msg']}") from None
+        raise ShardError(f"{join(uri, MANIFEST)}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 def shard_uris(uri: str, manifest: Mapping[str, Any], split: str) -> list[str]:
@@ -452,14 +470,15 @@ def verify_domain(uri: str, manifest: Mapping[str, Any], check_hashes: bool = Tr
                   storage: Storage | None = None) -> None:
     """Check every shard of a domain: it exists, its sha256 and row count match, its schema has the columns, its
     label column holds integers, and every label is in the manifest's label set (in every split: a test label outside
-    it would be scored as a wrong answer, a train label would fail the stage).
+    it would be scored as a wrong answer, a train label would fail the stage); for a text domain, that its blocks
+    are whole and every token id is in the vocabulary.
 
     Raises:
         ShardError: naming the first shard at fault and what is wrong with it.
     """
     fs, _ = (storage or Storage.from_settings()).fsspec(uri)
     schema = manifest["schema"]
-    want = {schema["features"]["column"], schema["label"]["column"]}
+    want = set(columns_of(manifest))
     label_set = np.asarray(sorted(manifest["label_set"]), dtype=np.int64)
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
@@ -478,13 +497,30 @@ def verify_domain(uri: str, manifest: Mapping[str, Any], check_hashes: bool = Tr
             columns = set(meta.schema.to_arrow_schema().names)
             missing = sorted(want - columns)
             if missing:
-                kind = "label" if schema["label"]["column"] in missing else "feature"
+                kind = "feature" if schema["features"]["column"] in missing else "label"
                 raise ShardError(f"shard {full}: {kind} column '{missing[0]}' not found "
                                  f"(columns: {', '.join(sorted(columns))})")
             if meta.num_rows != shard["rows"]:
                 raise ShardError(f"shard {full}: {meta.num_rows} rows, manifest says {shard['rows']}")
-            _check_labels(full, pq.read_table(pa.BufferReader(blob), columns=[schema["label"]["column"]]).column(0),
+            if schema.get("text") is not None:
+                _check_tokens(full, pq.read_table(pa.BufferReader(blob), columns=[schema["features"]["column"]]),
+                              schema)
+            if schema.get("label") is not None:
+                _check_labels(full, pq.read_table(pa.BufferReader(blob), columns=[schema["label"]["column"]]).column(0),
                           schema["label"]["column"], label_set)
+
+
+def _check_tokens(shard: str, table: pa.Table, schema: Mapping[str, Any]) -> None:
+    """Refuse a text domain's shard whose blocks are not ``context + 1`` ids of the manifest's dtype, or hold an id
+    outside its vocabulary (the model's embedding would fail on the worker), naming the first."""
+    features, vocab = schema["features"], int(schema["text"]["vocab_size"])
+    try:
+        ids = feature_matrix(table.column(0), int(np.prod(features["shape"])), features["dtype"])
+    except ValueError as e:
+        raise ShardError(f"shard {shard}: feature column '{features['column']}': {e}") from None
+    if ids.size and int(ids.max()) >= vocab:
+        raise ShardError(f"shard {shard}: token id {int(ids.max())} is outside the vocabulary of {vocab} "
+                         f"(schema.text.vocab_size)")
 
 
 def _check_labels(shard: str, labels: pa.ChunkedArray, column: str, label_set: np.ndarray) -> None:
@@ -515,41 +551,54 @@ def iter_split_tables(uri: str, manifest: dict[str, Any], split: str,
                       storage: Storage | None = None) -> Iterator[pa.Table]:
     """Yield one Arrow table per shard of a split."""
     fs, _ = (storage or Storage.from_settings()).fsspec(uri)
-    schema = manifest["schema"]
     for full in shard_uris(uri, manifest, split):
         with fs.open(full, "rb") as f:
-            yield pq.read_table(f, columns=[schema["features"]["column"], schema["label"]["column"]])
+            yield pq.read_table(f, columns=list(columns_of(manifest)))
 
 
-def feature_matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
-    """A feature column as ``[N, width]`` uint8: one fixed-size or variable binary value of ``width`` bytes per row
-    (what ``shards build`` writes), or a (fixed-size) list of ``width`` uint8 values.
+def columns_of(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The columns a domain's shards are read for: the feature column, and the label column unless it is a text
+    domain."""
+    schema = manifest["schema"]
+    label = schema.get("label")
+    return (schema["features"]["column"],) + ((label["column"],) if label else ())
+
+
+def feature_matrix(column: pa.ChunkedArray | pa.Array, width: int, dtype: str = "uint8") -> np.ndarray:
+    """A feature column as ``[N, width]`` values of ``dtype`` (uint8, uint16 or int32): one fixed-size or variable
+    binary value of ``width`` little-endian values per row (what ``shards build`` writes), or a (fixed-size) list of
+    ``width`` values.
 
     Raises:
         ValueError: if a row does not hold ``width`` values, or the column has another type (naming it).
     """
+    kind = np.dtype(dtype).newbyteorder("<")
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(array)
-    if pa.types.is_fixed_size_binary(array.type) and array.type.byte_width == width:
-        flat = np.frombuffer(array.buffers()[1], dtype=np.uint8, count=(array.offset + n) * width)
+    n, size = len(array), width * kind.itemsize
+    if pa.types.is_fixed_size_binary(array.type) and array.type.byte_width == size:
+        flat = np.frombuffer(array.buffers()[1], dtype=kind, count=(array.offset + n) * width)
         return flat[array.offset * width:].reshape(n, width)
     if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type) or pa.types.is_fixed_size_binary(
             array.type):
         values = b"".join(array.to_pylist()) if n else b""
     elif pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(
             array.type):
-        values = array.flatten().to_numpy(zero_copy_only=False).astype(np.uint8, copy=False)
+        values = array.flatten().to_numpy(zero_copy_only=False).astype(kind, copy=False)
     else:
-        raise ValueError(f"feature column of type {array.type}: expected binary or a list of uint8")
-    flat = np.frombuffer(values, dtype=np.uint8) if isinstance(values, bytes) else values
+        raise ValueError(f"feature column of type {array.type}: expected binary or a list of {dtype}")
+    if isinstance(values, bytes) and len(values) % kind.itemsize:
+        raise ValueError(f"feature column holds {len(values)} bytes, not a whole number of {dtype} values")
+    flat = np.frombuffer(values, dtype=kind) if isinstance(values, bytes) else values
     if flat.size != n * width:
         raise ValueError(f"feature column holds {flat.size} values for {n} rows of {width}")
     return flat.reshape(n, width)
 
 
 def table_to_raw(table: pa.Table, manifest: dict[str, Any]) -> RawSplit:
-    """Convert an Arrow table with the manifest's columns into ``x`` ``[N, D]`` uint8 and ``y`` ``[N]`` int64."""
+    """Convert an Arrow table with the manifest's columns into ``x`` ``[N, D]`` (the features' dtype) and ``y``
+    ``[N]`` int64 (None for a text domain)."""
     schema = manifest["schema"]
-    x = feature_matrix(table.column(schema["features"]["column"]), int(np.prod(schema["features"]["shape"])))
-    y = table.column(schema["label"]["column"]).to_numpy().astype(np.int64)
-    return RawSplit(x, y)
+    features = schema["features"]
+    x = feature_matrix(table.column(features["column"]), int(np.prod(features["shape"])), features["dtype"])
+    label = schema.get("label")
+    return RawSplit(x, table.column(label["column"]).to_numpy().astype(np.int64) if label else None)

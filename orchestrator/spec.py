@@ -31,6 +31,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TEXT_KINDS = ("csv", "jsonl", "parquet", "text_files")
+
+
 class SourceSpec(_Strict):
     """Where a domain's shards are built from when they are missing.
 
@@ -44,9 +47,15 @@ class SourceSpec(_Strict):
     folder names' indices; ``classes`` may name folders), or ``path/train/<class>/`` and ``path/test/<class>/`` when
     the user has split them. PNG, JPEG, BMP, GIF and WebP files are decoded with Pillow, converted to ``channels``
     (1: grey, 3: RGB) and resized to ``image_size`` (default: the first image's size).
+
+    Text domains (language modelling, ``orchestrator/text.py``): ``csv``, ``jsonl`` and ``parquet`` read one document
+    per row from ``text_columns`` of a file or a folder of files, keeping the rows that ``where`` selects (one table
+    cut into domains by a column's values); ``text_files`` reads one document per ``.txt`` file (a file, or a folder
+    searched recursively). Documents are tokenised by ``tokenizer`` and packed into blocks of ``context + 1`` ids.
     """
 
-    kind: Literal["mnist", "fashion_mnist", "sklearn_digits", "image_folder", "idx"]
+    kind: Literal["mnist", "fashion_mnist", "sklearn_digits", "image_folder", "idx", "csv", "jsonl", "parquet",
+                  "text_files"]
     path: str | None = None
     classes: list[int | str] | None = None
     permutation_seed: int | None = None
@@ -61,13 +70,31 @@ class SourceSpec(_Strict):
     image_size: tuple[int, int] | None = Field(None, description="image_folder: [height, width] every image is "
                                                "resized to; default the first image's size")
     channels: Literal[1, 3] = Field(1, description="image_folder: 1 (grey) or 3 (RGB)")
+    text_columns: list[str] | None = Field(None, min_length=1, description="csv, jsonl, parquet: the columns that "
+                                           "hold each document's text (joined with a newline)")
+    columns: list[str] | None = Field(None, min_length=1, description="csv without a header row: the names of its "
+                                      "columns")
+    where: dict[str, Any] | None = Field(None, description="csv, jsonl, parquet: keep the rows whose column holds "
+                                         "this value (or one of this list), e.g. {topic: sports}")
+    test_path: str | None = Field(None, description="text: the user's own test file or folder (else test_fraction "
+                                  "of the documents is held out)")
+    tokenizer: str = Field("bytes", min_length=1, description="text: 'bytes' (UTF-8 bytes, nothing to download) or "
+                           "the local path of a tokenizers tokenizer.json (or its folder)")
+    context: int = Field(128, ge=1, description="text: tokens the model reads per block (blocks hold context + 1)")
     rows_per_shard: int = Field(8192, gt=0)
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceSpec:
-        if self.kind in ("mnist", "fashion_mnist", "image_folder", "idx") and not self.path:
-            what = "image folder" if self.kind == "image_folder" else "IDX files"
+        text = self.kind in TEXT_KINDS
+        if self.kind not in ("sklearn_digits",) and not self.path:
+            what = {"image_folder": "image folder", "idx": "IDX files"}.get(self.kind, "files")
             raise ValueError(f"source kind '{self.kind}' needs a 'path' to its {what}")
+        if self.kind in ("csv", "jsonl", "parquet") and not self.text_columns:
+            raise ValueError(f"source kind '{self.kind}' needs text_columns: the columns that hold the text")
+        wrong = [f for f in ("text_columns", "columns", "where", "test_path") if getattr(self, f) is not None
+                 and not (text and (f != "text_columns" or self.kind != "text_files"))]
+        if wrong or (self.columns is not None and self.kind != "csv"):
+            raise ValueError(f"{(wrong or ['columns'])[0]}: not a field of source kind '{self.kind}'")
         if (self.kind == "idx") != (self.idx is not None) or (self.idx is not None and "train" not in self.idx):
             raise ValueError("idx: source kind 'idx' needs idx: {train: [images, labels]} (test optional), and "
                              "only it takes idx")
@@ -90,24 +117,59 @@ class DomainSpec(_Strict):
     source: SourceSpec | None = None
 
 
+class HFSpec(_Strict):
+    """A Hugging Face ``transformers`` causal LM (``model.name: hf``): exactly one of ``config`` (a config dict,
+    ``model_type`` naming the architecture, default gpt2; random weights) or ``path`` (a local folder to load;
+    nothing is downloaded)."""
+
+    config: dict[str, Any] | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> HFSpec:
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of config or path")
+        return self
+
+
+LANGUAGE_MODELS = ("gpt", "hf")
+
+
 class ModelSpec(_Strict):
-    """The model: built-in ``mlp`` or ``cnn``, or a user factory ``package.module:factory``.
+    """The model: built-in ``mlp`` or ``cnn`` (classification), ``gpt`` or ``hf`` (language models, for text
+    domains), or a user factory ``package.module:factory``.
 
     A user factory is called as ``factory(input_shape=(C, H, W) or (D,), num_outputs=int, **params)`` and must
-    return an ``nn.Module`` mapping ``[B, *input_shape]`` float inputs to ``[B, num_outputs]`` logits.
+    return an ``nn.Module`` mapping ``[B, *input_shape]`` float inputs to ``[B, num_outputs]`` logits (or, for text
+    domains, ``[B, L]`` token ids to ``[B, L, num_outputs]`` logits; ``input_shape`` is then ``(context + 1,)``).
     """
 
     name: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [400, 400])
     channels: list[int] = Field(default_factory=lambda: [32, 64])
+    layers: int = Field(2, ge=1, description="gpt: transformer blocks")
+    heads: int = Field(4, ge=1, description="gpt: attention heads per block")
+    width: int = Field(128, ge=1, description="gpt: model width (a multiple of heads)")
+    context: int | None = Field(None, ge=1, description="gpt: longest sequence; default the shards' context")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="gpt: dropout")
+    hf: HFSpec | None = Field(None, description="hf: the transformers model to build or load")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in ("mlp", "cnn") and not re.match(r"^[\w.]+:\w+$", v):
-            raise ValueError(f"unknown model '{v}': use 'mlp', 'cnn' or an import path 'package.module:factory'")
+        if v not in ("mlp", "cnn", *LANGUAGE_MODELS) and not re.match(r"^[\w.]+:\w+$", v):
+            raise ValueError(f"unknown model '{v}': use 'mlp', 'cnn', 'gpt', 'hf' or an import path "
+                             f"'package.module:factory'")
         return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModelSpec:
+        if (self.name == "hf") != (self.hf is not None):
+            raise ValueError("hf: model.name hf needs hf: {config: ...} or {path: ...}, and only it takes hf")
+        if self.name == "gpt" and self.width % self.heads:
+            raise ValueError(f"width: {self.width} is not a multiple of heads ({self.heads})")
+        return self
 
 
 class StrategySpec(BaseModel):
@@ -129,6 +191,34 @@ class OptimizerSpec(_Strict):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleSpec(_Strict):
+    """``training.lr_schedule``: the learning rate across each stage's steps, as a factor on ``optimizer.lr``
+    (``orchestrator/schedules.py``): ``constant``; ``cosine`` (re-warm and re-decay at every domain); or ``infinite``
+    (warm-up and cool-down once, a constant rate across domains, annealing at the end of each stage), both from
+    Ibrahim et al., TMLR 2024."""
+
+    name: Literal["constant", "cosine", "infinite"] = "constant"
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of a stage's steps (cosine: every "
+                                   "stage; infinite: stage 0) spent warming up")
+    min_ratio: float = Field(0.1, gt=0.0, le=1.0, description="the lowest rate, as a share of optimizer.lr (end of "
+                             "the cosine decay; end of infinite's annealing)")
+    cooldown_fraction: float = Field(0.25, ge=0.0, lt=1.0, description="infinite: share of stage 0's steps spent "
+                                     "cooling down to constant_ratio")
+    constant_ratio: float = Field(0.5, gt=0.0, le=1.0, description="infinite: the constant rate, as a share of "
+                                  "optimizer.lr")
+    anneal_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="infinite: share of each stage's steps spent "
+                                   "annealing before its checkpoint")
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> ScheduleSpec:
+        if self.name == "infinite":
+            if self.warmup_fraction + self.cooldown_fraction + self.anneal_fraction > 1.0:
+                raise ValueError("warmup_fraction + cooldown_fraction + anneal_fraction exceed 1 (one stage)")
+            if self.min_ratio > self.constant_ratio:
+                raise ValueError(f"min_ratio {self.min_ratio} is above constant_ratio {self.constant_ratio}")
+        return self
 
 
 def _positive_resources(resources: dict[str, float]) -> dict[str, float]:
@@ -156,6 +246,7 @@ class TrainingSpec(_Strict):
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=1)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    lr_schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = Field(False, description="one GPU per worker (the NCCL backend with several workers)")
     precision: Literal["fp32", "bf16"] = Field(

@@ -35,6 +35,7 @@ from orchestrator.ingest import WorkerShard
 from orchestrator.shards import feature_matrix
 from orchestrator.models import build_model
 from orchestrator.plan import StageData, StageSpec
+from orchestrator.schedules import lr_factor
 from orchestrator.spec import Pipeline
 from strategies import Batch, StageContext, Strategy
 from strategies.base import LossTerms
@@ -99,6 +100,22 @@ class ToBatch:
         return Batch(x, y, t).pin_memory() if self.pin else Batch(x, y, t)
 
 
+class ToTokenBatch:
+    """Collate an Arrow table of token blocks (a text domain's shard rows) into a :class:`Batch` for next-token
+    prediction: ``x`` the first ``context`` ids of each block and ``y`` the last ``context`` (``[B, context]`` int64
+    each), ``t`` the domain ids. With ``pin``, in page-locked memory (see :class:`ToBatch`)."""
+
+    def __init__(self, features: str, width: int, dtype: str, pin: bool = False) -> None:
+        self.features, self.width, self.dtype, self.pin = features, width, dtype, pin
+
+    def __call__(self, table: pa.Table) -> Batch:
+        """Arrow table of ``[N]`` blocks of ``context + 1`` ids with the ``t`` column -> :class:`Batch`."""
+        tokens = torch.from_numpy(feature_matrix(table.column(self.features), self.width, self.dtype).astype(np.int64))
+        t = torch.from_numpy(table.column("t").to_numpy().astype(np.int64))
+        batch = Batch(tokens[:, :-1], tokens[:, 1:], t)
+        return batch.pin_memory() if self.pin else batch
+
+
 def local_shuffle(tables: Iterator[pa.Table], rows: int, seed: int) -> Iterator[pa.Table]:
     """Mix a stream of Arrow tables through a shuffle buffer of ``rows`` rows (seeded by ``seed``).
 
@@ -123,7 +140,7 @@ def local_shuffle(tables: Iterator[pa.Table], rows: int, seed: int) -> Iterator[
         yield pa.concat_tables(pool).take(pa.array(rng.permutation(size)))
 
 
-def stream_batches(shard: WorkerShard, collate: ToBatch, batch_size: int, shuffle_rows: int = 0,
+def stream_batches(shard: WorkerShard, collate: Callable[[pa.Table], Batch], batch_size: int, shuffle_rows: int = 0,
                    seed: int = 0) -> Iterator[Batch]:
     """One streaming pass over a worker's ``shard`` as training batches of ``batch_size`` samples (the last one
     possibly smaller).
@@ -365,6 +382,10 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> t
     loss.backward()
     for s in strategies:
         s.after_backward(ctx)
+    if ctx.lr_factor is not None:
+        factor = ctx.lr_factor(ctx.step)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
     ctx.optimizer.step()
     for s in strategies:
         s.after_step(ctx)
@@ -373,14 +394,19 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> t
 
 def make_stream(data: StageData, rank: int, world: int, pin: bool = False) -> Callable[[], Iterator[Batch]]:
     """The streaming pass of stage ``data.task_id`` over worker ``rank`` of ``world``'s part of its data
-    (:meth:`StageData.shard`): training batches (``[B, *input_shape]`` floats, targets, domain ids) of
-    ``data.batch_size`` samples.
+    (:meth:`StageData.shard`): training batches (``[B, *input_shape]`` floats, targets, domain ids; for text,
+    ``[B, context]`` input and target ids) of ``data.batch_size`` samples.
 
     Only the stage's data description is needed, so the pass can start before the stage's parent checkpoint exists
     (:class:`Prefetch`). ``pin``: batches in page-locked memory (see :class:`ToBatch`).
     """
     form = data.input
-    collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table(), pin)
+    collate: Callable[[pa.Table], Batch]
+    if form.text:
+        collate = ToTokenBatch(form.features, form.shape[0], form.dtype, pin)
+    else:
+        assert form.label is not None
+        collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table(), pin)
     shard = data.shard(rank, world)
     return lambda: stream_batches(shard, collate, data.batch_size, data.shuffle_rows, data.seed + data.task_id)
 
@@ -400,14 +426,19 @@ def stage_context(stage: StageSpec, rank: int, world: int, model: torch.nn.Modul
                   device: torch.device, batches: EpochCache) -> StageContext:
     """What the strategies see during ``stage`` on this worker (see :class:`strategies.StageContext`)."""
     layout, training = stage.data.layout, stage.pipeline.training
+    steps_per_epoch = math.ceil(stage.train_rows / world / training.batch_size)
+    schedule = training.lr_schedule
+    planned = steps_per_epoch * training.epochs
     return StageContext(model=model, train_model=train_model, optimizer=make_optimizer(stage.pipeline, train_model),
                         task_id=stage.task_id, num_tasks=len(layout.label_sets), head_mask=layout.head_mask(),
                         world_size=world, rank=rank, device=device, seed=stage.pipeline.seed,
                         iter_task_batches=batches, log=lambda message: print(message, file=sys.stderr),
-                        steps_per_epoch=math.ceil(stage.train_rows / world / training.batch_size),
+                        steps_per_epoch=steps_per_epoch,
                         rows_per_epoch=stage.train_rows, domain_units=layout.domain_units(),
                         target_table=layout.target_table(), state_uri=stage.state_uri, store=stage.storage,
-                        autocast_dtype=torch.bfloat16 if training.precision == "bf16" else None)
+                        autocast_dtype=torch.bfloat16 if training.precision == "bf16" else None,
+                        lr_factor=None if schedule.name == "constant" else
+                        (lambda step: lr_factor(schedule, stage.task_id, step, planned)))
 
 
 def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,

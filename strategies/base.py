@@ -57,8 +57,9 @@ class Batch:
     """A training batch.
 
     Attributes:
-        x: ``[B, *input_shape]`` float32 inputs.
-        y: ``[B]`` int64 output-unit targets (already mapped through the head layout).
+        x: ``[B, *input_shape]`` float32 inputs (text: ``[B, L]`` int64 token ids).
+        y: ``[B]`` int64 output-unit targets (already mapped through the head layout; text: ``[B, L]`` the next
+            token ids).
         t: ``[B]`` int64 domain (task) ids.
     """
 
@@ -105,14 +106,20 @@ def masked_logits(logits: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor
 def head_cross_entropy(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor, head_mask: torch.Tensor,
                        reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy over each sample's own head: the training loss of every stage (task-IL with one head per domain
-    is the same as a separate linear head per task).
+    is the same as a separate linear head per task). For a language model (``logits`` ``[B, L, V]``, ``y``
+    ``[B, L]``), the next-token cross-entropy, a sample's loss being the mean over its L tokens.
 
     Args:
-        logits: ``[B, K]`` raw outputs. y: ``[B]`` output-unit targets. t: ``[B]`` domain ids.
-        head_mask: ``[T, K]`` bool, which units each domain's head has (``HeadLayout.head_mask``).
+        logits: ``[B, K]`` raw outputs (or ``[B, L, V]``). y: ``[B]`` output-unit targets (or ``[B, L]`` token ids).
+        t: ``[B]`` domain ids. head_mask: ``[T, K]`` bool, which units each domain's head has
+        (``HeadLayout.head_mask``; every unit for a language model).
     Returns:
-        a scalar (``reduction="mean"``) or ``[B]`` per-sample losses (``"none"``).
+        a scalar (``reduction="mean"``) or ``[B]`` per-sample losses (``"none"``), in nats.
     """
+    if logits.dim() == 3:
+        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+        per_sample = per_token.view(y.shape).mean(1)
+        return per_sample if reduction == "none" else per_sample.mean()
     return torch.nn.functional.cross_entropy(masked_logits(logits, t, head_mask), y, reduction=reduction)
 
 
@@ -183,6 +190,8 @@ class StageContext:
         store: the pipeline's storage (S3 endpoint and credentials), where strategies write state too large for the
             checkpoint; the default (:func:`local_store`) knows local paths and URIs that need no settings.
         autocast_dtype: ``torch.bfloat16`` under ``training.precision: bf16`` (see :meth:`autocast`), else None.
+        lr_factor: the learning-rate schedule: step -> factor on the optimizer's base rate, applied before each
+            optimizer step (``training.lr_schedule``); None keeps the rate constant.
     """
 
     model: torch.nn.Module
@@ -206,6 +215,7 @@ class StageContext:
     state_uri: str | None = None
     store: ObjectStore = field(default_factory=local_store)
     autocast_dtype: torch.dtype | None = None
+    lr_factor: Callable[[int], float] | None = None
 
     def autocast(self) -> Any:
         """The context in which the forward pass and the loss run: bfloat16 autocast on ``device`` when

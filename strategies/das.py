@@ -13,7 +13,13 @@ its layer and mapped to [0, 1) by ``|tanh(.)|``.
   unit are multiplied by ``(1 - importance)``.
 
 ``strength`` (an extension, as for SPG, :func:`strategies.spg.strengthen`) multiplies the accumulated importance,
-capped at 1, before it gates the gradients; 1.0 is the paper's method. The contrastive term of the paper is not
+capped at 1, before it gates the gradients; 1.0 is the paper's method.
+
+Under Adam, a gradient soft-mask mostly does not hold: Adam divides each parameter's step by the root of its own
+running mean of squared gradients, so a gradient scaled by a constant ``1 - importance`` gives the same step (only a
+factor near 0, where Adam's epsilon dominates, slows a parameter). ``apply_to: update`` (an extension) masks the
+optimizer's step instead: after ``optimizer.step()`` each unit's parameters move by ``(1 - importance)`` times the
+step the optimizer took, which holds whatever the optimizer; ``apply_to: gradient`` (the default) is the paper's. The contrastive term of the paper is not
 implemented. Distributed: the gate gradients of each global batch (the
 workers' batches of one step) are summed across workers before the absolute value (:func:`gate_importance`), so
 every worker holds the importance one process computes on the same global batches; masking runs after DDP's
@@ -23,7 +29,7 @@ all-reduce.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -31,7 +37,7 @@ from pydantic import Field
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
 from strategies.importance import capped_batches, per_worker
 from strategies.spg import STRENGTH_HELP, standardized_importance, strengthen
-from strategies.units import gated, model_units, scale_unit_grads
+from strategies.units import gated, model_units, scale_unit_grads, unit_factors
 
 GateObjective = Callable[[Batch, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -44,6 +50,9 @@ class DASConfig(StrategyConfig):
     dropout: float = Field(0.1, gt=0.0, lt=1.0, description="unit dropout of the two proxy forward passes")
     importance_samples: int | None = Field(1024, ge=1, description="samples (all workers) per importance pass")
     strength: float = Field(1.0, ge=0.0, description=STRENGTH_HELP)
+    apply_to: Literal["gradient", "update"] = Field(
+        "gradient", description="gradient: scale each unit's gradients by 1 - importance (the paper; Adam's "
+        "normalisation undoes most of it); update: scale the optimizer's step instead (holds under Adam)")
 
 
 def normalize(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -101,9 +110,9 @@ def proxy_kl_objective(ctx: StageContext, dropout: float) -> GateObjective:
 
     def objective(batch: Batch, gates: dict[str, torch.Tensor]) -> torch.Tensor:
         with gated(units, dropped(gates)):
-            first = torch.log_softmax(ctx.model(batch.x), dim=1)
+            first = torch.log_softmax(ctx.model(batch.x), dim=-1)
         with gated(units, dropped(gates)):
-            second = torch.log_softmax(ctx.model(batch.x), dim=1)
+            second = torch.log_softmax(ctx.model(batch.x), dim=-1)
         return torch.nn.functional.kl_div(second, first, log_target=True, reduction="sum")
 
     return objective
@@ -119,6 +128,7 @@ class DAS(Strategy):
         super().__init__(config)
         self.config: DASConfig = config
         self.importance: dict[str, torch.Tensor] = {}
+        self.before: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # apply_to: update
 
     def _cap(self, ctx: StageContext) -> int | None:
         return per_worker(self.config.importance_samples, ctx.world_size)
@@ -128,11 +138,25 @@ class DAS(Strategy):
         if ctx.task_id == 0 and not self.importance and self.config.protect_initial:
             self.importance = gate_importance(ctx, proxy_kl_objective(ctx, self.config.dropout), self._cap(ctx))
 
+    def _keep(self) -> dict[str, torch.Tensor]:
+        return {n: 1.0 - strengthen(v, self.config.strength) for n, v in self.importance.items()}
+
     def after_backward(self, ctx: StageContext) -> None:
-        """Scale each unit's parameter gradients by ``1 - importance``."""
-        if self.importance:
-            scale_unit_grads(model_units(ctx.model), {n: 1.0 - strengthen(v, self.config.strength)
-                                                      for n, v in self.importance.items()})
+        """``apply_to: gradient``: scale each unit's parameter gradients by ``1 - importance``; ``update``: remember
+        the parameters before the optimizer's step."""
+        if not self.importance:
+            return
+        if self.config.apply_to == "gradient":
+            scale_unit_grads(model_units(ctx.model), self._keep())
+        else:
+            self.before = [(p, f, p.detach().clone()) for p, f in unit_factors(model_units(ctx.model), self._keep())]
+
+    def after_step(self, ctx: StageContext) -> None:
+        """``apply_to: update``: shrink each unit's step to ``(1 - importance)`` of what the optimizer took."""
+        with torch.no_grad():
+            for p, keep, old in self.before:
+                p.copy_(old + keep * (p - old))
+        self.before = []
 
     def after_task(self, ctx: StageContext) -> None:
         """Fold this domain's loss-gradient importance into the accumulated importance (element-wise max)."""

@@ -16,27 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from runner import REPO, run_pipeline  # this folder, first on sys.path when run as a script
+
 RESULTS = REPO / "tests" / "benchmarks" / "results"
+PIPELINE = REPO / "pipelines" / "split_mnist.yaml"
 STRATEGIES = {"replay": ["strategy.name=replay", "strategy.buffer_size=1100"], "finetune": ["strategy.name=finetune"]}
-
-
-def run(workdir: Path, data_root: str | None, overrides: list[str]) -> dict[str, Any]:
-    """``lifelong run pipelines/split_mnist.yaml`` with ``overrides``; its report.json."""
-    args = [str(REPO / ".venv/bin/lifelong"), "run", str(REPO / "pipelines" / "split_mnist.yaml"), "--json",
-            "--no-progress", "--workdir", str(workdir), *(["--data-root", data_root] if data_root else [])]
-    for o in overrides:
-        args += ["--set", o]
-    out = subprocess.run(args, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"lifelong run failed: {out.stderr[-2000:]}")
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    return json.loads((Path(summary["run_dir"]) / "report.json").read_text())
 
 
 def main() -> None:
@@ -50,8 +37,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.strategies:
-            report = run(Path(tmp) / name, args.data_root, [*STRATEGIES[name], f"evaluation.every_n_steps={args.every}"])
-            plain = run(Path(tmp) / f"{name}-plain", args.data_root, STRATEGIES[name])
+            report = run_pipeline(PIPELINE, Path(tmp) / name, args.data_root,
+                                  [*STRATEGIES[name], f"evaluation.every_n_steps={args.every}"])
+            plain = run_pipeline(PIPELINE, Path(tmp) / f"{name}-plain", args.data_root, STRATEGIES[name])
             shutil.copy(Path(report["run_dir"]) / "continual_evaluation.png", RESULTS / f"stability-gap-{name}.png")
             rows.append({"strategy": name, "every_n_steps": args.every, "acc": report["acc"], "R": report["R"],
                          **report["stability"], "points": len(report["curve"]),
