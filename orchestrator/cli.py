@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import LifelongError, SpecError
-from orchestrator.spec import TEXT_KINDS, Pipeline, SourceSpec, load_pipeline, read_spec_file
+from orchestrator.spec import FILE_KINDS, Pipeline, SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
     from orchestrator.tuning import TuneSummary
@@ -523,11 +523,11 @@ def shards_build(
     common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
               "rows_per_shard": rows_per_shard,
               **({"image_size": image_size, "channels": channels} if dataset == "image_folder" else {})}
-    if dataset in TEXT_KINDS:
+    if dataset in FILE_KINDS:
         common.update(context=context, tokenizer=tokenizer, **({"text_columns": text_column} if text_column else {}),
                       **({"columns": [c.strip() for c in columns.split(",")]} if columns else {}))
     try:
-        plan = (_text_domains_to_build(dataset, split_by, domain or [], common) if dataset in TEXT_KINDS else
+        plan = (_text_domains_to_build(dataset, split_by, domain or [], common) if dataset in FILE_KINDS else
                 _domains_to_build(dataset, scenario, tasks, classes_per_task, domain or [], common, root))
         for name, source in plan:
             m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage)

@@ -33,12 +33,13 @@ class _Record(BaseModel):
 
 
 class FeatureSchema(_Record):
-    """The feature column: ``dtype`` its values (uint8 for images; uint8, uint16 or int32 token ids for text),
+    """The feature column: ``dtype`` its values (uint8 for images, float32 for a table's numeric columns; uint8, uint16
+    or int32 token ids for text),
     ``shape`` the input shape (e.g. ``[1, 28, 28]``, or ``[context + 1]`` for text; its product is the number of
     values per row), ``scale`` the factor that maps stored values to model inputs (e.g. 1/255; 1 for text)."""
 
     column: str = Field(min_length=1)
-    dtype: Literal["uint8", "uint16", "int32"]
+    dtype: Literal["uint8", "uint16", "int32", "float32"]
     shape: list[int] = Field(min_length=1)
     scale: float = Field(gt=0)
 
@@ -89,8 +90,11 @@ class ShardSchema(_Record):
                                  f"{self.features.dtype}")
             if self.text.eos >= self.text.vocab_size:
                 raise ValueError(f"text.eos {self.text.eos} is outside the vocabulary of {self.text.vocab_size}")
-        elif self.features.dtype != "uint8":
-            raise ValueError(f"features.dtype {self.features.dtype}: a classification domain's features are uint8")
+        elif self.features.dtype not in ("uint8", "float32"):
+            raise ValueError(f"features.dtype {self.features.dtype}: a classification domain's features are uint8 "
+                             f"or float32")
+        if self.text is not None and self.features.dtype == "float32":
+            raise ValueError("features.dtype float32: a text domain's features are token ids (uint8, uint16, int32)")
         return self
 
 

@@ -80,7 +80,8 @@ def check_stream(domains: Sequence[Domain], pipeline: Pipeline) -> None:
 
 def check_model(first: Domain, pipeline: Pipeline) -> None:
     """Refuse a model that cannot read the stream's shards: a classifier (``mlp``, ``cnn``) on text domains, a
-    language model on classification domains, or a ``gpt`` whose ``context`` is shorter than the shards' blocks.
+    language model on classification domains, a strategy that does not work on language models (``supports_text``)
+    on text domains, or a ``gpt`` whose ``context`` is shorter than the shards' blocks.
 
     Raises:
         ShardError: naming ``model.name`` (or ``model.context``) and the domain.
@@ -92,6 +93,11 @@ def check_model(first: Domain, pipeline: Pipeline) -> None:
                          f"column); use mlp, cnn or your own model")
     if text is not None and name in ("mlp", "cnn"):
         raise ShardError(f"model.name {name} is a classifier, but {where} holds text (token blocks); use gpt or hf")
+    if text is not None:
+        for i, b in enumerate(bind(pipeline)):
+            if not b.cls.supports_text:
+                raise ShardError(f"strategy.{i}: '{b.name}' does not work on language models, and {where} holds "
+                                 f"text")
     context = pipeline.model.context
     if text is not None and name == "gpt" and context is not None and context < text["context"]:
         raise ShardError(f"model.context {context} is shorter than the blocks of {where} ({text['context']} "

@@ -51,8 +51,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     gap = report.get("stability")
     if gap and "max_ppl" in gap:
         console.print(f"continual evaluation ({len(report['curve'])} points): task-end perplexity "
-                      f"{gap['task_end_ppl']:.3f}, max perplexity {gap['max_ppl']:.3f} (stability gap {gap['gap']:.3f})",
-                      highlight=False)
+                      f"{gap['task_end_ppl']:.3f}, max perplexity {gap['max_ppl']:.3f} (stability gap "
+                      f"{gap['gap']:.3f})", highlight=False)
     elif gap:
         console.print(f"continual evaluation ({len(report['curve'])} points): task-end ACC {gap['task_end_acc']:.4f}, "
                       f"min-ACC {gap['min_acc']:.4f} (stability gap {gap['gap']:.4f}), WC-ACC {gap['wc_acc']:.4f}, "
@@ -121,7 +121,12 @@ def save_heatmap(report: dict[str, Any], path: Path) -> Path:
     else:
         ax.set_title(f"{report['pipeline']} / {report['strategy']}: ACC {report['acc']:.3f}, BWT "
                      f"{report['bwt']:+.3f}")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046)
+    if text:  # plain numbers on the log scale's ticks
+        from matplotlib.ticker import FormatStrFormatter
+
+        bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        bar.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -159,6 +159,10 @@ def load_raw(source: SourceSpec, data_root: Path | None) -> RawDataset:
         return load_image_folder(source, data_root)
     if source.kind == "idx":
         return load_idx(source, data_root)
+    if source.label_column is not None:  # a classification table (csv, jsonl, parquet)
+        from orchestrator.tables import load_table
+
+        return load_table(source, data_root)
     if source.kind == "sklearn_digits":
         from sklearn.datasets import load_digits
 
@@ -396,9 +400,10 @@ def build_domain(uri: str, name: str, source: SourceSpec, data_root: Path | None
 def _described(source: SourceSpec, data_root: Path | None, name: str) -> dict[str, Any]:
     """A domain's splits (under ``_splits``) and what its manifest says of them: ``schema``, ``label_set`` and, for an
     image folder, ``label_names``."""
-    from orchestrator.text import TEXT_KINDS, text_splits
+    from orchestrator.spec import FILE_KINDS
+    from orchestrator.text import text_splits
 
-    if source.kind in TEXT_KINDS:
+    if source.kind in FILE_KINDS and source.label_column is None:
         splits, text = text_splits(source, data_root, name)
         features = {"column": "x", "dtype": str(splits["train"].x.dtype), "shape": [text["context"] + 1], "scale": 1.0}
         return {"_splits": splits, "schema": {"features": features, "text": text}, "label_set": []}
@@ -406,7 +411,8 @@ def _described(source: SourceSpec, data_root: Path | None, name: str) -> dict[st
     splits = make_domain_splits(raw, source, name)
     labels = sorted(int(v) for v in np.unique(splits["train"].y))
     return {"_splits": splits,
-            "schema": {"features": {"column": "x", "dtype": "uint8", "shape": list(raw.shape), "scale": raw.scale},
+            "schema": {"features": {"column": "x", "dtype": str(raw.train.x.dtype), "shape": list(raw.shape),
+                                    "scale": raw.scale},
                        "label": {"column": "y", "dtype": "int64"}},
             "label_set": labels,
             **({"label_names": {str(i): n for i, n in enumerate(raw.label_names) if i in set(labels)}}

@@ -31,7 +31,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-TEXT_KINDS = ("csv", "jsonl", "parquet", "text_files")
+FILE_KINDS = ("csv", "jsonl", "parquet", "text_files")
+"""Source kinds read from the user's own files: tables (text or classification) and text files."""
 
 
 class SourceSpec(_Strict):
@@ -52,6 +53,8 @@ class SourceSpec(_Strict):
     per row from ``text_columns`` of a file or a folder of files, keeping the rows that ``where`` selects (one table
     cut into domains by a column's values); ``text_files`` reads one document per ``.txt`` file (a file, or a folder
     searched recursively). Documents are tokenised by ``tokenizer`` and packed into blocks of ``context + 1`` ids.
+    The same tables with ``feature_columns`` and ``label_column`` instead are classification domains
+    (``orchestrator/tables.py``), cut by ``where`` or ``classes``.
     """
 
     kind: Literal["mnist", "fashion_mnist", "sklearn_digits", "image_folder", "idx", "csv", "jsonl", "parquet",
@@ -71,13 +74,17 @@ class SourceSpec(_Strict):
                                                "resized to; default the first image's size")
     channels: Literal[1, 3] = Field(1, description="image_folder: 1 (grey) or 3 (RGB)")
     text_columns: list[str] | None = Field(None, min_length=1, description="csv, jsonl, parquet: the columns that "
-                                           "hold each document's text (joined with a newline)")
+                                           "hold each document's text (joined with a newline), for a text domain")
+    feature_columns: list[str] | None = Field(None, min_length=1, description="csv, jsonl, parquet: the numeric "
+                                              "columns that are a classification domain's input features")
+    label_column: str | None = Field(None, min_length=1, description="csv, jsonl, parquet: the column of class "
+                                     "labels (integers, or names: sorted, name i is label i)")
     columns: list[str] | None = Field(None, min_length=1, description="csv without a header row: the names of its "
                                       "columns")
     where: dict[str, Any] | None = Field(None, description="csv, jsonl, parquet: keep the rows whose column holds "
                                          "this value (or one of this list), e.g. {topic: sports}")
-    test_path: str | None = Field(None, description="text: the user's own test file or folder (else test_fraction "
-                                  "of the documents is held out)")
+    test_path: str | None = Field(None, description="csv, jsonl, parquet, text_files: the user's own test file or "
+                                  "folder (else test_fraction of the rows or documents is held out)")
     tokenizer: str = Field("bytes", min_length=1, description="text: 'bytes' (UTF-8 bytes, nothing to download) or "
                            "the local path of a tokenizers tokenizer.json (or its folder)")
     context: int = Field(128, ge=1, description="text: tokens the model reads per block (blocks hold context + 1)")
@@ -85,22 +92,28 @@ class SourceSpec(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> SourceSpec:
-        text = self.kind in TEXT_KINDS
+        files = self.kind in FILE_KINDS
         if self.kind not in ("sklearn_digits",) and not self.path:
             what = {"image_folder": "image folder", "idx": "IDX files"}.get(self.kind, "files")
             raise ValueError(f"source kind '{self.kind}' needs a 'path' to its {what}")
-        if self.kind in ("csv", "jsonl", "parquet") and not self.text_columns:
-            raise ValueError(f"source kind '{self.kind}' needs text_columns: the columns that hold the text")
-        wrong = [f for f in ("text_columns", "columns", "where", "test_path") if getattr(self, f) is not None
-                 and not (text and (f != "text_columns" or self.kind != "text_files"))]
+        tabular = self.kind in ("csv", "jsonl", "parquet")
+        classify = self.feature_columns is not None or self.label_column is not None
+        if tabular and (self.text_columns is None) == (not classify):
+            raise ValueError(f"source kind '{self.kind}' needs either text_columns (a text domain) or "
+                             f"feature_columns and label_column (classification), not both")
+        if tabular and classify and (self.feature_columns is None or self.label_column is None):
+            raise ValueError("feature_columns and label_column: a classification table needs both")
+        wrong = [f for f in ("text_columns", "feature_columns", "label_column", "columns", "where", "test_path")
+                 if getattr(self, f) is not None and not (tabular or (files and f == "test_path"))]
         if wrong or (self.columns is not None and self.kind != "csv"):
             raise ValueError(f"{(wrong or ['columns'])[0]}: not a field of source kind '{self.kind}'")
         if (self.kind == "idx") != (self.idx is not None) or (self.idx is not None and "train" not in self.idx):
             raise ValueError("idx: source kind 'idx' needs idx: {train: [images, labels]} (test optional), and "
                              "only it takes idx")
-        if self.kind != "image_folder" and any(isinstance(c, str) for c in self.classes or []):
-            raise ValueError(f"classes: source kind '{self.kind}' has integer labels; only image_folder takes "
-                             f"class folder names")
+        if self.kind != "image_folder" and self.label_column is None and any(isinstance(c, str)
+                                                                             for c in self.classes or []):
+            raise ValueError(f"classes: source kind '{self.kind}' has integer labels; only image_folder and tables "
+                             f"take class names")
         if self.image_size is not None and min(self.image_size) < 1:
             raise ValueError(f"image_size: {list(self.image_size)}: both sides must be >= 1")
         return self

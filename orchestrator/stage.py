@@ -72,24 +72,24 @@ ProgressFn = Callable[[Progress], None]
 class ToBatch:
     """Collate an Arrow table of shard rows into a :class:`Batch`.
 
-    Features (uint8, flattened) are scaled to float32 with numpy (one pass, off the GIL, so that a prefetching thread
-    leaves the training thread alone) and reshaped to ``[B, *input_shape]``; labels are mapped to output units
-    through the head layout's target table ``[T, max_label + 1]`` using the ``t`` column. With ``pin`` (training on a
-    GPU), the batch is built in page-locked memory, on the streaming thread, for an asynchronous copy.
+    Features (uint8 or float32, flattened) are scaled to float32 with numpy (one pass, off the GIL, so that a
+    prefetching thread leaves the training thread alone) and reshaped to ``[B, *input_shape]``; labels are mapped to
+    output units through the head layout's target table ``[T, max_label + 1]`` using the ``t`` column. With ``pin``
+    (training on a GPU), the batch is built in page-locked memory, on the streaming thread, for an asynchronous copy.
 
     Raises:
         TrainingError: (when called) a label is outside its domain's label set (naming the label and the domain).
     """
 
     def __init__(self, features: str, label: str, input_shape: tuple[int, ...], scale: float,
-                 targets: torch.Tensor, pin: bool = False) -> None:
-        self.features, self.label, self.input_shape, self.pin = features, label, input_shape, pin
+                 targets: torch.Tensor, pin: bool = False, dtype: str = "uint8") -> None:
+        self.features, self.label, self.input_shape, self.pin, self.dtype = features, label, input_shape, pin, dtype
         self.scale, self.targets, self.width = np.float32(scale), targets, math.prod(input_shape)
 
     def __call__(self, table: pa.Table) -> Batch:
         """Arrow table of ``[N]`` rows with the feature, label and ``t`` columns -> :class:`Batch`."""
         n = table.num_rows
-        raw = feature_matrix(table.column(self.features), self.width)
+        raw = feature_matrix(table.column(self.features), self.width, self.dtype)
         x = torch.from_numpy(np.multiply(raw.reshape(n, *self.input_shape), self.scale, dtype=np.float32))
         labels = torch.from_numpy(table.column(self.label).to_numpy().astype(np.int64))
         t = torch.from_numpy(table.column("t").to_numpy().astype(np.int64))
@@ -406,7 +406,8 @@ def make_stream(data: StageData, rank: int, world: int, pin: bool = False) -> Ca
         collate = ToTokenBatch(form.features, form.shape[0], form.dtype, pin)
     else:
         assert form.label is not None
-        collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table(), pin)
+        collate = ToBatch(form.features, form.label, form.shape, form.scale, data.layout.target_table(), pin,
+                          form.dtype)
     shard = data.shard(rank, world)
     return lambda: stream_batches(shard, collate, data.batch_size, data.shuffle_rows, data.seed + data.task_id)
 

@@ -19,7 +19,6 @@ written as for any domain (``orchestrator/shards.py``), with ``schema.text`` (se
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,15 +28,14 @@ import pyarrow as pa
 
 from orchestrator.errors import ShardError
 from orchestrator.shards import RawSplit, hold_out, resolve_source_dir
-from orchestrator.spec import TEXT_KINDS
+from orchestrator.tables import column, matches, read_table, read_utf8, source_files
 
 if TYPE_CHECKING:
     from orchestrator.spec import SourceSpec
 
-__all__ = ["BYTE_VOCAB", "TEXT_KINDS", "Tokenizer", "load_tokenizer", "pack", "read_documents", "text_splits"]
+__all__ = ["BYTE_VOCAB", "Tokenizer", "load_tokenizer", "pack", "read_documents", "text_splits"]
 
 BYTE_VOCAB = 257  # the 256 byte values and the end-of-document id 256
-_SUFFIXES = {"csv": (".csv",), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",), "text_files": (".txt",)}
 
 
 @dataclass(frozen=True)
@@ -95,76 +93,6 @@ def load_tokenizer(name: str, data_root: Path | None) -> Tokenizer:
     return Tokenizer(str(path), vocab if eos is not None else vocab + 1, eos if eos is not None else vocab, impl)
 
 
-def _files(path: Path, kind: str) -> list[Path]:
-    """The files of a source path: the file itself, or the folder's files of the kind's suffixes (sorted)."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise ShardError(f"source path {path} does not exist")
-    pattern = "**/*" if kind == "text_files" else "*"
-    files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in _SUFFIXES[kind])
-    if not files:
-        raise ShardError(f"source path {path} holds no {' or '.join(_SUFFIXES[kind])} file")
-    return files
-
-
-def _utf8(path: Path) -> str:
-    """The file's text.
-
-    Raises:
-        ShardError: if it is not UTF-8, naming the file and the byte offset of the first bad byte.
-    """
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ShardError(f"{path}: not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} ({e.reason})") \
-            from None
-
-
-def _read_table(path: Path, kind: str, column_names: list[str] | None) -> pa.Table:
-    """One CSV, JSON-lines or Parquet file as an Arrow table (a CSV's header row names its columns, unless
-    ``column_names`` does).
-
-    Raises:
-        ShardError: an unreadable file or a text file that is not UTF-8 (naming the file and byte offset).
-    """
-    try:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        text = _utf8(path).encode("utf-8")
-        if kind == "jsonl":
-            import pyarrow.json as pj
-
-            return pj.read_json(io.BytesIO(text))
-        import pyarrow.csv as pc
-
-        return pc.read_csv(io.BytesIO(text), read_options=pc.ReadOptions(column_names=column_names),
-                           parse_options=pc.ParseOptions(newlines_in_values=True))
-    except (pa.ArrowException, OSError) as e:
-        raise ShardError(f"{path}: cannot read it as {kind}: {str(e).splitlines()[0]}") from None
-
-
-def _matches(table: pa.Table, path: Path, where: dict[str, Any]) -> np.ndarray:
-    """Bool ``[rows]``: rows whose every ``where`` column holds one of the given values (compared as text, so that
-    ``3`` matches a CSV's ``"3"``).
-
-    Raises:
-        ShardError: a ``where`` column the file does not have (naming the file and its columns).
-    """
-    keep = np.ones(table.num_rows, dtype=bool)
-    for column, wanted in where.items():
-        if column not in table.column_names:
-            raise ShardError(f"{path}: source.where column '{column}' not found (columns: "
-                             f"{', '.join(table.column_names)})")
-        values = {str(v) for v in (wanted if isinstance(wanted, list) else [wanted])}
-        keep &= np.isin(np.asarray([str(v) for v in table.column(column).to_pylist()], dtype=object),
-                        list(values))
-    return keep
-
-
 def read_documents(source: SourceSpec, path: Path) -> list[str]:
     """The documents of a source path (a file or a folder), in file and row order, after ``where``.
 
@@ -172,20 +100,18 @@ def read_documents(source: SourceSpec, path: Path) -> list[str]:
         ShardError: a missing path, a missing column, a text column that is not text, a file that is not UTF-8
             (with its byte offset), each naming the file.
     """
-    files = _files(path, source.kind)
+    files = source_files(path, source.kind)
     if source.kind == "text_files":
-        return [_utf8(f) for f in files]
+        return [read_utf8(f) for f in files]
     docs: list[str] = []
     for f in files:
-        table = _read_table(f, source.kind, source.columns)
-        keep = _matches(table, f, source.where or {})
+        table = read_table(f, source.kind, source.columns)
+        keep = matches(table, f, source.where or {})
         parts = []
-        for column in source.text_columns or []:
-            if column not in table.column_names:
-                raise ShardError(f"{f}: text column '{column}' not found (columns: {', '.join(table.column_names)})")
-            values = table.column(column)
+        for name in source.text_columns or []:
+            values = column(table, f, name, "text")
             if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-                raise ShardError(f"{f}: text column '{column}' holds {values.type}, not text")
+                raise ShardError(f"{f}: text column '{name}' holds {values.type}, not text")
             parts.append(values.to_pylist())
         docs += ["\n".join(p for p in row if p) for row, k in zip(zip(*parts), keep) if k]
     return docs

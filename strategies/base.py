@@ -265,11 +265,14 @@ class Strategy:
         name: registry key used in YAML.
         Config: pydantic model of the strategy's parameters.
         supports_distributed: True if the strategy is correct under DDP with several workers.
+        supports_text: True if the strategy works on language models (text domains: ``[B, L, V]`` logits, one shared
+            output per token id); False for those built around class heads or Linear/Conv units.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     supports_distributed: ClassVar[bool] = True
+    supports_text: ClassVar[bool] = True
 
     def __init__(self, config: StrategyConfig) -> None:
         self.config = config

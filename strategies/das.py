@@ -19,11 +19,12 @@ Under Adam, a gradient soft-mask mostly does not hold: Adam divides each paramet
 running mean of squared gradients, so a gradient scaled by a constant ``1 - importance`` gives the same step (only a
 factor near 0, where Adam's epsilon dominates, slows a parameter). ``apply_to: update`` (an extension) masks the
 optimizer's step instead: after ``optimizer.step()`` each unit's parameters move by ``(1 - importance)`` times the
-step the optimizer took, which holds whatever the optimizer; ``apply_to: gradient`` (the default) is the paper's. The contrastive term of the paper is not
-implemented. Distributed: the gate gradients of each global batch (the
+step the optimizer took, which holds whatever the optimizer; ``apply_to: gradient`` (the default) is the paper's.
+
+The contrastive term of the paper is not implemented. Distributed: the gate gradients of each global batch (the
 workers' batches of one step) are summed across workers before the absolute value (:func:`gate_importance`), so
 every worker holds the importance one process computes on the same global batches; masking runs after DDP's
-all-reduce.
+all-reduce (and, with ``apply_to: update``, after the optimizer's step, on identical parameters).
 """
 
 from __future__ import annotations

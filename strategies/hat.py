@@ -68,6 +68,7 @@ class HAT(Strategy):
 
     name = "hat"
     Config = HATConfig
+    supports_text = False  # its masks are built for Linear and Conv2d units
 
     def __init__(self, config: HATConfig) -> None:
         super().__init__(config)

@@ -155,6 +155,7 @@ class LwF(Strategy):
 
     name = "lwf"
     Config = LwFConfig
+    supports_text = False  # its distillation and head growth work on class heads
 
     def __init__(self, config: LwFConfig) -> None:
         super().__init__(config)

@@ -1,7 +1,9 @@
-"""A small class-IL pipeline over the domains a test made (its own shards or images), for the own-data tests."""
+"""A small class-IL pipeline over the domains a test made (its own shards or images), and the check that a run refused
+bad input, for the own-data tests."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,3 +19,17 @@ def write_pipeline(tmp_path: Path, domains: list[dict[str, Any]], epochs: int) -
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def run_is_refused(proc: subprocess.CompletedProcess, culprits: list[str], workdir: Path, pipeline: str,
+                   shards_kept: bool = False) -> str:
+    """Check that ``lifelong run`` refused its input: exit 2, exactly one ``error:`` line naming every culprit, no
+    run folder or MLflow store under ``workdir``, and (unless ``shards_kept``: valid shards of a wrong pipeline) no
+    committed domain; returns the error line."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert all(c in errors[0] for c in culprits), errors[0]
+    assert not (workdir / pipeline).exists() and not (workdir / "mlflow.db").exists()
+    if not shards_kept:
+        assert not list((workdir / "shards" / pipeline).glob("*/manifest.json")), "a domain was committed"
+    return errors[0]

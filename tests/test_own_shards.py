@@ -36,9 +36,10 @@ def images(label: int, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_domain(root: Path, name: str, labels: list[int], rows: dict[str, int], seed: int,
-                 label_column: str = "y", relabel: dict[str, int] | None = None) -> Path:
+                 label_column: str = "y", relabel: dict[str, int] | None = None, mixed: bool = False) -> Path:
     """A domain as a user would write it: one Parquet file per split (a list<uint8> feature column and an int64
-    label column) and a manifest with every sha256 and digest. ``relabel``: write that split's first label as 99."""
+    label column) and a manifest with every sha256 and digest. ``relabel``: write that split's first label as 99.
+    ``mixed``: a label column of mixed types, as a table whose labels are numbers and names comes out (text)."""
     rng = np.random.default_rng(seed)
     folder = root / name
     listing: dict[str, Any] = {}
@@ -47,7 +48,9 @@ def write_domain(root: Path, name: str, labels: list[int], rows: dict[str, int],
         if relabel and split in relabel and n:
             y[0] = relabel[split]
         x = np.concatenate([images(int(v), 1, rng) for v in y]) if n else np.zeros((0, SIDE * SIDE), np.uint8)
-        table = pa.table({"pixels": pa.array(list(x), type=pa.list_(pa.uint8())), label_column: pa.array(y)})
+        labels_out = pa.array([f"class-{v}" if i % 2 else str(v) for i, v in enumerate(y.tolist())]) \
+            if mixed else pa.array(y)
+        table = pa.table({"pixels": pa.array(list(x), type=pa.list_(pa.uint8())), label_column: labels_out})
         (folder / split).mkdir(parents=True)
         path = folder / split / "part-00000.parquet"
         pq.write_table(table, path)
@@ -104,6 +107,8 @@ CASES = {
     "empty domain": (rewrite("b", rows={"train": 0, "val": 0, "test": 0}), ["domain 'b'", "train split is empty"]),
     "another label column": (rewrite("b", label_column="label"),
                              ["domain 'b'", "schema.label.column", "'label'", "'y'"]),
+    "a label column of mixed types": (rewrite("b", mixed=True),
+                                      ["b/train/part-00000.parquet", "label column 'y' holds string, not integers"]),
 }
 
 
