@@ -146,7 +146,9 @@ class HFCausalLM(nn.Module):
         have = self.lm.get_output_embeddings().weight.shape[0]
         if have < vocab:
             raise LifelongError(f"model.hf: its vocabulary has {have} tokens, the shards use {vocab}")
-        self.gates = nn.ModuleList(_head_gate(block.attn) for block in _gpt2_blocks(self.lm))
+        for block in _gpt2_blocks(self.lm):  # a gate point on the heads' outputs (see cl_units)
+            block.attn.c_proj.heads_gate = nn.Identity()
+            block.attn.c_proj.register_forward_pre_hook(_gate_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` int64 token ids -> ``[B, L, vocab]`` logits."""
@@ -159,8 +161,8 @@ class HFCausalLM(nn.Module):
         units = []
         for i, block in enumerate(_gpt2_blocks(self.lm)):
             attn, fc = block.attn, block.mlp.c_fc
-            units.append(Unit(f"gates.{i}", self.gates[i], attn.num_heads, -1, attn.head_dim,
-                              ((attn.c_attn.weight, 1), (attn.c_attn.bias, 0))))
+            units.append(Unit(f"lm.transformer.h.{i}.attn.c_proj.heads_gate", attn.c_proj.heads_gate, attn.num_heads,
+                              -1, attn.head_dim, ((attn.c_attn.weight, 1), (attn.c_attn.bias, 0))))
             units.append(Unit(f"lm.transformer.h.{i}.mlp.c_fc", fc, fc.nf, -1, 1, ((fc.weight, 1), (fc.bias, 0))))
         return units
 
@@ -174,9 +176,8 @@ def _gpt2_blocks(lm: nn.Module) -> list[nn.Module]:
     return list(blocks)
 
 
-def _head_gate(attn: nn.Module) -> nn.Module:
-    """An identity module called on the input of ``attn.c_proj`` (the heads, concatenated: ``[B, L, W]``), where a
-    unit gate can scale each head."""
-    gate = nn.Identity()
-    attn.c_proj.register_forward_pre_hook(lambda _module, args: (gate(args[0]), *args[1:]))
-    return gate
+def _gate_heads(c_proj: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook of a GPT-2 ``attn.c_proj``: its input (the heads, concatenated: ``[B, L, W]``) passes through
+    its ``heads_gate`` identity, where a unit gate can scale each head. A module-level function that finds the gate
+    on the module it is called with, so that a deep copy of the model gates its own heads."""
+    return (c_proj.heads_gate(args[0]), *args[1:])

@@ -308,8 +308,9 @@ def test_a_tiny_hugging_face_gpt2_built_from_a_config_runs_two_domains(tmp_path:
     assert len(P) == 2 and P[0][0] < 0.5 * b[0] and P[1][1] < 0.5 * b[1]
     _, states, _ = load_checkpoint(report["stages"][1]["checkpoint"])
     importance = states[0]["importance"]
-    assert sorted(importance) == ["gates.0", "gates.1", "lm.transformer.h.0.mlp.c_fc", "lm.transformer.h.1.mlp.c_fc"]
-    assert importance["gates.0"].shape == (2,) and float(importance["lm.transformer.h.0.mlp.c_fc"].max()) > 0
+    heads = [f"lm.transformer.h.{i}.attn.c_proj.heads_gate" for i in range(2)]
+    assert sorted(importance) == sorted([*heads, "lm.transformer.h.0.mlp.c_fc", "lm.transformer.h.1.mlp.c_fc"])
+    assert importance[heads[0]].shape == (2,) and float(importance["lm.transformer.h.0.mlp.c_fc"].max()) > 0
 
 
 @pytest.mark.parametrize("names", [["finetune"], ["replay"], ["das"], ["ewc"], ["spg"], ["si"], ["mas"], ["ncl"],
