@@ -121,6 +121,23 @@ def test_a_hand_written_text_manifest_is_checked_against_its_blocks(tmp_path: Pa
         shards.read_manifest(str(uri))
 
 
+def test_shards_build_names_text_domains_by_a_columns_values(tmp_path: Path) -> None:
+    csv_path = write_csv(tmp_path / "news.csv")
+    proc = lifelong("shards", "build", "--dataset", "csv", "--path", str(csv_path), "--text-column", "title",
+                    "--text-column", "body", "--split-by", "topic", "--domain", "animals=pets", "--domain",
+                    "money=markets", "--context", "16", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for name, topic in (("animals", "pets"), ("money", "markets")):
+        manifest = json.loads((tmp_path / "out" / name / "manifest.json").read_text())
+        assert manifest["domain"] == name and manifest["source"]["where"] == {"topic": [topic]}
+        assert manifest["schema"]["text"]["context"] == 16 and manifest["splits"]["train"]["rows"] > 0
+    inspect = lifelong("shards", "inspect", str(tmp_path / "out" / "money"), cwd=tmp_path)
+    assert inspect.returncode == 0 and "blocks of 16 + 1 token ids, vocabulary 257" in inspect.stdout, inspect.stderr
+    missing = lifelong("shards", "build", "--dataset", "csv", "--path", str(csv_path), "--text-column", "title",
+                       "--domain", "animals=pets", "--out", str(tmp_path / "out2"), cwd=tmp_path)
+    assert missing.returncode == 2 and "--split-by" in missing.stderr and not (tmp_path / "out2").exists()
+
+
 def test_jsonl_and_text_files_are_read_as_documents(tmp_path: Path) -> None:
     lines = [json.dumps({"text": s, "lang": "en"}) for s in TOPICS["pets"] * 10]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
