@@ -12,7 +12,7 @@ import sys
 import time
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -514,32 +514,49 @@ def shards_build(
     storage = Storage.from_settings(S3Spec(endpoint_url=endpoint_url))
     if scenario not in ("split", "permuted"):
         _fail(LifelongError(f"--scenario: unknown scenario '{scenario}' (use split or permuted)"))
-    default_path = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}.get(dataset)
     root = shards.find_data_root(data_root, [Path.cwd()])
-    table = Table(title=f"shards in {out}")
-    for col in ("domain", "labels", "train", "val", "test"):
-        table.add_column(col)
-    table.add_column("digest", overflow="fold")
-    common = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
-              "rows_per_shard": rows_per_shard,
-              **({"image_size": image_size, "channels": channels} if dataset == "image_folder" else {})}
-    if dataset in FILE_KINDS:
-        common.update(context=context, tokenizer=tokenizer, **({"text_columns": text_column} if text_column else {}),
-                      **({"columns": [c.strip() for c in columns.split(",")]} if columns else {}))
+    common = _source_fields(dataset, path, val_fraction, rows_per_shard, image_size, channels, text_column, columns,
+                            context, tokenizer)
     try:
         plan = (_text_domains_to_build(dataset, split_by, domain or [], common) if dataset in FILE_KINDS else
                 _domains_to_build(dataset, scenario, tasks, classes_per_task, domain or [], common, root))
-        for name, source in plan:
-            m = shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage)
-            labels = ",".join(map(str, m["label_set"])) or f"text ({m['schema']['text']['vocab_size']} ids)"
-            table.add_row(name, labels, *(str(m["splits"][s]["rows"]) for s in
-                                                                        ("train", "val", "test")), m["digest"])
+        built = [(name, shards.build_domain(f"{out.rstrip('/')}/{name}", name, source, root, storage))
+                 for name, source in plan]
     except ValidationError as e:
         first = e.errors()[0]
         _fail(LifelongError(f"{'.'.join(map(str, first['loc'])) or 'source'}: {first['msg']}"))
     except (LifelongError, ValueError) as e:
         _fail(e)
-    Console().print(table)
+    Console().print(_built_table(out, built))
+
+
+def _source_fields(dataset: str, path: Optional[str], val_fraction: float, rows_per_shard: int,
+                   image_size: Optional[tuple[int, int]], channels: int, text_column: Optional[list[str]],
+                   columns: Optional[str], context: int, tokenizer: str) -> dict[str, object]:
+    """The ``SourceSpec`` fields every domain `shards build` writes shares, from its options (the image and text
+    options only for their kinds; MNIST and Fashion-MNIST default to their folders under the data root)."""
+    default_path = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}.get(dataset)
+    common: dict[str, object] = {"kind": dataset, "path": path or default_path, "val_fraction": val_fraction,
+                                 "rows_per_shard": rows_per_shard}
+    if dataset == "image_folder":
+        common.update(image_size=image_size, channels=channels)
+    if dataset in FILE_KINDS:
+        common.update(context=context, tokenizer=tokenizer, **({"text_columns": text_column} if text_column else {}),
+                      **({"columns": [c.strip() for c in columns.split(",")]} if columns else {}))
+    return common
+
+
+def _built_table(out: str, built: list[tuple[str, dict[str, Any]]]) -> Table:
+    """The table `shards build` prints: per domain its labels (or, for text, its vocabulary), rows per split and
+    digest."""
+    table = Table(title=f"shards in {out}")
+    for col in ("domain", "labels", "train", "val", "test"):
+        table.add_column(col)
+    table.add_column("digest", overflow="fold")
+    for name, m in built:
+        labels = ",".join(map(str, m["label_set"])) or f"text ({m['schema']['text']['vocab_size']} ids)"
+        table.add_row(name, labels, *(str(m["splits"][s]["rows"]) for s in ("train", "val", "test")), m["digest"])
+    return table
 
 
 def _domains_to_build(dataset: str, scenario: str, tasks: Optional[int], classes_per_task: int, domain: list[str],

@@ -64,7 +64,7 @@ class Evaluator:
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         self.strategies = [b.build() for b in strategies]
         self.domains, self.split, self.layout, self.batch_size = domains, split, layout, batch_size
-        self.input_shape, self.scale, self.storage, self.form = form.shape, form.scale, storage, form
+        self.storage, self.form = storage, form
         self.model = build_model(model, form.shape, layout.num_outputs).to(self.device).eval()
         self.loaded: str | None = None
         self.data: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -83,7 +83,7 @@ class Evaluator:
                 x, y = tokens[:, :-1], tokens[:, 1:]
             else:
                 assert raw.y is not None
-                x = torch.from_numpy(raw.x.reshape(n, *self.input_shape).astype(np.float32)) * self.scale
+                x = torch.from_numpy(raw.x.reshape(n, *self.form.shape).astype(np.float32)) * self.form.scale
                 y = self.targets[t, torch.from_numpy(raw.y)]
             self.data[j] = (x.to(self.device), y.to(self.device), t.to(self.device))
         return self.data[j]

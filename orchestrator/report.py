@@ -134,8 +134,9 @@ def save_heatmap(report: dict[str, Any], path: Path) -> Path:
 
 
 def save_curve(report: dict[str, Any], path: Path) -> Path:
-    """Save the continual-evaluation curves as a PNG (accuracy on each domain's subsample against the global training
-    step, one line per domain, the stage boundaries dashed) and return the path."""
+    """Save the continual-evaluation curves as a PNG (accuracy, or for text perplexity on a log scale, on each
+    domain's subsample against the global training step, one line per domain, the stage boundaries dashed) and return
+    the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,20 +156,15 @@ def save_curve(report: dict[str, Any], path: Path) -> Path:
     if text:
         ax.set_yscale("log")
         ax.set_ylabel("perplexity (fixed subsample)")
-        ax.set_title(f"{report['pipeline']} / {report['strategy']}: continual evaluation; max perplexity "
-                     f"{gap.get('max_ppl', float('nan')):.3f}, task-end {gap.get('task_end_ppl', float('nan')):.3f}",
-                     fontsize=10)
-        ax.legend(fontsize=8, loc="upper right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("accuracy (fixed subsample)")
-    ax.set_title(f"{report['pipeline']} / {report['strategy']}: continual evaluation; min-ACC "
-                 f"{gap.get('min_acc', float('nan')):.3f}, task-end {gap.get('task_end_acc', float('nan')):.3f}, "
-                 f"WC-ACC {gap.get('wc_acc', float('nan')):.3f}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+        summary = (f"max perplexity {gap.get('max_ppl', float('nan')):.3f}, task-end "
+                   f"{gap.get('task_end_ppl', float('nan')):.3f}")
+    else:
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("accuracy (fixed subsample)")
+        summary = (f"min-ACC {gap.get('min_acc', float('nan')):.3f}, task-end "
+                   f"{gap.get('task_end_acc', float('nan')):.3f}, WC-ACC {gap.get('wc_acc', float('nan')):.3f}")
+    ax.set_title(f"{report['pipeline']} / {report['strategy']}: continual evaluation; {summary}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right" if text else "lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

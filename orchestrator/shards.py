@@ -83,6 +83,12 @@ def digest(text: str | bytes) -> str:
     return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()[:32]
 
 
+def name_seed(text: str) -> int:
+    """A 32-bit seed derived from ``text`` (a domain's name): the same on every machine and every run, unlike
+    Python's ``hash``."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
 def find_data_root(explicit: str | None, near: list[Path]) -> Path | None:
     """The data root: ``explicit`` (``--data-root``), else ``$LIFELONG_DATA_ROOT``, else a ``shared/data`` folder
     beside any ancestor of the paths in ``near`` (the pipeline file, the current folder). None if none exists."""
@@ -339,7 +345,7 @@ def make_domain_splits(raw: RawDataset, source: SourceSpec, name: str) -> dict[s
         out[split] = RawSplit(x[:, perm] if perm is not None else x, y)
     if source.classes is not None and len(out["train"].y) == 0:
         raise ShardError(f"domain '{name}': no training samples with classes {source.classes}")
-    seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    seed = name_seed(name)
     train_idx, val_idx = hold_out(len(out["train"].y), source.val_fraction, seed)
     train = out["train"]
     out["val"] = RawSplit(train.x[val_idx], train.y[val_idx])

@@ -18,7 +18,6 @@ written as for any domain (``orchestrator/shards.py``), with ``schema.text`` (se
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.errors import ShardError
-from orchestrator.shards import RawSplit, hold_out, resolve_source_dir
+from orchestrator.shards import RawSplit, hold_out, name_seed, resolve_source_dir
 from orchestrator.tables import column, matches, read_table, read_utf8, source_files
 
 if TYPE_CHECKING:
@@ -144,9 +143,9 @@ def text_splits(source: SourceSpec, data_root: Path | None, name: str) -> tuple[
         test_docs = read_documents(source, resolve_source_dir(source.model_copy(update={"path": source.test_path}),
                                                               data_root))
     else:
-        kept, held = hold_out(len(docs), source.test_fraction, seed=_seed(name, "test"), at_least_one=True)
+        kept, held = hold_out(len(docs), source.test_fraction, seed=name_seed(f"{name}/test"), at_least_one=True)
         docs, test_docs = [docs[i] for i in kept], [docs[i] for i in held]
-    kept, held = hold_out(len(docs), source.val_fraction, seed=_seed(name, "val"))
+    kept, held = hold_out(len(docs), source.val_fraction, seed=name_seed(f"{name}/val"))
     splits = {"train": [docs[i] for i in kept], "val": [docs[i] for i in held], "test": test_docs}
     out = {split: RawSplit(pack(part, tokenizer, source.context), None) for split, part in splits.items()}
     for split in ("train", "test"):
@@ -158,6 +157,3 @@ def text_splits(source: SourceSpec, data_root: Path | None, name: str) -> tuple[
               "context": source.context}
     return out, record
 
-
-def _seed(name: str, salt: str) -> int:
-    return int(hashlib.sha256(f"{name}/{salt}".encode()).hexdigest()[:8], 16)
