@@ -2,7 +2,7 @@
 
 For each stage model of the run (``registry.py``), the audit reads, from the storage where they are now:
 
-- the checkpoint's ``model.pt`` and ``strategy.pt``, against the model's ``lifelong.model_sha256`` and
+- the checkpoint's ``model.pt`` and ``strategy.safetensors``, against the model's ``lifelong.model_sha256`` and
   ``lifelong.strategy_sha256`` tags;
 - its ``lineage.json``, against the copy kept as the model's artifact (compared as JSON);
 - the parent checkpoint's ``model.pt`` where the parent is not itself a stage of the run (the initial model);
@@ -32,7 +32,7 @@ class Check:
     """One file compared with its recorded digest.
 
     Attributes:
-        stage: the stage whose record holds the digest. kind: ``model.pt``, ``strategy.pt``, ``lineage.json``,
+        stage: the stage whose record holds the digest. kind: ``model.pt``, ``strategy.safetensors``, ``lineage.json``,
             ``manifest`` or ``shard``. uri: the file. expected: the recorded digest. actual: the digest now, or
             ``"unreadable: <why>"``.
     """
@@ -85,9 +85,9 @@ def audit(models: Iterable[StageModel], storage: Storage) -> Iterable[Check]:
     seen: set[str] = set()
     for m in models:
         folder = m.checkpoint
-        for kind, name in (("model.pt", MODEL_FILE), ("strategy.pt", STRATEGY_FILE)):
+        for name, tag in ((MODEL_FILE, "model_sha256"), (STRATEGY_FILE, "strategy_sha256")):
             uri = join(folder, name)
-            yield Check(m.stage, kind, uri, m.tag(f"{kind.split('.')[0]}_sha256"),
+            yield Check(m.stage, name, uri, m.tag(tag),
                         _file_sha256(storage, uri))
         yield Check(m.stage, "lineage.json", join(folder, LINEAGE_FILE), _canonical(dict(m.lineage)),
                     _lineage_digest(storage, folder))

@@ -2,9 +2,11 @@
 
 A checkpoint is a folder::
 
-    model.pt        the model's state_dict
-    strategy.pt     list of each strategy's state_dict, in pipeline order
-    lineage.json    parent checkpoint URI and digest, shard digests, spec hash, code version
+    model.pt              the model's state_dict (tensors only, read with ``torch.load(weights_only=True)``)
+    strategy.safetensors  each strategy's state_dict, in pipeline order: tensors plus JSON, never a pickle
+                          (``orchestrator/tensorfile.py``)
+    lineage.json          parent checkpoint URI and digest, shard digests, spec hash, code version, and the sha256
+                          of both files above, checked before either is parsed
 
 Local disks and object storage alike (:meth:`orchestrator.storage.Storage.commit`): each file goes to a temporary key
 and is moved onto its name, and ``lineage.json``, the commit record, is written last: a checkpoint without it is
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -24,10 +27,12 @@ from typing import Any
 
 import torch
 
+from orchestrator import tensorfile
+from orchestrator.errors import one_line
 from orchestrator.storage import Storage, StorageError, join
 
 MODEL_FILE = "model.pt"
-STRATEGY_FILE = "strategy.pt"
+STRATEGY_FILE = "strategy.safetensors"
 LINEAGE_FILE = "lineage.json"
 
 
@@ -51,15 +56,18 @@ def code_version() -> dict[str, str]:
 def write_checkpoint(folder: str | Path, model_state: dict[str, torch.Tensor], strategy_states: list[dict[str, Any]],
                      lineage: dict[str, Any], storage: Storage | None = None) -> str:
     """Write a checkpoint folder (a local path or a URI such as ``s3://bucket/run/stage-0``) and return it
-    (:meth:`Storage.commit`: ``model.pt`` and ``strategy.pt`` first, ``lineage.json``, the commit record, last).
+    (:meth:`Storage.commit`: ``model.pt`` and ``strategy.safetensors`` first, ``lineage.json``, the commit record,
+    last).
 
-    ``lineage`` gains ``model_sha256`` and ``strategy_sha256``, the sha256 (hex) of ``model.pt`` and ``strategy.pt``.
+    ``lineage`` gains ``model_sha256`` and ``strategy_sha256``, the sha256 (hex) of ``model.pt`` and
+    ``strategy.safetensors``.
 
     Raises:
+        TypeError: a strategy state holds something other than tensors and JSON values (:func:`tensorfile.dumps`).
         FileExistsError: if ``folder`` already holds a checkpoint (nothing is overwritten).
         StorageError: if the storage cannot be written.
     """
-    model_blob, strategy_blob = _save(model_state), _save(strategy_states)
+    model_blob, strategy_blob = _save(model_state), tensorfile.dumps(list(strategy_states))
     lineage = {**lineage, "model_sha256": hashlib.sha256(model_blob).hexdigest(),
                "strategy_sha256": hashlib.sha256(strategy_blob).hexdigest()}
     lineage_blob = json.dumps(lineage, indent=1, sort_keys=True).encode()
@@ -92,23 +100,51 @@ def read_lineage(folder: str | Path, storage: Storage | None = None) -> dict[str
         raise FileNotFoundError(f"checkpoint {folder} is missing or incomplete (no {LINEAGE_FILE})") from None
 
 
+def verify_checkpoint(folder: str | Path, storage: Storage | None = None) -> None:
+    """Check that a committed checkpoint's ``model.pt`` and ``strategy.safetensors`` match the sha256 its
+    ``lineage.json`` records (nothing is parsed).
+
+    Raises:
+        FileNotFoundError: if the checkpoint is missing or incomplete (no ``lineage.json``).
+        ValueError: a file is missing, has no recorded digest, or does not match it (naming the file).
+    """
+    _blobs(folder, read_lineage(folder, storage), storage)
+
+
+def _blobs(folder: str | Path, lineage: dict[str, Any], storage: Storage | None) -> dict[str, bytes]:
+    """The checkpoint's two files, each checked against its sha256 in ``lineage``."""
+    blobs = {}
+    for name, key in ((MODEL_FILE, "model_sha256"), (STRATEGY_FILE, "strategy_sha256")):
+        if not lineage.get(key):
+            raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no {key} for {name}")
+        try:
+            blobs[name] = _read(folder, name, storage)
+        except (FileNotFoundError, StorageError):
+            raise ValueError(f"checkpoint {folder}: {name} is missing") from None
+        if hashlib.sha256(blobs[name]).hexdigest() != lineage[key]:
+            raise ValueError(f"checkpoint {folder}: {name} does not match the sha256 in {LINEAGE_FILE}")
+    return blobs
+
+
 def load_checkpoint(folder: str | Path, storage: Storage | None = None
                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
     """Load ``(model_state, strategy_states, lineage)`` from a checkpoint folder (path or URI).
 
     Raises:
         FileNotFoundError: if the checkpoint is missing or incomplete (no ``lineage.json``).
-        ValueError: if ``model.pt`` or ``strategy.pt`` does not match the sha256 recorded in ``lineage.json``
-            (checked before either is unpickled).
+        ValueError: if ``model.pt`` or ``strategy.safetensors`` does not match the sha256 recorded in
+            ``lineage.json`` (checked before either is parsed), the record lacks a digest, or a file is not what it
+            should be: ``model.pt`` holds anything but tensors, or the strategy file is not a tensor file.
     """
     lineage = read_lineage(folder, storage)  # first: an incomplete checkpoint is refused before anything is read
-    blobs = {}
-    for name, key in ((MODEL_FILE, "model_sha256"), (STRATEGY_FILE, "strategy_sha256")):
-        blobs[name] = _read(folder, name, storage)
-        if lineage.get(key) and hashlib.sha256(blobs[name]).hexdigest() != lineage[key]:
-            raise ValueError(f"checkpoint {folder}: {name} does not match the sha256 in {LINEAGE_FILE}")
-    model_state = torch.load(io.BytesIO(blobs[MODEL_FILE]), map_location="cpu", weights_only=True)
-    strategy_states = torch.load(io.BytesIO(blobs[STRATEGY_FILE]), map_location="cpu", weights_only=False)
+    blobs = _blobs(folder, lineage, storage)
+    try:
+        model_state = torch.load(io.BytesIO(blobs[MODEL_FILE]), map_location="cpu", weights_only=True)
+        strategy_states = tensorfile.loads(blobs[STRATEGY_FILE])
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
+        raise ValueError(f"checkpoint {folder}: unreadable ({one_line(str(e))[:160]})") from None
+    if not isinstance(strategy_states, list):
+        raise ValueError(f"checkpoint {folder}: {STRATEGY_FILE} does not hold a list of strategy states")
     return model_state, strategy_states, lineage
 
 

@@ -35,6 +35,14 @@ WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="Working folder for 
 DataRootOpt = Annotated[Optional[str], typer.Option(
     "--data-root", help="Folder of raw datasets [default: $LIFELONG_DATA_ROOT, else ../shared/data beside the checkout].")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: dotted.key=value (repeatable).")]
+RunIdArg = Annotated[str, typer.Argument(help="The run's id: its folder's name under <workdir>/<pipeline>/, printed "
+                                              "when it started.")]
+ProgressOpt = Annotated[bool, typer.Option(
+    "--progress/--no-progress", help="Show the progress bar (--no-progress: one line per stage instead).")]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:PORT [default: $RAY_ADDRESS, else a "
+    "local Ray started for this run].")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the final report as one JSON object on stdout.")]
 
 
 def stderr_console() -> Console:
@@ -66,16 +74,13 @@ def _pipeline_path(pipeline: Optional[Path]) -> Path:
 def run(
     pipeline: Annotated[Optional[Path], typer.Argument(help="Pipeline YAML [default: the embedded digits demo].")] = None,
     set_: SetOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the final report as one JSON object on stdout.")] = False,
+    json_out: JsonOpt = False,
     workdir: WorkdirOpt = Path("lifelong-runs"),
     data_root: DataRootOpt = None,
     tracking_uri: Annotated[Optional[str], typer.Option(
         "--tracking-uri", help="MLflow tracking URI [default: sqlite:///<workdir>/mlflow.db].")] = None,
-    progress: Annotated[bool, typer.Option(
-        "--progress/--no-progress", help="Show the progress bar (--no-progress: one line per stage instead).")] = True,
-    address: Annotated[Optional[str], typer.Option(
-        "--address", help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:PORT [default: $RAY_ADDRESS, "
-        "else a local Ray started for this run].")] = None,
+    progress: ProgressOpt = True,
+    address: AddressOpt = None,
     run_name: Annotated[Optional[str], typer.Option(
         "--run-name", help="Name of the run's MLflow parent run [default: <pipeline>-<run id>; a submitted job's "
         "id].")] = None,
@@ -84,28 +89,38 @@ def run(
     --address (and $RAY_ADDRESS), a local Ray instance is started for the run (the dry run); with a running
     cluster (`ray start --head`), the run skips Ray's own start and stop."""
     from orchestrator.dag import RunOptions
-    from orchestrator.dag import run as run_pipeline
     from orchestrator.spec import bind
-    from orchestrator.report import print_report
 
     imports_done = time.time()
-
     path = _pipeline_path(pipeline)
     console = stderr_console()
     try:
         spec = load_pipeline(path, set_ or [])
         bind(spec, str(path))
-        options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri, address=address,
-                             search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress,
-                             run_name=run_name)
-        console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {_scenario(spec)}, "
-                      f"strategy {spec.strategy_label()}, {spec.training.num_workers} worker(s)")
-        report = run_pipeline(spec, options)
+    except LifelongError as e:
+        _fail(e)
+    options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=tracking_uri, address=address,
+                         search_from=[path.resolve().parent, Path.cwd()], console=console, show_progress=progress,
+                         run_name=run_name, spec_file=path, overrides=tuple(set_ or []))
+    console.print(f"[bold]lifelong run[/bold] {spec.name}: {len(spec.domains)} domains, {_scenario(spec)}, "
+                  f"strategy {spec.strategy_label()}, {spec.training.num_workers} worker(s)")
+    _run_and_report(spec, options, json_out, imports_done)
+
+
+def _run_and_report(spec: Pipeline, options: Any, json_out: bool, imports_done: float,
+                    resumption: Any = None) -> None:
+    """Run (or continue) a pipeline, shut Ray down, and print the report (and with ``json_out`` its JSON)."""
+    from orchestrator.dag import run as run_pipeline
+    from orchestrator.report import print_report
+
+    console = options.console
+    try:
+        report = run_pipeline(spec, options, resumption)
     except LifelongError as e:
         _fail(e)
     except KeyboardInterrupt:  # Ctrl+C, or `lifelong stop` of a submitted job (SIGINT)
-        console.print("[bold yellow]run stopped[/bold yellow] (interrupted); its MLflow runs, if any, end KILLED",
-                      highlight=False)
+        console.print("[bold yellow]run stopped[/bold yellow] (interrupted); its MLflow runs, if any, end KILLED; "
+                      "lifelong resume RUN_ID continues it", highlight=False)
         raise typer.Exit(code=130) from None
     finally:
         import ray
@@ -120,8 +135,62 @@ def run(
         keys = ("pipeline", "strategy", "scenario", "domains", "R", "b", "acc", "bwt", "fwt", "forgetting",
                 "avg_forgetting", "wall_seconds", "mlflow_run_id", "run_id", "run_dir", "tracking_uri", "stages",
                 "timeline", "P", "P_b", "avg_ppl", "ppl_rise", "ppl_forgetting", "avg_ppl_forgetting", "ppl_fwt",
-                "bits_per_token")
+                "bits_per_token", "skipped_batches")
         typer.echo(json.dumps({k: report[k] for k in keys if k in report}))
+
+
+@app.command()
+def resume(run_id: RunIdArg, set_: SetOpt = None, workdir: WorkdirOpt = Path("lifelong-runs"),
+           data_root: DataRootOpt = None, progress: ProgressOpt = True, address: AddressOpt = None,
+           json_out: JsonOpt = False) -> None:
+    """Continue an interrupted run (a killed driver, a failed stage, an outage that outlasted the retries) from its
+    last committed stage, in the same run folder and MLflow run: committed stages and computed cells of R are not
+    run again. Refused if the pipeline's YAML changed since the run started; --set may change only how the run is
+    carried out (training.on_nonfinite, training.max_failures, evaluation.num_actors, ...)."""
+    _continue(run_id, set_ or [], [], workdir, data_root, progress, address, json_out)
+
+
+@app.command()
+def extend(run_id: RunIdArg, domain: Annotated[list[str], typer.Option(
+               "--domain", help="A domain to append: NAME=URI of its shards (repeatable, in stream order).")],
+           workdir: WorkdirOpt = Path("lifelong-runs"), data_root: DataRootOpt = None, progress: ProgressOpt = True,
+           address: AddressOpt = None, json_out: JsonOpt = False) -> None:
+    """Append domains to a finished run: each new stage starts from the run's last checkpoint and strategy state,
+    the old checkpoints are evaluated on the new domains, and the report, R and MLflow lineage cover the whole
+    stream, under the same MLflow run."""
+    pairs = []
+    for item in domain:
+        name, sep, uri = item.partition("=")
+        if not sep or not name.strip() or not uri.strip():
+            _fail(LifelongError(f"--domain {item}: expected NAME=URI"))
+        pairs.append((name.strip(), uri.strip()))
+    _continue(run_id, [], pairs, workdir, data_root, progress, address, json_out)
+
+
+def _continue(run_id: str, overrides: list[str], domains: list[tuple[str, str]], workdir: Path,
+              data_root: Optional[str], progress: bool, address: Optional[str], json_out: bool) -> None:
+    """``resume`` (no ``domains``) or ``extend``: check, then run the rest of the run."""
+    from orchestrator.dag import RunOptions
+    from orchestrator.resume import prepare_resume
+    from orchestrator.spec import bind
+
+    imports_done = time.time()
+    console = stderr_console()
+    try:
+        spec, resumption = prepare_resume(run_id, workdir.resolve(), overrides, domains)
+        bind(spec, "pipeline.json")
+    except LifelongError as e:
+        _fail(e)
+    record = resumption.record
+    search = [Path(record.spec_file).parent] if record.spec_file else []
+    options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=record.tracking_uri,
+                         address=address, search_from=[*search, Path.cwd()], console=console, show_progress=progress,
+                         spec_file=Path(record.spec_file) if record.spec_file else None,
+                         overrides=record.overrides)
+    verb = f"extend with {', '.join(n for n, _ in domains)}" if domains else "resume"
+    console.print(f"[bold]lifelong {verb}[/bold] {spec.name} run {run_id}: {len(spec.domains)} domains, "
+                  f"strategy {spec.strategy_label()}")
+    _run_and_report(spec, options, json_out, imports_done, resumption)
 
 
 @app.command()
@@ -352,7 +421,7 @@ def lineage(
                       f"{record['root']['model_sha256']}"))
         files = node.add(line(f"checkpoint {s['checkpoint']}"))
         files.add(line(f"model.pt  sha256 {s['model_sha256']}"))
-        files.add(line(f"strategy.pt  sha256 {s['strategy_sha256']}"))
+        files.add(line(f"strategy.safetensors  sha256 {s['strategy_sha256']}"))
         for d in s["data"]:
             data = node.add(line(f"data {d['domain']}/{d['split']} {d['uri']}  manifest {d['manifest_digest']}  "
                                  f"split {d['split_digest']}"))
@@ -379,7 +448,7 @@ def audit(
         "storage.s3.endpoint_url, else the AWS environment].")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print every check as one JSON object.")] = False,
 ) -> None:
-    """Re-hash a run's checkpoints (model.pt, strategy.pt, lineage.json) and training shards against the digests
+    """Re-hash a run's checkpoints (model.pt, strategy.safetensors, lineage.json) and training shards against the digests
     MLflow recorded. Each mismatch is named; exit 1 if there is one, 0 if every file matches."""
     from dataclasses import replace
 

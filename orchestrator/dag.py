@@ -20,7 +20,6 @@ The story of :func:`run`:
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import time
 import uuid
@@ -34,8 +33,8 @@ import torch
 from rich.console import Console
 
 from orchestrator import shards
-from orchestrator.checkpoint import code_version, write_checkpoint
-from orchestrator.engine import Listener, Listeners, RunInfo, RunStopped, run_stages
+from orchestrator.checkpoint import code_version, read_lineage, write_checkpoint
+from orchestrator.engine import Listener, Listeners, Restored, RunInfo, RunStopped, run_stages
 from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
@@ -44,6 +43,8 @@ from orchestrator.schedules import save_schedule_plot
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers, validate_shards
 from orchestrator.registry import ModelRegistry
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_curve, save_heatmap, save_json
+from orchestrator.resume import (CELLS_FILE, COMPLETED_FILE, PIPELINE_FILE, RECORD_FILE, CommittedWork, Resumption,
+                                 check_extension, committed_prefix, new_record, read_committed, read_record, write_json)
 from orchestrator.spec import Pipeline, SourceSpec, flatten
 from orchestrator.storage import Storage, is_local, join, local_path
 from orchestrator.workers import StageRunner
@@ -64,6 +65,8 @@ class RunOptions:
             run). run_name: the pipeline run's MLflow name (default ``<pipeline>-<run id>``). run_params: extra
             params of that run (a trial's sampled values). listeners: extra listeners of the stage engine.
         register: register each stage's model in the MLflow model registry (``registry.py``); Tune trials do not.
+        spec_file, overrides: the YAML and the ``--set`` overrides the pipeline came from, recorded in the run's
+            ``run.json`` so that ``lifelong resume`` can tell whether the file has changed since.
     """
 
     workdir: Path
@@ -78,6 +81,8 @@ class RunOptions:
     run_params: Mapping[str, str] = field(default_factory=dict)
     listeners: Sequence[Listener] = ()
     register: bool = True
+    spec_file: Path | None = None
+    overrides: tuple[str, ...] = ()
 
 
 def prepare_domains(pipeline: Pipeline, options: RunOptions, storage: Storage,
@@ -176,11 +181,14 @@ def stage_root(pipeline: Pipeline, run_id: str, run_dir: Path) -> str:
     return join(local_path(root) if is_local(root) else root, pipeline.name, run_id)
 
 
-def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
+def run(pipeline: Pipeline, options: RunOptions, resumption: Resumption | None = None) -> dict[str, Any]:
     """Run a pipeline end to end on Ray and return the report (see :class:`orchestrator.report.ReportBuilder` for
     its fields, plus ``wall_seconds``, ``run_dir``, ``run_id``, ``tracking_uri``, ``mlflow_run_id`` and
     ``timeline``: unix seconds of ``run_start``, ``ray_init_start``, ``ray_ready``, ``workers_start``,
     ``workers_ready``, ``validated``, ``first_batch`` and ``report_written``, where the fixed costs of a run show).
+
+    With ``resumption`` (``lifelong resume`` and ``extend``, :func:`orchestrator.resume.prepare_resume`), the run
+    continues in its own folder and MLflow run: its committed stages and cells are not computed again.
 
     Raises:
         SpecError: a strategy is unknown or has invalid parameters.
@@ -195,42 +203,43 @@ def run(pipeline: Pipeline, options: RunOptions) -> dict[str, Any]:
     timeline["ray_ready"] = time.time()
     resources = check_resources(pipeline)
     plan = StagePlan.build(pipeline, domains, storage, strategies, resources, root="")  # root: once the run id is known
+    first = 0  # the first stage to train
+    if resumption is not None:
+        root = stage_root(pipeline, resumption.record.run_id, resumption.run_dir)
+        if resumption.extended is not None:
+            check_extension(plan, join(root, "init"), resumption.extended)
+        first = committed_prefix(root, storage, plan.num_stages)
     runner = StageRunner(pipeline.training.executor, pipeline.training.max_failures)
     try:
-        # The worker processes boot and start streaming stage 0's data while the shards are validated.
+        # The worker processes boot and start streaming the first stage's data while the shards are validated.
         timeline["workers_start"] = time.time()
-        runner.prestart(resources, plan.data(0))
+        runner.prestart(resources, plan.data(first) if first < plan.num_stages else None)
         validate_shards(domains, storage)
         timeline["validated"] = time.time()
-        return _tracked_run(plan, options, runner, timeline)
+        return _tracked_run(plan, options, runner, timeline, resumption)
     finally:
         runner.close()
 
 
-def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
-                 timeline: dict[str, float]) -> dict[str, Any]:
+def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, timeline: dict[str, float],
+                 resumption: Resumption | None) -> dict[str, Any]:
     """Steps 3-6 of :func:`run`: the run folder, the MLflow parent run, the stages and the report; ``timeline``
     gains the run's later marks."""
     pipeline = plan.pipeline
     options.workdir.mkdir(parents=True, exist_ok=True)
     tracker = _start_tracker(pipeline, options)
-    # Everything above only reads; from here on the run writes under its own fresh folder.
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    run_dir = (options.workdir / pipeline.name / run_id).resolve()
-    run_dir.mkdir(parents=True)
-    (run_dir / "pipeline.json").write_text(json.dumps(pipeline.model_dump(mode="json"), indent=1))
     code = code_version()
-    parent = tracker.start_run(options.run_name or f"{pipeline.name}-{run_id}", {
-        "lifelong.run_id": run_id, "lifelong.run_dir": str(run_dir), "lifelong.spec_sha256": pipeline.spec_hash(),
-        "lifelong.strategy": pipeline.strategy_label(), "lifelong.git_commit": code["git_commit"]},
-        options.mlflow_parent)
+    # Everything above only reads; from here on the run writes under its own folder.
+    run_id, run_dir, parent = _open_run(pipeline, options, tracker, code, resumption)
     tracker.log_params(parent, {**flatten(pipeline.model_dump(mode="json", exclude={"tune"})), **options.run_params})
     events = EventLog(run_dir / "events.jsonl")
-    events.write("run_start", run_id=run_id)
+    events.write("run_start" if resumption is None else "run_resume", run_id=run_id)
     status = "FAILED"
     try:
         plan = replace(plan, root=stage_root(pipeline, run_id, run_dir))
-        run = RunInfo(run_id, plan, _initial_checkpoint(plan, run_id, code), code, tracker.flush)
+        init = _initial_checkpoint(plan, run_id, code, resumption is not None)
+        restored = read_committed(plan, init, run_dir) if resumption else Restored()
+        run = RunInfo(run_id, plan, init, code, tracker.flush, restored, resumption is not None)
         schedule = pipeline.training.lr_schedule
         if schedule.name != "constant":  # the learning rate the stages will follow, as an artifact
             tracker.call(save_schedule_plot, schedule, pipeline.training.optimizer.lr,
@@ -240,7 +249,7 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
         stages = MlflowStages(tracker, parent, run_id)
         registry = [ModelRegistry(tracker, stages, pipeline.tracking.registered_model or pipeline.name,
                                   options.run_params)] if options.register else []
-        listeners = [events, stages, *registry, *options.listeners]
+        listeners = [events, stages, *registry, CommittedWork(run_dir / CELLS_FILE), *options.listeners]
         report = _stages(run, runner, options, listeners)
         timeline.update(workers_ready=runner.ready_at() or float("nan"),
                         first_batch=report["stages"][0]["first_batch_at"], report_written=time.time())
@@ -254,8 +263,55 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner,
     finally:
         tracker.end(parent, status)
         tracker.close(raise_errors=status != "FAILED")  # a failed run keeps its own error
-    (run_dir / "_COMPLETED").write_text(json.dumps({"finished": time.time()}))
+    write_json(run_dir / COMPLETED_FILE, {"finished": time.time()})
     return report
+
+
+def _open_run(pipeline: Pipeline, options: RunOptions, tracker: BackgroundTracker, code: dict[str, str],
+              resumption: Resumption | None) -> tuple[str, Path, RunRef]:
+    """``(run id, run folder, MLflow pipeline run)``: a new run's fresh folder, ``run.json``, ``pipeline.json`` and
+    MLflow run; or a resumed run's own, ``pipeline.json`` rewritten for an extended run (the report it had is kept
+    as ``report-<T>.json``) and its MLflow run marked RUNNING again."""
+    if resumption is not None:
+        record, run_dir = resumption.record, resumption.run_dir
+        if resumption.extended is not None:
+            for name in ("report.json", PIPELINE_FILE):
+                if (run_dir / name).exists():
+                    os.replace(run_dir / name, run_dir / name.replace(".json", f"-{resumption.extended}.json"))
+            (run_dir / COMPLETED_FILE).unlink(missing_ok=True)
+            names = tuple(d.name for d in pipeline.domains[resumption.extended:])
+            record = record.model_copy(update={"extensions": (*record.extensions, names)})
+            write_json(run_dir / RECORD_FILE, record.model_dump(mode="json"))
+        write_json(run_dir / PIPELINE_FILE, pipeline.model_dump(mode="json"))
+        options.console.print(f"[dim]resuming run {record.run_id} in {run_dir}[/dim]")
+        if record.mlflow_run_id:
+            return record.run_id, run_dir, tracker.reopen_run(record.mlflow_run_id)
+        return record.run_id, run_dir, _start_parent(pipeline, options, tracker, code, record.run_id, run_dir)
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    run_dir = (options.workdir / pipeline.name / run_id).resolve()
+    run_dir.mkdir(parents=True)
+    write_json(run_dir / PIPELINE_FILE, pipeline.model_dump(mode="json"))
+    record = new_record(run_id, pipeline, options.spec_file, options.overrides, tracker.uri, tracker.experiment)
+    write_json(run_dir / RECORD_FILE, record.model_dump(mode="json"))
+    options.console.print(f"[dim]run {run_id} in {run_dir}[/dim]")
+    return run_id, run_dir, _start_parent(pipeline, options, tracker, code, run_id, run_dir)
+
+
+def _start_parent(pipeline: Pipeline, options: RunOptions, tracker: BackgroundTracker, code: dict[str, str],
+                  run_id: str, run_dir: Path) -> RunRef:
+    """Create the MLflow pipeline run and record its id in ``run.json`` once known."""
+    parent = tracker.start_run(options.run_name or f"{pipeline.name}-{run_id}", {
+        "lifelong.run_id": run_id, "lifelong.run_dir": str(run_dir), "lifelong.spec_sha256": pipeline.spec_hash(),
+        "lifelong.strategy": pipeline.strategy_label(), "lifelong.git_commit": code["git_commit"]},
+        options.mlflow_parent)
+
+    def remember(mlflow_run_id: str) -> None:
+        record = read_record(run_dir)
+        write_json(run_dir / RECORD_FILE, record.model_copy(update={"mlflow_run_id": mlflow_run_id})
+                   .model_dump(mode="json"))
+
+    tracker.call(remember, parent)
+    return parent
 
 
 def _start_tracker(pipeline: Pipeline, options: RunOptions) -> BackgroundTracker:
@@ -269,10 +325,17 @@ def _start_tracker(pipeline: Pipeline, options: RunOptions) -> BackgroundTracker
     return tracker
 
 
-def _initial_checkpoint(plan: StagePlan, run_id: str, code: dict[str, str]) -> str:
+def _initial_checkpoint(plan: StagePlan, run_id: str, code: dict[str, str], resumed: bool = False) -> str:
     """Save the initial model (seeded by the pipeline's seed) and the strategies' empty state: the lineage root,
-    which every stage descends from and the evaluation scores as row -1 (b, for FWT)."""
+    which every stage descends from and the evaluation scores as row -1 (b, for FWT). A resumed run keeps the one
+    it committed."""
     pipeline = plan.pipeline
+    if resumed:
+        try:
+            read_lineage(join(plan.root, "init"), plan.storage)
+            return join(plan.root, "init")
+        except FileNotFoundError:
+            pass  # the earlier attempt died before committing it
     torch.manual_seed(pipeline.seed)
     model = build_model(pipeline.model, plan.input.shape, plan.layout.num_outputs)
     lineage = {"pipeline": pipeline.name, "run_id": run_id, "stage": -1, "domain": None,
@@ -296,6 +359,8 @@ def _stages(run: RunInfo, runner: StageRunner, options: RunOptions,
         if scheduler is not None:
             scheduler.close()
     report = builder.report()
+    if scheduler is not None:
+        report["evaluation_actor_restarts"] = scheduler.pool.restarts if scheduler.pool is not None else 0
     if "curve" in report and scheduler is not None:
         report["curve_snapshots_dropped"] = scheduler.snapshots_dropped  # evaluation fell behind training
     return report

@@ -10,10 +10,15 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
 - progress, the event log and the report (``report.py``);
 - the Tune reporter (``tuning.py``), which reports each domain's val metrics to Ray Tune and ends the run with
   :class:`RunStopped` when the trial's scheduler stops it;
-- and, to come: resume (which skips committed stages).
+- committed work (``resume.py``): records the cells of R beside the run, so that ``lifelong resume`` and
+  ``lifelong extend`` can hand the engine what a run has already done (:class:`Restored`).
 
-Events, in order: ``run_started``; per stage ``before_stage``, ``stage_started``, ``progress`` (many), then
-``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``curve_evaluated``
+A resumed or extended run's :class:`RunInfo` carries its committed work: the engine does not run a committed stage
+again but announces it with ``stage_restored``, and each listener takes the restored stages and cells its own way (the
+evaluation computes only the cells that are missing, MLflow reuses the stage runs, the report includes them).
+
+Events, in order: ``run_started``; per stage ``before_stage``, then ``stage_restored`` for a committed stage, or
+``stage_started``, ``progress`` (many), then ``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``curve_evaluated``
 whenever a snapshot of the model in training has been scored (continual evaluation, ``evaluation.every_n_steps``);
 ``run_finished`` after the last stage (listeners finish their own work there: the evaluation waits for the last
 row); ``run_stopped`` instead if a listener ended the run early on purpose, or the process was interrupted (Ctrl+C,
@@ -39,24 +44,6 @@ POLL_SECONDS = 0.5  # how often the driver forwards progress and lets listeners 
 class RunStopped(Exception):
     """Raised by a listener to end the run early on purpose (a Tune trial stopped by its scheduler): not an error of
     the run, which ends with its MLflow runs marked KILLED."""
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """The run the engine drives.
-
-    Attributes:
-        run_id: the run's id. plan: its stage plan. init_checkpoint: the initial model's checkpoint (the lineage
-            root, evaluated as row -1 for FWT). code: the code version recorded in every lineage record.
-        flush: waits until every record the run has queued so far (MLflow) is written; a listener that hands
-            control to something that may end the process (a Tune report) calls it first.
-    """
-
-    run_id: str
-    plan: StagePlan
-    init_checkpoint: str
-    code: Mapping[str, str]
-    flush: Callable[[], None] = field(default=lambda: None)
 
 
 @dataclass(frozen=True)
@@ -115,6 +102,45 @@ class CurvePoint:
     nll: float = float("nan")
 
 
+@dataclass(frozen=True)
+class Restored:
+    """What a run had committed before it was interrupted (or finished, for ``extend``), read back from its storage
+    by ``orchestrator/resume.py``.
+
+    Attributes:
+        stages: stage index -> its committed result (the checkpoint, and the statistics its ``_COMPLETED`` record
+            kept). Only a prefix 0..k of the stream: a stage is committed only if its parent is.
+        cells: the cells of R already computed (row -1: the initial model), at most one per (row, col).
+        curve: the continual-evaluation points already scored.
+    """
+
+    stages: Mapping[int, StageResult] = field(default_factory=dict)
+    cells: tuple[Cell, ...] = ()
+    curve: tuple[CurvePoint, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The run the engine drives.
+
+    Attributes:
+        run_id: the run's id. plan: its stage plan. init_checkpoint: the initial model's checkpoint (the lineage
+            root, evaluated as row -1 for FWT). code: the code version recorded in every lineage record.
+        flush: waits until every record the run has queued so far (MLflow) is written; a listener that hands
+            control to something that may end the process (a Tune report) calls it first.
+        restored: the committed work of a resumed or extended run (empty for a new run). resumed: whether the run
+            continues an earlier attempt (``lifelong resume`` or ``extend``), even one that committed nothing.
+    """
+
+    run_id: str
+    plan: StagePlan
+    init_checkpoint: str
+    code: Mapping[str, str]
+    flush: Callable[[], None] = field(default=lambda: None)
+    restored: Restored = field(default_factory=lambda: Restored())
+    resumed: bool = False
+
+
 class Listener:
     """A concern plugged into the stage engine. Every method is optional; the defaults do nothing."""
 
@@ -127,6 +153,10 @@ class Listener:
 
     def stage_started(self, stage: StageSpec) -> None:
         """Stage ``stage.task_id`` has been submitted to the workers."""
+
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """Stage ``stage.task_id`` was committed by an earlier attempt of the run (``run.restored``); it is not run
+        again."""
 
     def progress(self, stage: StageSpec, report: Progress) -> None:
         """Rank 0 reported progress (every ``training.progress_every`` steps, and at the end of each epoch)."""
@@ -184,6 +214,11 @@ class Listeners(Listener):
         for m in self.members:
             m.progress(stage, report)
 
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """Forward to every listener."""
+        for m in self.members:
+            m.stage_restored(stage, result)
+
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
         """Forward to every listener."""
         for m in self.members:
@@ -225,9 +260,10 @@ class Listeners(Listener):
 
 
 def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[StageResult]:
-    """Run the stages of ``run.plan`` in order on ``runner``, each from the previous one's checkpoint.
+    """Run the stages of ``run.plan`` in order on ``runner``, each from the previous one's checkpoint; a stage in
+    ``run.restored`` is not run again (``stage_restored``), and the next one starts from its checkpoint.
 
-    Returns the committed stages (fewer than T if a listener stopped the run through :meth:`Listener.should_stop`).
+    Returns the committed stages, restored ones included (fewer than T if a listener stopped the run through :meth:`Listener.should_stop`).
 
     Raises:
         TrainingError: ``stage k (<domain>) failed: <why>``, after ``stage_failed`` reached the listeners.
@@ -242,7 +278,11 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
         for k in range(plan.num_stages):
             listener.before_stage(k)
             stage = plan.stage(k, parent, read_lineage(parent, plan.storage), run.run_id, run.code)
-            results.append(_run_stage(stage, plan, runner, listener))
+            if k in run.restored.stages:
+                results.append(run.restored.stages[k])
+                listener.stage_restored(stage, results[-1])
+            else:
+                results.append(_run_stage(stage, plan, runner, listener))
             parent = results[-1].checkpoint
             if listener.should_stop():
                 break

@@ -3,9 +3,10 @@
 Each :class:`Evaluator` actor holds the evaluation splits of the domains it has been asked about (loaded once from
 the shards, cached) and the model of the last checkpoint it evaluated. :class:`EvaluationScheduler`, a listener of
 the stage engine, sends row i (``(checkpoint, row i, domains j...)``, one call per actor with an equal share of the
-domains) through a ``ray.util.ActorPool`` once stage i is committed, so that row i is computed while stage i+1
-trains; the actors run at background CPU priority
-(``orchestrator/cpu.py``) and take only the cycles training leaves idle.
+domains) through a small pool of actors (:class:`ActorCalls`) once stage i is committed, so that row i is computed
+while stage i+1 trains; the actors run at background CPU priority (``orchestrator/cpu.py``) and take only the cycles
+training leaves idle. An actor that dies (its process killed, its node lost) is replaced, and the calls it had are
+sent again to the new one, up to ``evaluation.max_actor_restarts`` times.
 
 Continual evaluation (``evaluation.every_n_steps``, De Lange et al., "Continual evaluation for lifelong learning:
 identifying the stability gap", ICLR 2023, §3): rank 0 of the training workers puts a snapshot of the weights in the
@@ -17,12 +18,14 @@ snapshot is dropped (and counted) while ``evaluation.max_queued_snapshots`` are 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 import torch
-from ray.util import ActorPool
 
 from orchestrator.checkpoint import load_checkpoint
 from orchestrator.cpu import background_priority
@@ -155,6 +158,100 @@ class Evaluator:
         return [self.evaluate(checkpoint, row, j) for j in cols]
 
 
+@dataclass
+class _Call:
+    """One queued actor call: ``method`` (``evaluate_cells`` or ``evaluate_snapshot``) with ``args``; ``threads``
+    is appended when it is sent (the torch threads of that moment). ``tries``: actors that died running it."""
+
+    method: str
+    args: tuple[Any, ...]
+    tries: int = 0
+
+
+class ActorCalls:
+    """A queue of calls spread over a set of evaluation actors, one call per actor at a time.
+
+    Unlike ``ray.util.ActorPool``, it knows which call each actor was running: when an actor dies
+    (``RayActorError``), a new actor replaces it and the call is sent again, up to ``max_restarts`` times in all.
+
+    Args:
+        new_actor: starts one actor. size: how many actors run. max_restarts: actors that may be replaced.
+        threads: the torch threads a call gets, read when it is sent.
+    """
+
+    def __init__(self, new_actor: Callable[[], Any], size: int, max_restarts: int,
+                 threads: Callable[[], int]) -> None:
+        self.new_actor, self.max_restarts, self.threads = new_actor, max_restarts, threads
+        self.actors = [new_actor() for _ in range(size)]
+        self.idle = list(self.actors)
+        self.queue: deque[_Call] = deque()
+        self.running: dict[ray.ObjectRef, tuple[Any, _Call]] = {}
+        self.restarts = 0
+
+    def submit(self, method: str, args: tuple[Any, ...]) -> None:
+        """Queue a call; it is sent as soon as an actor is idle."""
+        self.queue.append(_Call(method, args))
+        self._dispatch()
+
+    def busy(self) -> bool:
+        """Whether calls are queued or running."""
+        return bool(self.queue or self.running)
+
+    def next_result(self, timeout: float) -> tuple[_Call, Any] | None:
+        """``(call, result)`` of the next call to finish within ``timeout`` seconds; None if none did, or if the one
+        that did had lost its actor (the call is then sent again to a new actor).
+
+        Raises:
+            LifelongError: an actor died more than ``max_restarts`` times, or a call failed (naming why).
+            ray.exceptions.ObjectLostError: the call's input is lost (a snapshot whose training worker died).
+        """
+        ready, _ = ray.wait(list(self.running), num_returns=1, timeout=timeout) if self.running else ([], [])
+        if not ready:
+            return None
+        actor, call = self.running.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:
+            self._replace(actor, call, e)
+            return None
+        except ray.exceptions.ObjectLostError:
+            self.idle.append(actor)
+            self._dispatch()
+            raise
+        except ray.exceptions.RayError as e:
+            raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
+        self.idle.append(actor)
+        self._dispatch()
+        return call, result
+
+    def _replace(self, actor: Any, call: _Call, error: Exception) -> None:
+        """A new actor in place of a dead one, and its call queued first."""
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise LifelongError(f"evaluation actors died {self.restarts} times (evaluation.max_actor_restarts "
+                                f"{self.max_restarts}); the last: {one_line(str(error))}")
+        self.actors.remove(actor)
+        fresh = self.new_actor()
+        self.actors.append(fresh)
+        self.idle.append(fresh)
+        call.tries += 1
+        self.queue.appendleft(call)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.idle and self.queue:
+            actor, call = self.idle.pop(), self.queue.popleft()
+            ref = getattr(actor, call.method).remote(*call.args, self.threads())
+            self.running[ref] = (actor, call)
+
+    def close(self) -> None:
+        """Stop every actor."""
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors, self.idle, self.running = [], [], {}
+        self.queue.clear()
+
+
 class EvaluationScheduler(Listener):
     """Fills the accuracy matrix: row -1 (the initial model, for FWT) and row k once stage k is committed.
 
@@ -171,8 +268,7 @@ class EvaluationScheduler(Listener):
         self.downstream = downstream
         self.plan: StagePlan | None = None
         self.init_checkpoint = ""
-        self.actors: list[Any] = []
-        self.pool = ActorPool([])
+        self.pool: ActorCalls | None = None
         self.rows: dict[int, dict[int, Cell]] = {}
         self.threads = 1  # torch threads per actor call; the training workers' share once the last stage is done
         self.offset = 0  # training steps of the committed stages (continual evaluation's global step)
@@ -180,8 +276,12 @@ class EvaluationScheduler(Listener):
         self.snapshots_dropped = 0
 
     def run_started(self, run: RunInfo) -> None:
-        """Remember the plan and the initial checkpoint."""
+        """Remember the plan, the initial checkpoint and the cells an earlier attempt of the run computed (a resumed
+        or extended run: they are not computed again)."""
         self.plan, self.init_checkpoint = run.plan, run.init_checkpoint
+        for cell in run.restored.cells:
+            if cell.col < run.plan.num_stages:
+                self.rows.setdefault(cell.row, {})[cell.col] = cell
 
     def stage_started(self, stage: StageSpec) -> None:
         """At stage 0: start the actors and send them row -1."""
@@ -189,16 +289,17 @@ class EvaluationScheduler(Listener):
 
     def _start(self) -> None:
         """Start the actors and send them row -1 (once)."""
-        if self.actors or self.plan is None:
+        if self.pool is not None or self.plan is None:
             return
         plan, e = self.plan, self.plan.pipeline.evaluation
         remote = ray.remote(num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor,
                             resources=dict(e.resources))(Evaluator)
         args = ([(d.uri, d.manifest) for d in plan.domains], e.split, plan.layout, plan.pipeline.model, plan.input,
                 e.batch_size, plan.strategies, plan.storage, e.gpus_per_actor > 0)
-        self.actors = [remote.remote(*args) for _ in range(e.num_actors)]
-        for actor in self.actors:
-            self.pool.push(actor)
+        # The pool reads the threads when it sends a call, so that a call queued during training gets the threads
+        # of the moment it starts.
+        self.pool = ActorCalls(lambda: remote.remote(*args), e.num_actors, e.max_actor_restarts,
+                               lambda: self.threads)
         self._submit(-1, self.init_checkpoint)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
@@ -207,14 +308,21 @@ class EvaluationScheduler(Listener):
         assert self.plan is not None
         if stage.task_id == self.plan.num_stages - 1:
             r = self.plan.resources
-            self.threads = max(1, r.threads * r.num_workers // max(1, len(self.actors)))
+            self.threads = max(1, r.threads * r.num_workers // max(1, self.plan.pipeline.evaluation.num_actors))
         self._submit(stage.task_id, result.checkpoint)
         self.offset += int(result.stats.get("steps", 0))
+
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """A stage committed by an earlier attempt: send only the cells of its row that are missing (all of them
+        if the run stopped before its row was complete; the new domains' columns for ``extend``)."""
+        if self._missing(-1) or self._missing(stage.task_id):
+            self._start()
+        self.stage_committed(stage, result)
 
     def progress(self, stage: StageSpec, report: Progress) -> None:
         """Send a snapshot of the model in training to the actors (continual evaluation), unless
         ``evaluation.max_queued_snapshots`` are still queued (then it is dropped and counted)."""
-        if report.kind not in ("snapshot", "snapshot_end") or report.weights is None or not self.actors:
+        if report.kind not in ("snapshot", "snapshot_end") or report.weights is None or self.pool is None:
             return
         assert self.plan is not None
         if self.snapshots_queued >= self.plan.pipeline.evaluation.max_queued_snapshots:
@@ -223,7 +331,7 @@ class EvaluationScheduler(Listener):
         self.snapshots_queued += 1
         args = (report.weights, stage.task_id, report.step, self.offset + report.step, report.kind == "snapshot_end",
                 list(range(stage.task_id + 1)), self.plan.pipeline.evaluation.subsample)
-        self.pool.submit(lambda actor, a: actor.evaluate_snapshot.remote(*a, self.threads), args)
+        self.pool.submit("evaluate_snapshot", args)
 
     def before_stage(self, k: int) -> None:
         """With ``evaluation.max_lag`` = L, wait until rows -1..k-1-L of R are complete (and reported downstream)."""
@@ -232,7 +340,7 @@ class EvaluationScheduler(Listener):
         if lag is None:
             return
         needed = range(-1, k - lag)
-        while self.pool.has_next() and not all(len(self.rows.get(r, {})) == self.plan.num_stages for r in needed):
+        while self._busy() and not all(len(self.rows.get(r, {})) == self.plan.num_stages for r in needed):
             self._collect(timeout=1.0)
 
     def poll(self) -> None:
@@ -241,46 +349,51 @@ class EvaluationScheduler(Listener):
 
     def run_finished(self) -> None:
         """Wait for every outstanding cell, then stop the actors."""
-        while self.pool.has_next():
+        while self._busy():
             self._collect(timeout=5.0)
         self.close()
 
     def close(self) -> None:
         """Stop the actors (also after a failed run)."""
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
+        if self.pool is not None:
+            self.pool.close()
+
+    def _busy(self) -> bool:
+        return self.pool is not None and self.pool.busy()
+
+    def _missing(self, row: int) -> list[int]:
+        """The columns of row ``row`` not computed yet."""
+        assert self.plan is not None
+        done = self.rows.get(row, {})
+        return [j for j in range(self.plan.num_stages) if j not in done]
 
     def _submit(self, row: int, checkpoint: str) -> None:
-        """Send row ``row`` as one call per actor, each with an equal share of the columns: a call costs a round
-        trip through the driver, several times a cell's own forward pass on a small model."""
-        assert self.plan is not None
-        self.rows[row] = {}
-        parts = max(1, len(self.actors))
-        for first in range(min(parts, self.plan.num_stages)):
-            cols = list(range(first, self.plan.num_stages, parts))
-            # The pool calls this when an actor is free, so a call queued during training gets the threads of the
-            # moment it starts.
-            self.pool.submit(lambda actor, args: actor.evaluate_cells.remote(*args, self.threads),
-                             (checkpoint, row, cols))
+        """Send the missing cells of row ``row`` as one call per actor, each with an equal share of the columns: a
+        call costs a round trip through the driver, several times a cell's own forward pass on a small model."""
+        missing = self._missing(row)
+        self.rows.setdefault(row, {})
+        assert self.pool is not None or not missing
+        parts = max(1, len(self.pool.actors) if self.pool is not None else 1)
+        for first in range(min(parts, len(missing))):
+            self.pool.submit("evaluate_cells", (checkpoint, row, missing[first::parts]))  # type: ignore[union-attr]
 
     def _collect(self, timeout: float) -> None:
         assert self.plan is not None
-        while self.pool.has_next():
+        while self._busy():
+            assert self.pool is not None
             try:
-                cells: list[Cell] = self.pool.get_next_unordered(timeout=timeout)
-            except TimeoutError:
-                return
+                done = self.pool.next_result(timeout)
             except ray.exceptions.ObjectLostError:  # OwnerDiedError too
                 # a snapshot whose training worker died (its stage restarts): lost, as a dropped one
                 self.snapshots_queued -= 1
                 self.snapshots_dropped += 1
                 continue
-            except ray.exceptions.RayError as e:
-                raise LifelongError(f"an evaluation actor failed: {one_line(str(e))}") from None
-            if cells and isinstance(cells[0], CurvePoint):
+            if done is None:  # nothing finished in time (or an actor died, and its call went to a new one)
+                return
+            call, cells = done
+            if call.method == "evaluate_snapshot":
                 self.snapshots_queued -= 1
-                self.downstream.curve_evaluated(cells)  # type: ignore[arg-type]
+                self.downstream.curve_evaluated(cells)
                 continue
             for cell in cells:
                 row = self.rows[cell.row]

@@ -63,6 +63,29 @@ def tracking_target(pipeline: Pipeline, tracking_uri: str | None, workdir: Path)
     return uri, pipeline.tracking.experiment or pipeline.name
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create a ``sqlite:///`` tracking store that does not exist yet as one step: its tables are made in a temporary
+    file beside it (MLflow's migrations take seconds), which is then linked onto its name. A run killed meanwhile
+    leaves no half-migrated store that every later run would fail on; two runs creating it at once keep the first.
+    Nothing happens for another URI or an existing file."""
+    from mlflow import MlflowClient
+
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not uri.startswith("sqlite:///") or path.name in ("", ":memory:") or path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # creates the tables
+        client._tracking_client.store.engine.dispose()  # noqa: SLF001 - close the file before it is linked
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another run created it first
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Tracker:
     """Creates and fills the MLflow runs of one pipeline run.
 
@@ -82,8 +105,9 @@ class Tracker:
         if server.scheme in ("http", "https") and server.hostname:
             check_reachable(server.hostname, server.port or (443 if server.scheme == "https" else 80),
                             f"MLflow tracking URI {uri}")
-        self.client = MlflowClient(tracking_uri=uri)
         try:
+            create_sqlite_store(uri)
+            self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(experiment)
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 experiment, artifact_location=artifact_location(uri))
@@ -96,11 +120,34 @@ class Tracker:
             tags = {**tags, "mlflow.parentRunId": parent_id}
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
+    def reopen_run(self, run_id: str) -> str:
+        """Mark an existing run RUNNING again (the pipeline run of a resumed or extended run) and return its id.
+
+        Raises:
+            LifelongError: if the tracking store has no such run.
+        """
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as e:
+            raise LifelongError(f"MLflow run {run_id} is not in {self.uri}: {str(e).splitlines()[0][:160]}") from None
+        return run_id
+
+    def stage_runs(self, parent_id: str, k: int) -> list[Any]:
+        """The child runs of stage k under the pipeline run ``parent_id``, newest first (more than one when the run
+        was resumed while stage k trained)."""
+        return self.client.search_runs([self.experiment_id], order_by=["attributes.start_time DESC"],
+                                       filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                     f"tags.`lifelong.stage` = '{k}'")
+
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        """Log string params in batches of 100 (MLflow's limit per call)."""
+        """Log string params in batches of 100 (MLflow's limit per call); a param the run has already is left as it
+        is (an extended run logs only its new domains')."""
         from mlflow.entities import Param
 
-        items = [Param(k, v[:6000]) for k, v in params.items()]
+        logged = self.client.get_run(run_id).data.params
+        items = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
 
@@ -152,7 +199,7 @@ class BackgroundTracker:
     """
 
     def __init__(self, uri: str, experiment: str) -> None:
-        self.uri = uri
+        self.uri, self.experiment = uri, experiment
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow", initializer=background_priority)
         self._tracker = self._pool.submit(Tracker, uri, experiment)
         self._calls: list[Future] = [self._tracker]
@@ -184,6 +231,10 @@ class BackgroundTracker:
     def start_run(self, name: str, tags: dict[str, str], parent: RunRef | None = None) -> RunRef:
         """Queue the creation of a run (a child of ``parent`` if given); the returned future yields its id."""
         return self._method("start_run", name, tags, parent)
+
+    def reopen_run(self, run_id: str) -> RunRef:
+        """Queue :meth:`Tracker.reopen_run`; the returned future yields ``run_id``."""
+        return self._method("reopen_run", run_id)
 
     def log_params(self, run: RunRef, params: dict[str, str]) -> None:
         """Queue :meth:`Tracker.log_params`."""
@@ -254,6 +305,8 @@ class MlflowStages(Listener):
 
     def __init__(self, tracker: BackgroundTracker, parent: RunRef, run_id: str) -> None:
         self.tracker, self.parent, self.run_id = tracker, parent, run_id
+        self.resumed = False
+        self.restored: frozenset[Cell] = frozenset()
         self.runs: dict[int, RunRef] = {}
         self.open: set[int] = set()  # stages whose run has not ended
         self.lineages: dict[int, RunRef] = {}  # each committed stage's lineage.json, read on the tracker's thread
@@ -262,8 +315,11 @@ class MlflowStages(Listener):
         self.text = False
 
     def stage_started(self, stage: StageSpec) -> None:
-        """Create the stage's run, with its dataset inputs and params."""
+        """Create the stage's run, with its dataset inputs and params; in a resumed run, first mark KILLED a run
+        of this stage that an interrupted attempt left RUNNING."""
         k, t = stage.task_id, self.tracker
+        if self.resumed:
+            t.with_tracker(_end_stale_runs, self.parent, k)
         ref = t.start_run(f"stage-{k}-{stage.domain}", {"lifelong.stage": str(k), "lifelong.domain": stage.domain,
                                                          "lifelong.run_id": self.run_id}, self.parent)
         self.runs[k] = ref
@@ -285,11 +341,24 @@ class MlflowStages(Listener):
         ref, train = self.runs[stage.task_id], result.stats.get("train_seconds", float("nan"))
         wall = result.end - result.start
         self.tracker.log_metrics(ref, {"stage_wall_seconds": wall, "train_seconds": train,
-                                       "overhead_seconds": wall - train})
+                                       "overhead_seconds": wall - train,
+                                       "skipped_batches": float(result.stats.get("skipped_batches", 0))})
         self.lineages[stage.task_id] = self.tracker.call(read_lineage, result.checkpoint, stage.storage)
         self.tracker.log_dict(ref, self.lineages[stage.task_id], "lineage.json")
         self.tracker.end(ref, "FINISHED")
         self.open.discard(stage.task_id)
+
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """A stage committed by an earlier attempt: reuse its run (ended FINISHED if the attempt died before ending
+        it), or create it as :meth:`stage_started` and :meth:`stage_committed` would have."""
+        k = stage.task_id
+        lineage = self.tracker.call(read_lineage, result.checkpoint, stage.storage)
+        found = self.tracker.with_tracker(_restore_stage_run, self.parent, k, lineage)
+        if found.result() is None:
+            self.stage_started(stage)
+            self.stage_committed(stage, result)
+        else:
+            self.runs[k], self.lineages[k] = found, lineage
 
     def stage_failed(self, stage: StageSpec, error: str) -> None:
         """End the stage's run as FAILED."""
@@ -297,9 +366,17 @@ class MlflowStages(Listener):
         self.open.discard(stage.task_id)
 
     def run_started(self, run: RunInfo) -> None:
-        """Remember the domains' names (continual evaluation's metric names) and whether they are text."""
+        """Remember the domains' names (continual evaluation's metric names) and whether they are text; in a
+        resumed or extended run, the cells logged already, and the metrics over seen domains already logged
+        (those whose leading block of R was restored)."""
         self.names = [d.name for d in run.plan.domains]
         self.text = run.plan.input.text
+        self.resumed, self.restored = run.resumed, frozenset(run.restored.cells)
+        known = {(c.row, c.col): c.acc for c in run.restored.cells}
+        k = 0
+        while k < len(self.names) and all((i, j) in known for i in range(k + 1) for j in range(k + 1)):
+            self.seen.add(k, [known.get((k, j), math.nan) for j in range(len(self.names))])  # logged before
+            k += 1
 
     def curve_evaluated(self, points: Sequence[CurvePoint]) -> None:
         """Log continual evaluation to the pipeline run: ``continual_acc.<domain>`` (text: ``continual_ppl.<domain>``)
@@ -313,8 +390,9 @@ class MlflowStages(Listener):
         """Log the metrics over the domains seen so far, once per stage k, in order of k."""
         for k, metrics in self.seen.add(row, [c.acc for c in cells]):
             self.tracker.log_metrics(self.parent, {f"{name}_seen": v for name, v in metrics.items()}, step=k)
-        if row >= 0 and self.text:  # text domains: row i of the perplexity matrix P, one metric per domain
-            self.tracker.log_metrics(self.parent, {f"ppl.{self.names[c.col]}": math.exp(c.nll) for c in cells},
+        new = [c for c in cells if c not in self.restored]
+        if row >= 0 and self.text and new:  # text domains: row i of the perplexity matrix P, one metric per domain
+            self.tracker.log_metrics(self.parent, {f"ppl.{self.names[c.col]}": math.exp(c.nll) for c in new},
                                      step=row)
 
     def run_stopped(self, stage: StageSpec | None, reason: str) -> None:
@@ -325,3 +403,25 @@ class MlflowStages(Listener):
     def poll(self) -> None:
         """Raise the first MLflow error, if a call has failed."""
         self.tracker.check()
+
+
+def _end_stale_runs(tracker: Tracker, parent_id: str, k: int) -> None:
+    """Mark KILLED the runs of stage k that an interrupted attempt of the pipeline run left RUNNING."""
+    for r in tracker.stage_runs(parent_id, k):
+        if r.info.status == "RUNNING":
+            tracker.end(r.info.run_id, "KILLED")
+
+
+def _restore_stage_run(tracker: Tracker, parent_id: str, k: int, lineage: dict[str, Any]) -> str | None:
+    """The run of a committed stage k: its FINISHED run, else the newest one (which the interrupted attempt never
+    ended: it gets the checkpoint's ``lineage.json`` and ends FINISHED), else None."""
+    runs = tracker.stage_runs(parent_id, k)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    tracker.log_dict(run_id, lineage, "lineage.json")
+    tracker.end(run_id, "FINISHED")
+    return run_id

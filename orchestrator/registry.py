@@ -6,7 +6,7 @@ A stage's model is *external* to MLflow: its weights stay in the stage checkpoin
 prefix), and MLflow records where it is and what made it. The LoggedModel and the model version carry the same tags:
 
 - ``lifelong.run_id``, ``lifelong.pipeline``, ``lifelong.stage``, ``lifelong.domain``;
-- ``lifelong.checkpoint`` and the sha256 of its ``model.pt`` and ``strategy.pt`` (``lifelong.model_sha256``,
+- ``lifelong.checkpoint`` and the sha256 of its ``model.pt`` and ``strategy.safetensors`` (``lifelong.model_sha256``,
   ``lifelong.strategy_sha256``, the strategy-state digest);
 - the parent: ``lifelong.parent_model_id`` and ``lifelong.parent_version`` (empty for a run's first stage, whose
   parent is the run's initial model), ``lifelong.parent_checkpoint``, ``lifelong.parent_model_sha256``;
@@ -118,13 +118,19 @@ def register_stage(tracker: Tracker, name: str, source_run: str, parent: tuple[s
         (Path(folder) / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
         client.log_model_artifacts(model.model_id, folder)
     client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id, _new_version(tracker, name, model, source_run, tags)
+
+
+def _new_version(tracker: Tracker, name: str, model: Any, source_run: str, tags: Mapping[str, str]) -> str:
+    """Register a LoggedModel as a new version of ``name``, tag the model with it, and return the version."""
     # The source is the model's artifact location rather than models:/<id>: MLflow's sqlite registry resolves the
     # latter through the process-wide tracking URI, not this client's (a TODO in its store).
-    version = client.create_model_version(name, source=model.artifact_location, run_id=source_run,
-                                          tags={**tags, f"{TAG}model_id": model.model_id}, model_id=model.model_id)
-    client.set_logged_model_tags(model.model_id, {f"{TAG}registered_model": name,
-                                                  f"{TAG}version": str(version.version)})
-    return model.model_id, str(version.version)
+    version = tracker.client.create_model_version(name, source=model.artifact_location, run_id=source_run,
+                                                  tags={**tags, f"{TAG}model_id": model.model_id},
+                                                  model_id=model.model_id)
+    tracker.client.set_logged_model_tags(model.model_id, {f"{TAG}registered_model": name,
+                                                          f"{TAG}version": str(version.version)})
+    return str(version.version)
 
 
 class ModelRegistry(Listener):
@@ -147,6 +153,15 @@ class ModelRegistry(Listener):
         self.params = hyperparameters(run.plan.pipeline, self.extra)
         self.tracker.with_tracker(ensure_registered_model, self.name)
 
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """A stage committed by an earlier attempt of the run: its registered model, or (if that attempt died
+        before registering it) its registration now."""
+        found = self.tracker.with_tracker(registered_stage, self.name, stage.lineage["run_id"], stage.task_id)
+        if found.result() is None:
+            self.stage_committed(stage, result)
+        else:
+            self.models[stage.task_id] = found
+
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
         """Queue the stage's registration after its parent's, with the ``lineage.json`` that the stage-run
         listener (``stages``, before this one) has queued for reading."""
@@ -154,6 +169,27 @@ class ModelRegistry(Listener):
         self.models[k] = self.tracker.with_tracker(register_stage, self.name, self.stages.runs[k],
                                                    self.models.get(k - 1), self.stages.lineages[k],
                                                    result.checkpoint, self.params)
+
+
+def registered_stage(tracker: Tracker, name: str, run_id: str, k: int) -> tuple[str, str] | None:
+    """``(model id, version)`` of stage k of lifelong run ``run_id``, or None if no complete model of it was logged
+    (on the tracker's thread). A model whose registration as a version of ``name`` did not finish (the driver was
+    killed in between) is registered now.
+    """
+    from mlflow.entities import LoggedModelStatus
+
+    found = tracker.client.search_logged_models(
+        [tracker.experiment_id], filter_string=f"tags.`{TAG}run_id` = '{run_id}' AND tags.`{TAG}stage` = '{k}'",
+        max_results=100)
+    models = [m for m in found if m.model_type == MODEL_TYPE and m.status == LoggedModelStatus.READY]
+    if not models:
+        return None
+    model = models[0]
+    versions = tracker.client.search_model_versions(f"name = '{name}' AND tags.`{TAG}model_id` = '{model.model_id}'")
+    if versions:
+        return model.model_id, str(versions[0].version)
+    tags = {key: value for key, value in model.tags.items() if key.startswith(TAG)}
+    return model.model_id, _new_version(tracker, name, model, model.source_run_id or "", tags)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         stages.add_row(str(s["stage"]), names[s["stage"]], f"{s['wall_seconds']:.1f}", f"{s['train_seconds']:.1f}",
                        f"{s['overhead_seconds']:.1f}", f"{s['samples_per_second']:.0f}", f"{s['epoch_loss'][-1]:.4f}")
     console.print(stages)
+    if report.get("evaluation_actor_restarts"):
+        console.print(f"evaluation: {report['evaluation_actor_restarts']} actor(s) died and were replaced; their cells "
+                      "were computed again", highlight=False)
+    if report.get("skipped_batches"):
+        console.print(f"skipped {report['skipped_batches']} batch(es) with a NaN or infinite loss "
+                      "(training.on_nonfinite: skip_batch; per stage in report.json)", highlight=False)
     gap = report.get("stability")
     if gap and "max_ppl" in gap:
         console.print(f"continual evaluation ({len(report['curve'])} points): task-end perplexity "
@@ -178,18 +184,22 @@ def save_json(report: dict[str, Any], path: Path) -> Path:
 
 
 def stage_summary(stage: StageSpec, result: StageResult) -> dict[str, Any]:
-    """One stage of the report: ``stage``, ``domain``, ``checkpoint``, ``start``/``end`` (unix seconds),
-    ``wall_seconds``, ``train_seconds`` (the training loop), ``overhead_seconds`` (the rest), ``samples_per_second``
-    (all workers), ``epoch_loss``, ``epoch_seconds``, ``first_batch_at`` (unix seconds, rank 0) and ``node_id``
-    (rank 0's Ray node)."""
+    """One stage of the report: ``stage``, ``domain``, ``checkpoint``, ``start``/``end`` (unix seconds), ``steps``
+    (rank 0's optimizer steps), ``wall_seconds``, ``train_seconds`` (the training loop), ``overhead_seconds`` (the
+    rest), ``samples_per_second`` (all workers), ``epoch_loss``, ``epoch_seconds``, ``first_batch_at`` (unix
+    seconds, rank 0), ``node_id`` (rank 0's Ray node) and ``skipped_batches`` (batches with a non-finite loss,
+    ``training.on_nonfinite: skip_batch``). It is also the stage's ``_COMPLETED`` record, from which a resumed run
+    restores it (so that ``stage_summary`` of a result whose stats are this record gives it back)."""
     stats, wall = result.stats, result.end - result.start
     train = stats.get("train_seconds", float("nan"))
     return {"stage": stage.task_id, "domain": stage.domain, "checkpoint": result.checkpoint, "start": result.start,
+            "steps": int(stats.get("steps", 0)),
             "end": result.end, "wall_seconds": wall, "train_seconds": train, "overhead_seconds": wall - train,
             "samples_per_second": stats.get("samples_per_second", float("nan")),
             "epoch_loss": list(stats.get("epoch_loss", [float("nan")])),
             "epoch_seconds": list(stats.get("epoch_seconds", [])),
-            "first_batch_at": stats.get("first_batch_at", float("nan")), "node_id": stats.get("node_id", "")}
+            "first_batch_at": stats.get("first_batch_at", float("nan")), "node_id": stats.get("node_id", ""),
+            "skipped_batches": int(stats.get("skipped_batches", 0))}
 
 
 class EventLog(Listener):
@@ -202,6 +212,15 @@ class EventLog(Listener):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.restored: frozenset[Cell] = frozenset()
+
+    def run_started(self, run: RunInfo) -> None:
+        """Remember the cells an earlier attempt of the run logged already (a resumed or extended run)."""
+        self.restored = frozenset(run.restored.cells)
+
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """``stage_restored``: a stage committed by an earlier attempt, not run again."""
+        self.write("stage_restored", stage=stage.task_id, domain=stage.domain, checkpoint=result.checkpoint)
 
     def write(self, event: str, **fields: Any) -> None:
         """Append ``{"t": <unix seconds>, "event": event, **fields}``."""
@@ -231,8 +250,11 @@ class EventLog(Listener):
         self.write("stage_failed", stage=stage.task_id, error=error)
 
     def row_evaluated(self, row: int, cells: Sequence[Cell]) -> None:
-        """One ``eval_cell`` per cell, stamped with the time it was computed and the Ray node of its actor."""
+        """One ``eval_cell`` per cell, stamped with the time it was computed and the Ray node of its actor (a cell
+        that an earlier attempt of the run logged is not logged again)."""
         for c in cells:
+            if c in self.restored:
+                continue
             self.write("eval_cell", t=c.end, row=row, col=c.col, start=c.start, end=c.end, acc=c.acc,
                        node_id=c.node_id)
 
@@ -270,6 +292,17 @@ class ReportBuilder(Listener):
         self.header = {"pipeline": p.name, "strategy": p.strategy_label(),
                        "scenario": "lm" if run.plan.input.text else p.scenario,
                        "domains": self.names}
+        rows: dict[int, dict[int, Cell]] = {}
+        for c in run.restored.cells:  # rows an earlier attempt of the run completed
+            rows.setdefault(c.row, {})[c.col] = c
+        for row, cells in rows.items():
+            if all(j in cells for j in range(len(self.names))):
+                self.row_evaluated(row, [cells[j] for j in range(len(self.names))])
+        self.curve.extend(dataclasses.asdict(p) for p in run.restored.curve)
+
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """Add the summary of a stage committed by an earlier attempt of the run."""
+        self.stage_committed(stage, result)
 
     def stage_committed(self, stage: StageSpec, result: StageResult) -> None:
         """Add the stage's summary."""
@@ -287,11 +320,12 @@ class ReportBuilder(Listener):
     def report(self) -> dict[str, Any]:
         """``pipeline``, ``strategy``, ``scenario``, ``domains``, ``stages``, ``R`` (T x T), ``b`` (T), and
         :func:`orchestrator.metrics.cl_metrics`'s ``acc``, ``bwt``, ``fwt``, ``forgetting``, ``avg_forgetting``
-        (None and empty lists for a training-only run); with continual evaluation, ``curve`` (its points, by global
+        (None and empty lists for a training-only run), ``skipped_batches`` (all stages); with continual evaluation, ``curve`` (its points, by global
         step) and ``stability`` (:func:`orchestrator.metrics.stability_gap`). For text domains, R holds next-token
         accuracies and the report adds ``P`` (T x T perplexities), ``P_b``, ``bits_per_token`` (the last row's mean
         negative log-likelihood in bits) and :func:`orchestrator.metrics.lm_metrics`."""
-        report = {**self.header, "stages": self.stages}
+        report = {**self.header, "stages": self.stages,
+                  "skipped_batches": sum(s.get("skipped_batches", 0) for s in self.stages)}
         if self.curve:
             curve = sorted(self.curve, key=lambda p: (p["global_step"], p["col"]))
             report.update(curve=curve, stability=lm_stability_gap(curve, len(self.names)) if self.text else
@@ -366,6 +400,14 @@ class ProgressBar(Listener):
             self.console.print(f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: committed in "
                                f"{self.walls[-1]:.1f} s (training {stats.get('train_seconds', float('nan')):.1f} s, "
                                f"{stats.get('samples_per_second', float('nan')):,.0f} samples/s)", highlight=False)
+
+    def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
+        """Count a stage committed by an earlier attempt as done (or print ``stage k/T <domain>: restored``)."""
+        self.done += stage.train_rows * self.epochs
+        self.bar.update(self.task, completed=self.done)
+        if not self.enabled:
+            self.console.print(f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: restored (committed by an "
+                               f"earlier attempt: {result.checkpoint})", highlight=False)
 
     def run_finished(self) -> None:
         """``evaluating the last stage``; the bar stops at :meth:`close`."""

@@ -285,6 +285,10 @@ class TrainingSpec(_Strict):
     max_failures: int = Field(0, ge=0, description="restarts of a stage from its parent checkpoint after a worker "
                               "process dies")
     progress_every: int = Field(20, ge=1, description="report progress every N steps")
+    on_nonfinite: Literal["error", "skip_batch"] = Field(
+        "error", description="a NaN or infinite loss: error stops the run naming the domain, epoch and step; "
+        "skip_batch skips that batch (no backward pass, no optimizer step; with several workers all of them skip "
+        "it) and counts it in the report, and fails the stage only when every batch of an epoch is skipped")
     resources: CustomResources = Field(default_factory=dict, description="custom Ray resources each worker "
                                         "reserves besides its CPUs and GPU, e.g. {node_a: 0.01} to place the "
                                         "workers on the nodes that carry node_a")
@@ -311,6 +315,9 @@ class EvaluationSpec(_Strict):
                            "subset of its evaluation split)")
     window_steps: int = Field(100, ge=1, description="continual evaluation: window of the windowed forgetting, in "
                               "training steps")
+    max_actor_restarts: int = Field(3, ge=0, description="evaluation actors that may die (process killed, node "
+                                    "lost) and be replaced during a run; the cells they were computing are sent to "
+                                    "the new actor")
     max_queued_snapshots: int = Field(32, ge=1, description="continual evaluation: snapshots waiting for an actor "
                                       "at most (each holds a copy of the weights in Ray's object store); beyond it a "
                                       "snapshot is dropped and counted in the report, so training never waits")
@@ -510,13 +517,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     Integer path parts index into lists (``domains.0.uri=...``).
 
     Raises:
-        SpecError: for an override without ``=`` or a path through a non-container.
+        SpecError: for an override without ``=``, a value that is not valid YAML, or a path through a non-container.
     """
     for item in overrides:
         if "=" not in item:
             raise SpecError("--set", [(item, "expected dotted.key=value")])
         key, _, text = item.partition("=")
-        set_value(raw, key.strip(), yaml.safe_load(text) if text.strip() else None, "--set")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+            raise SpecError("--set", [(key.strip(), f"value {text!r} is not valid YAML ({problem})")]) from None
+        set_value(raw, key.strip(), value, "--set")
     return raw
 
 

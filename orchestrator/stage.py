@@ -290,7 +290,7 @@ def make_optimizer(pipeline: Pipeline, model: torch.nn.Module) -> torch.optim.Op
 
 def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
              on_progress: ProgressFn | None = None, progress_every: int = 20, snapshot_every: int | None = None,
-             snapshot: Callable[[], Any] | None = None) -> dict[str, Any]:
+             snapshot: Callable[[], Any] | None = None, skip_nonfinite: bool = False) -> dict[str, Any]:
     """Train ``ctx.train_model`` on the current domain for ``epochs`` epochs with the strategies' hooks, then for as
     many more as the strategies ask for (``extra_epochs``: PackNet's retraining after pruning), through the same loop.
 
@@ -298,14 +298,17 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     ``step`` every ``progress_every`` steps and one of kind ``epoch`` per epoch, with the epoch's mean loss; with
     ``snapshot_every`` and ``snapshot`` (which returns the weights in training, or a reference to them), one of kind
     ``snapshot`` every ``snapshot_every`` steps and one of kind ``snapshot_end`` when training ends (before
-    ``after_task``).
+    ``after_task``). ``skip_nonfinite`` (``training.on_nonfinite: skip_batch``): a batch whose loss is NaN or
+    infinite is skipped (see :func:`train_step`) and counted instead of failing the stage.
 
     Returns:
         ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
-        "train_seconds": float, "first_batch_at": unix seconds when the first batch arrived}`` (every epoch,
-        extra ones included; seconds of ``after_task`` count in ``train_seconds`` only).
+        "train_seconds": float, "first_batch_at": unix seconds when the first batch arrived, "skipped_batches":
+        int}`` (every epoch, extra ones included; seconds of ``after_task`` count in ``train_seconds`` only; the
+        epoch's loss is the mean over the batches that were not skipped).
     Raises:
-        TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step).
+        TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step), or with
+            ``skip_nonfinite`` if every batch of an epoch was skipped.
     """
     emit = on_progress or (lambda event: None)
     every = snapshot_every if (snapshot_every and snapshot is not None and on_progress is not None) else 0
@@ -319,11 +322,12 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
         s.before_task(ctx)
     ctx.train_model.train()
     start = time.perf_counter()
-    stats: dict[str, Any] = {"epoch_loss": [], "epoch_seconds": [], "samples": 0, "first_batch_at": float("nan")}
+    stats: dict[str, Any] = {"epoch_loss": [], "epoch_seconds": [], "samples": 0, "first_batch_at": float("nan"),
+                             "skipped_batches": 0}
     planned, epoch = epochs, 0
     while epoch < planned:
         ctx.epoch = epoch
-        loss = _train_epoch(ctx, strategies, stats, emit, progress_every, start, every, snap)
+        loss = _train_epoch(ctx, strategies, stats, emit, progress_every, start, every, snap, skip_nonfinite)
         stats["epoch_loss"].append(loss)
         stats["epoch_seconds"].append(time.perf_counter() - start - sum(stats["epoch_seconds"]))
         emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, stats["samples"], loss, time.perf_counter() - start))
@@ -340,15 +344,18 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
 
 def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str, Any], emit: ProgressFn,
                  progress_every: int, start: float, snapshot_every: int = 0,
-                 snap: Callable[[float], None] | None = None) -> float:
-    """One pass over ``ctx.iter_task_batches()``; adds the new-domain samples to ``stats`` and returns the epoch's
-    mean loss per new sample."""
-    total, count = 0.0, 0
+                 snap: Callable[[float], None] | None = None, skip_nonfinite: bool = False) -> float:
+    """One pass over ``ctx.iter_task_batches()``; adds the new-domain samples (and the skipped batches) to ``stats``
+    and returns the epoch's mean loss per new sample."""
+    total, count, skipped = 0.0, 0, 0
     for batch in ctx.iter_task_batches():
         if ctx.step == 0:
             stats["first_batch_at"] = time.time()
         new = len(batch)
-        loss = train_step(ctx, strategies, batch.to(ctx.device, non_blocking=True))
+        loss = train_step(ctx, strategies, batch.to(ctx.device, non_blocking=True), skip_nonfinite)
+        if loss is None:  # a non-finite loss, skipped
+            skipped += 1
+            continue
         ctx.step += 1
         stats["samples"] += new
         value = loss.item()
@@ -358,15 +365,24 @@ def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str,
                           time.perf_counter() - start))
         if snapshot_every and snap is not None and ctx.step % snapshot_every == 0:
             snap(value)
+    stats["skipped_batches"] += skipped
+    if skipped and not count:
+        raise TrainingError(f"domain {ctx.task_id}: every batch of epoch {ctx.epoch} ({skipped}) had a NaN or "
+                            "infinite loss and was skipped (training.on_nonfinite: skip_batch)")
     return total / max(count, 1)
 
 
-def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> torch.Tensor:
+def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch,
+               skip_nonfinite: bool = False) -> torch.Tensor | None:
     """One optimizer step on ``batch`` with every strategy's hooks (see ``strategies/base.py``); returns the loss
     (``LossTerms.total()``, a scalar tensor).
 
+    With ``skip_nonfinite``, a NaN or infinite loss skips the batch instead: no backward pass, no hook after the loss,
+    no optimizer step, and None is returned. With several workers they agree first (one all-reduce of a flag), so
+    that all of them skip the batch that any of them could not use and DDP's gradient all-reduce stays in step.
+
     Raises:
-        TrainingError: if the loss is NaN or infinite (naming the domain, epoch and step).
+        TrainingError: if the loss is NaN or infinite (naming the domain, epoch and step), unless skipped.
     """
     for s in strategies:
         batch = s.train_batch(ctx, batch)
@@ -376,7 +392,13 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch) -> t
         for s in strategies:
             s.loss(ctx, batch, outputs, terms)
         loss = terms.total()
-    if not torch.isfinite(loss):
+    finite = bool(torch.isfinite(loss))
+    if skip_nonfinite:
+        if ctx.world_size > 1:
+            finite = float(ctx.all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=ctx.device))) == 0.0
+        if not finite:
+            return None
+    if not finite:
         raise TrainingError(f"domain {ctx.task_id}: loss is {loss.item()} at epoch {ctx.epoch}, step {ctx.step}")
     ctx.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -488,7 +510,8 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
 
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress if rank == 0 else None,
                      pipeline.training.progress_every, pipeline.evaluation.every_n_steps
-                     if pipeline.evaluation.enabled else None, snapshot)
+                     if pipeline.evaluation.enabled else None, snapshot,
+                     pipeline.training.on_nonfinite == "skip_batch")
     stats["setup_seconds"] = setup_seconds
     stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
     stats["steps"] = ctx.step

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator import shards
-from orchestrator.checkpoint import load_checkpoint, read_lineage
+from orchestrator.checkpoint import MODEL_FILE, STRATEGY_FILE, load_checkpoint, read_lineage
 from orchestrator.dag import RunOptions, run
 from orchestrator.models import HeadLayout, build_model
 from orchestrator.spec import validate_raw
@@ -193,8 +193,8 @@ def test_each_stage_is_a_registered_version_and_lineage_walks_back(reports: dict
         checkpoint = rep["stages"][k]["checkpoint"]
         lineage = read_lineage(checkpoint)
         assert v.tags[f"{TAG}checkpoint"] == checkpoint
-        for name in ("model", "strategy"):
-            blob = (Path(checkpoint) / f"{name}.pt").read_bytes()
+        for name, file in (("model", MODEL_FILE), ("strategy", STRATEGY_FILE)):
+            blob = (Path(checkpoint) / file).read_bytes()
             assert v.tags[f"{TAG}{name}_sha256"] == lineage[f"{name}_sha256"] == hashlib.sha256(blob).hexdigest()
         manifest = shards.read_manifest(str(workdir / "shards" / "mini-split-mnist" / rep["domains"][k]))
         assert v.tags[f"{TAG}manifest_digests"] == f"{rep['domains'][k]}={manifest['digest']}"
@@ -222,7 +222,7 @@ def test_audit_names_each_file_that_changed(reports: dict[str, dict[str, Any]], 
     stage_0 = Path(rep["stages"][0]["checkpoint"])
     manifest = shards.read_manifest(str(workdir / "shards" / "mini-split-mnist" / rep["domains"][1]))
     shard = workdir / "shards" / "mini-split-mnist" / rep["domains"][1] / manifest["splits"]["train"]["shards"][0]["path"]
-    for path in (stage_0 / "strategy.pt", stage_0 / "lineage.json", shard):
+    for path in (stage_0 / "strategy.safetensors", stage_0 / "lineage.json", shard):
         original = path.read_bytes()
         flipped = bytearray(original)
         flipped[len(flipped) // 2] ^= 0x01

@@ -49,7 +49,7 @@ def test_split_mnist_runs_with_everything_on_s3(s3_endpoint: str, data_root: Pat
     for d in report["domains"]:  # the shards were built straight into the bucket
         assert f"shards/split-mnist/{d}/manifest.json" in keys
     for k in range(5):  # every stage's checkpoint is complete on S3, and its replay buffer went to Parquet there
-        assert {f"{run_prefix}/stage-{k}/checkpoint/{f}" for f in ("model.pt", "strategy.pt", "lineage.json")} <= keys
+        assert {f"{run_prefix}/stage-{k}/checkpoint/{f}" for f in ("model.pt", "strategy.safetensors", "lineage.json")} <= keys
         assert f"{run_prefix}/stage-{k}/_COMPLETED" in keys
         assert any(key.startswith(f"{run_prefix}/state/stage-{k}/replay") and key.endswith(".parquet") for key in keys)
     assert not [key for key in keys if ".tmp-" in key]  # every write was committed; no temporary key is left

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from strategies import BUILTIN, Batch, LossTerms, StageContext, build_strategies
 from strategies.ewc import EWC, EWCConfig, diagonal_fisher, ewc_penalty
 from strategies.buffer import fields_to_table, read_part, reservoir_update, table_to_fields, write_part
 from strategies.replay import Replay, ReplayConfig, replay_count
+from orchestrator import tensorfile
 from orchestrator.errors import TrainingError
 from orchestrator.stage import fit_task
 from tests.ray_nodes import free_port
@@ -125,10 +125,8 @@ def test_unknown_strategy_lists_known_ones() -> None:
 # ---------------------------------------------------------------- state round-trip
 
 def _roundtrip(state: dict) -> dict:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    """Through the checkpoint's strategy file: tensors plus JSON, no pickle."""
+    return tensorfile.loads(tensorfile.dumps(state))
 
 
 def _assert_same(a: object, b: object) -> None:
