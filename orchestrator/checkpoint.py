@@ -5,6 +5,7 @@ A checkpoint is a folder::
     model.pt              the model's state_dict (tensors only, read with ``torch.load(weights_only=True)``)
     strategy.safetensors  each strategy's state_dict, in pipeline order: tensors plus JSON, never a pickle
                           (``orchestrator/tensorfile.py``)
+    trainer.safetensors   an in-stage checkpoint's optimizer state (``training.checkpoint_every_n_steps``)
     lineage.json          parent checkpoint URI and digest, shard digests, spec hash, code version, and the sha256
                           of both files above, checked before either is parsed
 
@@ -33,7 +34,9 @@ from orchestrator.storage import Storage, StorageError, join
 
 MODEL_FILE = "model.pt"
 STRATEGY_FILE = "strategy.safetensors"
+TRAINER_FILE = "trainer.safetensors"
 LINEAGE_FILE = "lineage.json"
+DIGEST_KEYS = ("model_sha256", "strategy_sha256", "trainer_sha256")  # of MODEL_FILE, STRATEGY_FILE, TRAINER_FILE
 
 
 def code_version() -> dict[str, str]:
@@ -54,26 +57,28 @@ def code_version() -> dict[str, str]:
 
 
 def write_checkpoint(folder: str | Path, model_state: dict[str, torch.Tensor], strategy_states: list[dict[str, Any]],
-                     lineage: dict[str, Any], storage: Storage | None = None) -> str:
+                     lineage: dict[str, Any], storage: Storage | None = None,
+                     trainer_state: dict[str, Any] | None = None) -> str:
     """Write a checkpoint folder (a local path or a URI such as ``s3://bucket/run/stage-0``) and return it
     (:meth:`Storage.commit`: ``model.pt`` and ``strategy.safetensors`` first, ``lineage.json``, the commit record,
     last).
 
     ``lineage`` gains ``model_sha256`` and ``strategy_sha256``, the sha256 (hex) of ``model.pt`` and
-    ``strategy.safetensors``.
+    ``strategy.safetensors``. An in-stage checkpoint (``training.checkpoint_every_n_steps``) also holds
+    ``trainer_state`` (the optimizer's state_dict) as ``trainer.safetensors``, and ``trainer_sha256``.
 
     Raises:
         TypeError: a strategy state holds something other than tensors and JSON values (:func:`tensorfile.dumps`).
         FileExistsError: if ``folder`` already holds a checkpoint (nothing is overwritten).
         StorageError: if the storage cannot be written.
     """
-    model_blob, strategy_blob = _save(model_state), tensorfile.dumps(list(strategy_states))
-    lineage = {**lineage, "model_sha256": hashlib.sha256(model_blob).hexdigest(),
-               "strategy_sha256": hashlib.sha256(strategy_blob).hexdigest()}
-    lineage_blob = json.dumps(lineage, indent=1, sort_keys=True).encode()
+    members = [(MODEL_FILE, _save(model_state)), (STRATEGY_FILE, tensorfile.dumps(list(strategy_states)))]
+    if trainer_state is not None:
+        members.append((TRAINER_FILE, tensorfile.dumps(trainer_state)))
+    digests = {key: hashlib.sha256(blob).hexdigest() for (_, blob), key in zip(members, DIGEST_KEYS)}
+    lineage_blob = json.dumps({**lineage, **digests}, indent=1, sort_keys=True).encode()
     try:
-        return (storage or Storage()).commit(str(folder), [(MODEL_FILE, model_blob), (STRATEGY_FILE, strategy_blob)],
-                                             LINEAGE_FILE, lambda: lineage_blob)
+        return (storage or Storage()).commit(str(folder), members, LINEAGE_FILE, lambda: lineage_blob)
     except FileExistsError:
         raise FileExistsError(f"checkpoint {folder} already exists") from None
 
@@ -126,6 +131,24 @@ def _blobs(folder: str | Path, lineage: dict[str, Any], storage: Storage | None)
     return blobs
 
 
+def load_trainer_state(folder: str | Path, lineage: dict[str, Any], storage: Storage | None = None) -> dict[str, Any]:
+    """The optimizer state an in-stage checkpoint holds (``trainer.safetensors``), checked against the sha256 in its
+    ``lineage`` (as :func:`load_checkpoint` returned it).
+
+    Raises:
+        ValueError: the file is missing, unrecorded, changed or not a tensor file (naming it).
+    """
+    if not lineage.get("trainer_sha256"):
+        raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no trainer_sha256 for {TRAINER_FILE}")
+    try:
+        blob = _read(folder, TRAINER_FILE, storage)
+    except (FileNotFoundError, StorageError):
+        raise ValueError(f"checkpoint {folder}: {TRAINER_FILE} is missing") from None
+    if hashlib.sha256(blob).hexdigest() != lineage["trainer_sha256"]:
+        raise ValueError(f"checkpoint {folder}: {TRAINER_FILE} does not match the sha256 in {LINEAGE_FILE}")
+    return tensorfile.loads(blob)
+
+
 def load_checkpoint(folder: str | Path, storage: Storage | None = None
                     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any]]:
     """Load ``(model_state, strategy_states, lineage)`` from a checkpoint folder (path or URI).
@@ -146,6 +169,69 @@ def load_checkpoint(folder: str | Path, storage: Storage | None = None
     if not isinstance(strategy_states, list):
         raise ValueError(f"checkpoint {folder}: {STRATEGY_FILE} does not hold a list of strategy states")
     return model_state, strategy_states, lineage
+
+
+class InStageCheckpoints:
+    """The in-stage checkpoints of one stage (``training.checkpoint_every_n_steps``): ``<stage folder>/partial/
+    step-<N>``, each a committed checkpoint (with the optimizer's state) whose ``lineage.json`` is the stage's own
+    record plus ``partial`` (where training stood); ``partial/LATEST`` names the newest, and the one before it is
+    deleted once LATEST names the new one.
+
+    Args:
+        folder: the stage's folder (``<root>/stage-k``). storage: how to reach it. lineage: the stage's record (its
+            parent's URI identifies the attempt's starting point).
+    """
+
+    def __init__(self, folder: str, storage: Storage, lineage: dict[str, Any]) -> None:
+        self.root, self.storage, self.lineage = join(folder, "partial"), storage, lineage
+
+    def _latest_name(self) -> str | None:
+        try:
+            return self.storage.read_bytes(join(self.root, "LATEST")).decode().strip() or None
+        except (StorageError, UnicodeDecodeError):
+            return None
+
+    def save(self, step: int, model_state: dict[str, torch.Tensor], strategy_states: list[dict[str, Any]],
+             optimizer_state: dict[str, Any], position: dict[str, Any]) -> str:
+        """Commit the checkpoint of optimizer step ``step``, point LATEST at it, delete the previous one; return its
+        folder.
+
+        Raises:
+            StorageError: if the storage cannot be written (the previous checkpoint stays the latest).
+        """
+        name, previous = f"step-{step:09d}", self._latest_name()
+        folder = join(self.root, name)
+        if name != previous:
+            self.storage.remove(folder)  # a leftover no LATEST names (written just before a crash)
+        write_checkpoint(folder, model_state, strategy_states, {**self.lineage, "partial": position}, self.storage,
+                         trainer_state=optimizer_state)
+        self.storage.write_bytes(join(self.root, "LATEST"), name.encode(), overwrite=True)
+        if previous and previous != name:
+            self.storage.remove(join(self.root, previous))
+        return folder
+
+    def latest(self) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, Any], dict[str, Any]] | None:
+        """``(model state, strategy states, optimizer state, position)`` of the newest in-stage checkpoint of this
+        stage from the same parent, or None if there is none.
+
+        Raises:
+            ValueError: a file of it does not match its recorded sha256 (naming it).
+        """
+        name = self._latest_name()
+        if name is None:
+            return None
+        folder = join(self.root, name)
+        try:
+            model_state, strategy_states, lineage = load_checkpoint(folder, self.storage)
+        except FileNotFoundError:
+            return None
+        if (lineage.get("parent") or {}).get("uri") != (self.lineage.get("parent") or {}).get("uri"):
+            return None  # written by an attempt from another parent
+        return model_state, strategy_states, load_trainer_state(folder, lineage, self.storage), lineage["partial"]
+
+    def clear(self) -> None:
+        """Delete every in-stage checkpoint of the stage (once the stage itself is committed)."""
+        self.storage.remove(self.root)
 
 
 def lineage_record(pipeline_name: str, run_id: str, stage: int, domain: str, parent_checkpoint: str,

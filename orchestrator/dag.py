@@ -208,7 +208,7 @@ def run(pipeline: Pipeline, options: RunOptions, resumption: Resumption | None =
         root = stage_root(pipeline, resumption.record.run_id, resumption.run_dir)
         if resumption.extended is not None:
             check_extension(plan, join(root, "init"), resumption.extended)
-        first = committed_prefix(root, storage, plan.num_stages)
+        first = committed_prefix(root, storage, plan.num_stages, pipeline.training.max_failures)
     runner = StageRunner(pipeline.training.executor, pipeline.training.max_failures)
     try:
         # The worker processes boot and start streaming the first stage's data while the shards are validated.

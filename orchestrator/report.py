@@ -187,8 +187,9 @@ def stage_summary(stage: StageSpec, result: StageResult) -> dict[str, Any]:
     """One stage of the report: ``stage``, ``domain``, ``checkpoint``, ``start``/``end`` (unix seconds), ``steps``
     (rank 0's optimizer steps), ``wall_seconds``, ``train_seconds`` (the training loop), ``overhead_seconds`` (the
     rest), ``samples_per_second`` (all workers), ``epoch_loss``, ``epoch_seconds``, ``first_batch_at`` (unix
-    seconds, rank 0), ``node_id`` (rank 0's Ray node) and ``skipped_batches`` (batches with a non-finite loss,
-    ``training.on_nonfinite: skip_batch``). It is also the stage's ``_COMPLETED`` record, from which a resumed run
+    seconds, rank 0), ``node_id`` (rank 0's Ray node), ``skipped_batches`` (batches with a non-finite loss,
+    ``training.on_nonfinite: skip_batch``) and ``resumed_at_step`` (the in-stage checkpoint a restarted stage
+    continued from; 0 if none). It is also the stage's ``_COMPLETED`` record, from which a resumed run
     restores it (so that ``stage_summary`` of a result whose stats are this record gives it back)."""
     stats, wall = result.stats, result.end - result.start
     train = stats.get("train_seconds", float("nan"))
@@ -199,7 +200,8 @@ def stage_summary(stage: StageSpec, result: StageResult) -> dict[str, Any]:
             "epoch_loss": list(stats.get("epoch_loss", [float("nan")])),
             "epoch_seconds": list(stats.get("epoch_seconds", [])),
             "first_batch_at": stats.get("first_batch_at", float("nan")), "node_id": stats.get("node_id", ""),
-            "skipped_batches": int(stats.get("skipped_batches", 0))}
+            "skipped_batches": int(stats.get("skipped_batches", 0)),
+            "resumed_at_step": int(stats.get("resumed_at_step", 0))}
 
 
 class EventLog(Listener):

@@ -228,11 +228,10 @@ def read_committed(plan: StagePlan, init_checkpoint: str, run_dir: Path) -> Rest
     parent = init_checkpoint
     for k in range(plan.num_stages):
         folder = join(plan.root, f"stage-{k}")
-        checkpoint = join(folder, "checkpoint")
-        try:
-            lineage = read_lineage(checkpoint, plan.storage)
-        except FileNotFoundError:
+        checkpoint = stage_checkpoint(plan.root, k, plan.storage, plan.pipeline.training.max_failures)
+        if checkpoint is None:
             break
+        lineage = read_lineage(checkpoint, plan.storage)
         if lineage.get("stage") != k or (lineage.get("parent") or {}).get("uri") != parent:
             raise LifelongError(f"{checkpoint}: its lineage.json records stage {lineage.get('stage')} from "
                                 f"{(lineage.get('parent') or {}).get('uri')}, not stage {k} from {parent}")
@@ -254,7 +253,18 @@ def read_committed(plan: StagePlan, init_checkpoint: str, run_dir: Path) -> Rest
     return Restored(stages, tuple(cells.values()), tuple(points))
 
 
-def committed_prefix(root: str, storage: Storage, num_stages: int) -> int:
+def stage_checkpoint(root: str, k: int, storage: Storage, max_failures: int) -> str | None:
+    """The committed checkpoint of stage k under ``root``: ``stage-k/checkpoint``, or the newest
+    ``checkpoint-retry<n>`` (a stage restarted after a worker died commits under a name of its own, n up to
+    ``training.max_failures``); None if there is none."""
+    folder = join(root, f"stage-{k}")
+    for name in [f"checkpoint-retry{n}" for n in range(max_failures, 0, -1)] + ["checkpoint"]:
+        if storage.exists(join(folder, name, LINEAGE_FILE)):
+            return join(folder, name)
+    return None
+
+
+def committed_prefix(root: str, storage: Storage, num_stages: int, max_failures: int = 0) -> int:
     """How many stages of the run under ``root`` have a committed checkpoint, counted from stage 0, after checking
     each of them, and the initial model, against the sha256 their ``lineage.json`` records (:func:`read_committed`
     checks the chain).
@@ -267,8 +277,8 @@ def committed_prefix(root: str, storage: Storage, num_stages: int) -> int:
     try:
         if storage.exists(join(root, "init", LINEAGE_FILE)):
             verify_checkpoint(join(root, "init"), storage)
-        while k < num_stages and storage.exists(join(root, f"stage-{k}", "checkpoint", LINEAGE_FILE)):
-            verify_checkpoint(join(root, f"stage-{k}", "checkpoint"), storage)
+        while k < num_stages and (checkpoint := stage_checkpoint(root, k, storage, max_failures)) is not None:
+            verify_checkpoint(checkpoint, storage)
             k += 1
     except (ValueError, FileNotFoundError) as e:
         raise LifelongError(f"{e}: the run cannot be resumed from it") from None

@@ -285,6 +285,11 @@ class TrainingSpec(_Strict):
     max_failures: int = Field(0, ge=0, description="restarts of a stage from its parent checkpoint after a worker "
                               "process dies")
     progress_every: int = Field(20, ge=1, description="report progress every N steps")
+    checkpoint_every_n_steps: int | None = Field(
+        None, ge=1, description="also checkpoint inside a stage every N optimizer steps (model, optimizer and strategy "
+        "state, under the stage's folder): a stage restarted after a worker died (training.max_failures), or resumed "
+        "after the driver did (lifelong resume), continues from the newest one instead of its parent; None: only "
+        "at the end of each stage")
     on_nonfinite: Literal["error", "skip_batch"] = Field(
         "error", description="a NaN or infinite loss: error stops the run naming the domain, epoch and step; "
         "skip_batch skips that batch (no backward pass, no optimizer step; with several workers all of them skip "

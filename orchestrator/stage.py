@@ -16,6 +16,7 @@ The story of a stage, on every worker (:func:`run_stage`, given the driver's :cl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import sys
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from orchestrator.checkpoint import load_checkpoint
+from orchestrator.checkpoint import InStageCheckpoints, load_checkpoint
 from orchestrator.errors import TrainingError
 from orchestrator.ingest import WorkerShard
 from orchestrator.shards import feature_matrix
@@ -288,9 +289,63 @@ def make_optimizer(pipeline: Pipeline, model: torch.nn.Module) -> torch.optim.Op
     return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a stage's training stood when an in-stage checkpoint was written (``training.checkpoint_every_n_steps``).
+
+    Attributes:
+        epoch: the epoch in progress. batches: batches of it consumed (trained on or skipped). step: optimizer
+            steps of the stage so far. planned: epochs planned (strategies' extra epochs included once asked).
+        samples: new-domain samples trained on. skipped: batches skipped (non-finite loss). total, count: the
+            epoch's running loss sum (per sample) and samples. epoch_loss, epoch_seconds: the finished epochs'.
+    """
+
+    epoch: int
+    batches: int
+    step: int
+    planned: int
+    samples: int
+    skipped: int
+    total: float
+    count: int
+    epoch_loss: tuple[float, ...]
+    epoch_seconds: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class InStage:
+    """In-stage checkpoints of one stage (``training.checkpoint_every_n_steps``), as :func:`fit_task` uses them.
+
+    Attributes:
+        every: optimizer steps between checkpoints. save: writes one at a :class:`Position` (rank 0 writes; the
+            others do nothing). restore: loads the latest one of the stage into the model, optimizer and strategies
+            and returns its position, or returns None if there is none (the stage starts from its parent).
+    """
+
+    every: int
+    save: Callable[[Position], None]
+    restore: Callable[[], Position | None]
+
+
+@dataclass
+class _Loop:
+    """What every epoch of :func:`fit_task` shares."""
+
+    emit: ProgressFn
+    progress_every: int
+    start: float
+    snapshot_every: int
+    snap: Callable[..., None] | None
+    skip_nonfinite: bool
+    in_stage: InStage | None
+    stats: dict[str, Any]
+    planned: int
+
+
 def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
              on_progress: ProgressFn | None = None, progress_every: int = 20, snapshot_every: int | None = None,
-             snapshot: Callable[[], Any] | None = None, skip_nonfinite: bool = False) -> dict[str, Any]:
+             snapshot: Callable[[], Any] | None = None, skip_nonfinite: bool = False,
+             in_stage: InStage | None = None) -> dict[str, Any]:
     """Train ``ctx.train_model`` on the current domain for ``epochs`` epochs with the strategies' hooks, then for as
     many more as the strategies ask for (``extra_epochs``: PackNet's retraining after pruning), through the same loop.
 
@@ -301,11 +356,17 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     ``after_task``). ``skip_nonfinite`` (``training.on_nonfinite: skip_batch``): a batch whose loss is NaN or
     infinite is skipped (see :func:`train_step`) and counted instead of failing the stage.
 
+    With ``in_stage``, a checkpoint is saved every ``in_stage.every`` optimizer steps, and a stage that finds one
+    (restarted after a worker died, or resumed after the driver did) continues from it: after ``before_task``, the
+    model, optimizer and strategy state are those of the checkpoint, and the batches it had consumed are read again
+    without training, so that the rest of the stage sees the batches in the same order.
+
     Returns:
         ``{"epoch_loss": [float], "epoch_seconds": [float], "samples": int (new-domain samples seen),
         "train_seconds": float, "first_batch_at": unix seconds when the first batch arrived, "skipped_batches":
-        int}`` (every epoch, extra ones included; seconds of ``after_task`` count in ``train_seconds`` only; the
-        epoch's loss is the mean over the batches that were not skipped).
+        int, "resumed_at_step": int (0 unless continued from an in-stage checkpoint)}`` (every epoch, extra ones
+        included; seconds of ``after_task`` count in ``train_seconds`` only; the epoch's loss is the mean over the
+        batches that were not skipped).
     Raises:
         TrainingError: if the loss becomes NaN or infinite (naming the domain, epoch and step), or with
             ``skip_nonfinite`` if every batch of an epoch was skipped.
@@ -321,19 +382,22 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     for s in strategies:
         s.before_task(ctx)
     ctx.train_model.train()
+    at = in_stage.restore() if in_stage is not None else None
     start = time.perf_counter()
     stats: dict[str, Any] = {"epoch_loss": [], "epoch_seconds": [], "samples": 0, "first_batch_at": float("nan"),
-                             "skipped_batches": 0}
-    planned, epoch = epochs, 0
+                             "skipped_batches": 0, "resumed_at_step": 0}
+    planned, epoch = (epochs, 0) if at is None else _continue_from(ctx, at, stats)
+    loop = _Loop(emit, progress_every, start, every, snap, skip_nonfinite, in_stage, stats, planned)
     while epoch < planned:
         ctx.epoch = epoch
-        loss = _train_epoch(ctx, strategies, stats, emit, progress_every, start, every, snap, skip_nonfinite)
+        loss = _train_epoch(ctx, strategies, loop, at if at is not None and at.epoch == epoch else None)
         stats["epoch_loss"].append(loss)
         stats["epoch_seconds"].append(time.perf_counter() - start - sum(stats["epoch_seconds"]))
         emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, stats["samples"], loss, time.perf_counter() - start))
         epoch += 1
-        if epoch == epochs:  # the planned epochs are done: the strategies may ask for more
+        if epoch == epochs and planned == epochs:  # the planned epochs are done: the strategies may ask for more
             planned += max([s.extra_epochs(ctx) for s in strategies], default=0)
+            loop.planned = planned
     if every:  # the task's end (the accuracy the stability gap is measured against)
         snap(stats["epoch_loss"][-1] if stats["epoch_loss"] else float("nan"), "snapshot_end")
     for s in strategies:
@@ -342,30 +406,49 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     return stats
 
 
-def _train_epoch(ctx: StageContext, strategies: list[Strategy], stats: dict[str, Any], emit: ProgressFn,
-                 progress_every: int, start: float, snapshot_every: int = 0,
-                 snap: Callable[[float], None] | None = None, skip_nonfinite: bool = False) -> float:
-    """One pass over ``ctx.iter_task_batches()``; adds the new-domain samples (and the skipped batches) to ``stats``
-    and returns the epoch's mean loss per new sample."""
-    total, count, skipped = 0.0, 0, 0
+def _continue_from(ctx: StageContext, at: Position, stats: dict[str, Any]) -> tuple[int, int]:
+    """Set the step and ``stats`` to those of an in-stage checkpoint and read the batches of the epochs it had
+    finished again without training (the data order stays the same); returns ``(planned epochs, epoch)``."""
+    ctx.step = at.step
+    stats.update(epoch_loss=list(at.epoch_loss), epoch_seconds=list(at.epoch_seconds), samples=at.samples,
+                 skipped_batches=at.skipped, resumed_at_step=at.step)
+    for _ in range(at.epoch):
+        for _batch in ctx.iter_task_batches():
+            pass
+    return at.planned, at.epoch
+
+
+def _train_epoch(ctx: StageContext, strategies: list[Strategy], loop: _Loop, at: Position | None = None) -> float:
+    """One pass over ``ctx.iter_task_batches()`` (from ``at``, an in-stage checkpoint inside this epoch: its
+    batches are read again without training); adds the new-domain samples and skipped batches to ``loop.stats``,
+    saves in-stage checkpoints, and returns the epoch's mean loss per new sample."""
+    stats = loop.stats
+    total, count, skipped, consumed = (at.total, at.count, 0, 0) if at is not None else (0.0, 0, 0, 0)
     for batch in ctx.iter_task_batches():
+        consumed += 1
+        if at is not None and consumed <= at.batches:
+            continue
         if ctx.step == 0:
             stats["first_batch_at"] = time.time()
         new = len(batch)
-        loss = train_step(ctx, strategies, batch.to(ctx.device, non_blocking=True), skip_nonfinite)
+        loss = train_step(ctx, strategies, batch.to(ctx.device, non_blocking=True), loop.skip_nonfinite)
         if loss is None:  # a non-finite loss, skipped
             skipped += 1
+            stats["skipped_batches"] += 1
             continue
         ctx.step += 1
         stats["samples"] += new
         value = loss.item()
         total, count = total + value * new, count + new
-        if ctx.step % progress_every == 0:
-            emit(Progress(ctx.task_id, "step", ctx.epoch, ctx.step, stats["samples"], value,
-                          time.perf_counter() - start))
-        if snapshot_every and snap is not None and ctx.step % snapshot_every == 0:
-            snap(value)
-    stats["skipped_batches"] += skipped
+        if ctx.step % loop.progress_every == 0:
+            loop.emit(Progress(ctx.task_id, "step", ctx.epoch, ctx.step, stats["samples"], value,
+                               time.perf_counter() - loop.start))
+        if loop.snapshot_every and loop.snap is not None and ctx.step % loop.snapshot_every == 0:
+            loop.snap(value)
+        if loop.in_stage is not None and ctx.step % loop.in_stage.every == 0:
+            loop.in_stage.save(Position(ctx.epoch, consumed, ctx.step, loop.planned, stats["samples"],
+                                        stats["skipped_batches"], total, count, tuple(stats["epoch_loss"]),
+                                        tuple(stats["epoch_seconds"])))
     if skipped and not count:
         raise TrainingError(f"domain {ctx.task_id}: every batch of epoch {ctx.epoch} ({skipped}) had a NaN or "
                             "infinite loss and was skipped (training.on_nonfinite: skip_batch)")
@@ -464,6 +547,37 @@ def stage_context(stage: StageSpec, rank: int, world: int, model: torch.nn.Modul
                         (lambda step: lr_factor(schedule, stage.task_id, step, planned)))
 
 
+def in_stage_checkpoints(stage: StageSpec, rank: int, ctx: StageContext, strategies: list[Strategy],
+                         every: int) -> InStage:
+    """The :class:`InStage` of ``stage`` on this worker: rank 0 saves the model, the optimizer and the strategies'
+    state every ``every`` steps under the stage's folder (:class:`orchestrator.checkpoint.InStageCheckpoints`);
+    every rank restores the newest one when the stage starts again. A strategy's state is its ``state_dict`` and
+    its ``stage_state_dict`` (what it gathered inside the stage: a replay reservoir and its random state, SI's path
+    integral); a strategy that keeps in-stage state elsewhere starts that part again from the checkpoint."""
+    store = InStageCheckpoints(stage.checkpoint_uri.rsplit("/", 1)[0], stage.storage, dict(stage.lineage))
+
+    def save(at: Position) -> None:
+        if rank == 0:
+            store.save(at.step, {k: v.detach().to("cpu", copy=True) for k, v in ctx.model.state_dict().items()},
+                       [{"state": s.state_dict(), "stage": s.stage_state_dict()} for s in strategies],
+                       ctx.optimizer.state_dict(), dataclasses.asdict(at))
+
+    def restore() -> Position | None:
+        found = store.latest()
+        if found is None:
+            return None
+        model_state, strategy_states, optimizer_state, position = found
+        ctx.model.load_state_dict(model_state)
+        ctx.optimizer.load_state_dict(optimizer_state)
+        for s, state in zip(strategies, strategy_states):
+            s.load_state_dict(state["state"])
+            s.load_stage_state_dict(state["stage"])
+        return Position(**{**position, "epoch_loss": tuple(position["epoch_loss"]),
+                           "epoch_seconds": tuple(position["epoch_seconds"])})
+
+    return InStage(every, save, restore)
+
+
 def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
               wrap_model: Callable[[torch.nn.Module], torch.nn.Module], first_pass: Iterator[Batch] | None = None,
               after_first_pass: Callable[[], None] | None = None, on_progress: ProgressFn | None = None
@@ -508,10 +622,12 @@ def run_stage(stage: StageSpec, rank: int, world: int, device: torch.device,
     def snapshot() -> Any:  # the weights in training, in the object store for the evaluation actors
         return ray.put({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
 
+    every = pipeline.training.checkpoint_every_n_steps
     stats = fit_task(ctx, strategies, pipeline.training.epochs, on_progress if rank == 0 else None,
                      pipeline.training.progress_every, pipeline.evaluation.every_n_steps
                      if pipeline.evaluation.enabled else None, snapshot,
-                     pipeline.training.on_nonfinite == "skip_batch")
+                     pipeline.training.on_nonfinite == "skip_batch",
+                     in_stage_checkpoints(stage, rank, ctx, strategies, every) if every else None)
     stats["setup_seconds"] = setup_seconds
     stats["samples_per_second"] = stats["samples"] * world / max(stats["train_seconds"], 1e-9)
     stats["steps"] = ctx.step

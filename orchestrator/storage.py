@@ -195,6 +195,19 @@ class Storage:
                 raise StorageError(f"cannot write {uri}{self._where()}: {e}") from None
             raise
 
+    def remove(self, uri: str) -> None:
+        """Delete ``uri`` and everything under it, if it exists (best effort: a failure leaves it in place).
+
+        Raises:
+            nothing: a store that cannot be reached or refuses is ignored (what is left is never read as valid).
+        """
+        fs, path = self.fsspec(uri)
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
     def commit(self, folder: str, members: Iterable[tuple[str, bytes]], record: str,
                record_bytes: Callable[[], bytes]) -> str:
         """Write a multi-file artefact under ``folder`` (path or URI) and return ``folder``: each ``(relative path,

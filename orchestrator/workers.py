@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import ray
 import torch
 
-from orchestrator.checkpoint import read_lineage, write_checkpoint
+from orchestrator.checkpoint import InStageCheckpoints, read_lineage, write_checkpoint
 from orchestrator.errors import TrainingError, one_line
 from orchestrator.plan import Resources, StageData, StageSpec
 from orchestrator.stage import Prefetch, Progress, make_stream, pins_memory, prefetch_batches, run_stage
@@ -161,6 +161,8 @@ class StageWorker:
         if self.rank == 0:
             write_checkpoint(checkpoint_uri, {k: v.cpu() for k, v in model.state_dict().items()},
                              [s.state_dict() for s in strategies], dict(stage.lineage), stage.storage)
+            if stage.pipeline.training.checkpoint_every_n_steps:  # the stage is committed: its partials are done
+                InStageCheckpoints(checkpoint_uri.rsplit("/", 1)[0], stage.storage, dict(stage.lineage)).clear()
         if self.world > 1:
             torch.distributed.barrier()  # no rank returns before the checkpoint is committed
         return stats

@@ -115,6 +115,15 @@ class AGEM(Strategy):
         new = merge(ctx.all_gather_object(self.current.local()), quota)
         self.memory = balance_memory(self.memory, new, self.config.buffer_size)
 
+    def stage_state_dict(self) -> dict[str, Any]:
+        """This worker's reservoir of the current task's samples."""
+        return {"current": self.current.stage_state()}
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the current task's reservoir of an in-stage checkpoint."""
+        if state:
+            self.current = Reservoir.from_stage_state(state["current"])
+
     def state_dict(self) -> dict[str, Any]:
         """The episodic memory: ``x``, ``y``, ``t`` tensors and ``n_seen``."""
         return dict(self.memory) if self.memory else {}

@@ -319,5 +319,15 @@ class Strategy:
         """The state carried to the next stage (tensors on CPU)."""
         return {}
 
+    def stage_state_dict(self) -> dict[str, Any]:
+        """What the strategy has gathered inside the current stage and keeps outside :meth:`state_dict` (tensors
+        and JSON values): saved with each in-stage checkpoint (``training.checkpoint_every_n_steps``) and given back
+        to :meth:`load_stage_state_dict`, after ``before_task``, when the stage continues from that checkpoint.
+        Default: nothing (the strategy changes its state only at task boundaries)."""
+        return {}
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`stage_state_dict` returned (called after ``before_task``)."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state saved by ``state_dict`` at the end of the previous stage."""

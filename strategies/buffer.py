@@ -110,9 +110,33 @@ class Reservoir:
         idx = torch.randint(0, self.size, (m,), generator=generator)
         return {k: v[idx] for k, v in self.fields.items()}
 
+    def stage_state(self) -> dict[str, Any]:
+        """Everything this reservoir holds, its random source included, for an in-stage checkpoint
+        (:meth:`from_stage_state` rebuilds it)."""
+        return {"fields": {k: v[: self.size].clone() for k, v in self.fields.items()}, "size": self.size,
+                "n_seen": self.n_seen, "capacity": self.capacity, "rng": self.rng.bit_generator.state}
+
+    @classmethod
+    def from_stage_state(cls, state: dict[str, Any]) -> Reservoir:
+        """The reservoir :meth:`stage_state` described."""
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+        return cls.from_rows(dict(state["fields"]), int(state["n_seen"]), int(state["capacity"]), rng)
+
     def local(self) -> dict[str, Any]:
         """This worker's items and count, to be gathered by :func:`merge`."""
         return {**{k: v[: self.size].clone() for k, v in self.fields.items()}, "n_seen": self.n_seen}
+
+
+def sampler_state(buffer: Reservoir, generator: torch.Generator) -> dict[str, Any]:
+    """A rehearsal strategy's in-stage state: this worker's reservoir and its sampler's random state."""
+    return {"buffer": buffer.stage_state(), "torch_rng": generator.get_state()}
+
+
+def restore_sampler(state: dict[str, Any], generator: torch.Generator) -> Reservoir:
+    """Set ``generator`` to the random state :func:`sampler_state` kept and return its reservoir."""
+    generator.set_state(state["torch_rng"])
+    return Reservoir.from_stage_state(state["buffer"])
 
 
 def merge(parts: list[dict[str, Any]], capacity: int) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from strategies.base import Batch, LossTerms, StageContext, Strategy
-from strategies.buffer import Reservoir, SharedBuffer, local_capacity
+from strategies.buffer import Reservoir, SharedBuffer, local_capacity, restore_sampler, sampler_state
 from strategies.replay import RehearsalConfig
 
 
@@ -90,6 +90,15 @@ class DERPP(Strategy):
     def after_task(self, ctx: StageContext) -> None:
         """Merge the workers' reservoirs into one global buffer of at most ``buffer_size`` samples."""
         self.shared.commit(ctx, self.buffer, self.config.buffer_size, self.name)
+
+    def stage_state_dict(self) -> dict[str, Any]:
+        """This worker's reservoir (samples with their logits) and the sampler's random state."""
+        return sampler_state(self.buffer, self.torch_rng)
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the reservoir and the sampler's random state of an in-stage checkpoint."""
+        if state:
+            self.buffer = restore_sampler(state, self.torch_rng)
 
     def state_dict(self) -> dict[str, Any]:
         """The global buffer (:meth:`SharedBuffer.state_dict`), with ``logits`` ``[N, K]`` beside ``x``, ``y``, ``t``."""

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from strategies.base import Batch, StageContext, Strategy, StrategyConfig
-from strategies.buffer import Reservoir, SharedBuffer, local_capacity
+from strategies.buffer import Reservoir, SharedBuffer, local_capacity, restore_sampler, sampler_state
 
 
 class RehearsalConfig(StrategyConfig):
@@ -121,6 +121,15 @@ class Replay(Strategy):
             self.shared.commit(ctx, self.buffer, self.config.buffer_size, self.name)
         else:
             self.shared.commit(ctx, self.buffer, self.quota, self.name, append=True)
+
+    def stage_state_dict(self) -> dict[str, Any]:
+        """This worker's reservoir of the current domain and the sampler's random state."""
+        return sampler_state(self.buffer, self.torch_rng)
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the reservoir and the sampler's random state of an in-stage checkpoint."""
+        if state:
+            self.buffer = restore_sampler(state, self.torch_rng)
 
     def state_dict(self) -> dict[str, Any]:
         """The global buffer (:meth:`SharedBuffer.state_dict`): with ``memory`` storage ``x`` ``[N, *input_shape]``

@@ -85,6 +85,15 @@ class SI(Strategy):
         self.omega_big = {n: (self.omega_big.get(n, torch.zeros_like(v.cpu())) + v.cpu()) for n, v in new.items()}
         self.anchor = {n: p.detach().cpu().clone() for n, p in params.items()}
 
+    def stage_state_dict(self) -> dict[str, Any]:
+        """This task's path integral omega so far."""
+        return {"path": {n: v.detach().cpu() for n, v in self.path.items()}}
+
+    def load_stage_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the path integral of an in-stage checkpoint (the task's start was set by ``before_task``)."""
+        if state:
+            self.path = {n: v.to(self.start[n].device) for n, v in state["path"].items()}
+
     def state_dict(self) -> dict[str, Any]:
         """``{"omega": name -> Omega, "anchor": name -> theta*}``."""
         return {"omega": self.omega_big, "anchor": self.anchor}

@@ -31,6 +31,18 @@ def lifelong(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | 
                           timeout=timeout, env=env)
 
 
+def undisturbed(tmp_path: Path, spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Write ``spec`` as ``<tmp_path>/p.yaml`` and run it once, undisturbed, in a workdir of its own; returns the
+    file and the run's report (what a disturbed run of it is compared with)."""
+    import yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = lifelong("run", str(path), "--workdir", str(tmp_path / "w0"), "--no-progress", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return path, json.loads(proc.stdout)
+
+
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """The ``error:`` lines of a command's stderr."""
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]

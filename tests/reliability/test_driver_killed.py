@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import yaml
 
-from tests.reliability.driver import DIGITS, Driver, error_lines, events, lifelong, tree
+from tests.reliability.driver import DIGITS, Driver, error_lines, events, lifelong, tree, undisturbed
 
 
 def _stage_events(evs: list[dict], name: str) -> Counter:
@@ -22,11 +22,7 @@ def _stage_events(evs: list[dict], name: str) -> Counter:
 
 def test_a_killed_driver_resumes_from_its_last_committed_stage(tmp_path: Path) -> None:
     spec = {**DIGITS, "training": {**DIGITS["training"], "epochs": 100, "batch_size": 16}}  # about 1 s per stage
-    path = tmp_path / "p.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    undisturbed = lifelong("run", str(path), "--workdir", str(tmp_path / "w0"), "--no-progress", "--json", cwd=tmp_path)
-    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
-    expected = json.loads(undisturbed.stdout)
+    path, expected = undisturbed(tmp_path, spec)
 
     # 1. Killed mid-stage: while stage 1 trains (stage 0 committed).
     workdir = tmp_path / "w"

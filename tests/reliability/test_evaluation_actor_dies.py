@@ -13,7 +13,7 @@ import yaml
 from tests.reliability.driver import DIGITS, Driver, events, session_pids
 
 
-def _actor_pids(sid: int, name: str) -> list[int]:
+def actor_pids(sid: int, name: str) -> list[int]:
     """The processes of session ``sid`` that run a Ray actor of class ``name`` (Ray titles them ``ray::<name>``)."""
     out = []
     for pid in session_pids(sid):
@@ -33,7 +33,7 @@ def test_a_killed_evaluation_actor_is_replaced_and_r_is_complete(tmp_path: Path)
     workdir = tmp_path / "w"
     driver = Driver("run", str(path), "--workdir", str(workdir), "--no-progress", cwd=tmp_path, workdir=workdir)
     run_dir = driver.wait_for(lambda ev: any(e["event"] == "eval_cell" for e in ev))  # the actor has worked
-    (actor,) = _actor_pids(driver.proc.pid, "Evaluator")
+    (actor,) = actor_pids(driver.proc.pid, "Evaluator")
     os.kill(actor, signal.SIGKILL)
     assert driver.proc.wait(300) == 0, driver.output()[-3000:]
 
