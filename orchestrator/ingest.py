@@ -117,15 +117,27 @@ class WorkerShard:
                     yield part.append_column("t", pa.array(np.full(part.num_rows, f.domain, dtype=np.int64)))
 
     def _row_groups(self, f: ShardFile) -> Iterator[tuple[pa.Table, int]]:
-        """``(row group, its first row)`` of one shard file, read one at a time."""
+        """``(row group, its first row)`` of one shard file, read one at a time; while object storage cannot be
+        reached, the file is opened again and the row group read again (:meth:`Storage.retrying`)."""
+        fs, path = self.storage.arrow(f.uri)
+        reader: list[pq.ParquetFile] = []  # the open file, dropped when a read fails
+
+        def group(i: int) -> pa.Table | int:
+            try:
+                if not reader:
+                    reader.append(pq.ParquetFile(fs.open_input_file(path)))
+                return reader[0].num_row_groups if i < 0 else reader[0].read_row_group(i, columns=list(self.columns))
+            except BaseException:
+                reader.clear()
+                raise
+
         try:
-            fs, path = self.storage.arrow(f.uri)
-            with fs.open_input_file(path) as handle:
-                reader, at = pq.ParquetFile(handle), 0
-                for i in range(reader.num_row_groups):
-                    table = reader.read_row_group(i, columns=list(self.columns))
-                    yield table, at
-                    at += table.num_rows
+            count, at = int(self.storage.retrying(f.uri, lambda: group(-1))), 0
+            for i in range(count):
+                table = self.storage.retrying(f.uri, lambda: group(i))
+                assert isinstance(table, pa.Table)
+                yield table, at
+                at += table.num_rows
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"shard {f.uri}: {str(e).strip().splitlines()[0]}") from None
 

@@ -562,10 +562,15 @@ def read_split(uri: str, manifest: dict[str, Any], split: str, storage: Storage 
 def iter_split_tables(uri: str, manifest: dict[str, Any], split: str,
                       storage: Storage | None = None) -> Iterator[pa.Table]:
     """Yield one Arrow table per shard of a split."""
-    fs, _ = (storage or Storage.from_settings()).fsspec(uri)
-    for full in shard_uris(uri, manifest, split):
+    store = storage or Storage.from_settings()
+    fs, _ = store.fsspec(uri)
+
+    def read(full: str) -> pa.Table:
         with fs.open(full, "rb") as f:
-            yield pq.read_table(f, columns=list(columns_of(manifest)))
+            return pq.read_table(f, columns=list(columns_of(manifest)))
+
+    for full in shard_uris(uri, manifest, split):
+        yield store.retrying(full, lambda: read(full))
 
 
 def columns_of(manifest: Mapping[str, Any]) -> tuple[str, ...]:

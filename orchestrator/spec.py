@@ -350,6 +350,9 @@ class S3Spec(_Strict):
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
     session_token: SecretStr | None = None
+    retry_seconds: float = Field(60.0, ge=0, description="how long a read or write of object storage is retried "
+                                 "(exponential backoff) while the endpoint cannot be reached, before the run fails "
+                                 "naming it; lifelong resume continues such a run")
 
 
 class StorageSpec(_Strict):

@@ -18,6 +18,11 @@ domain's shards, a checkpoint) the same way: its members first, each atomically,
 (``manifest.json``, ``lineage.json``) last; a reader looks for the record first, so an artefact without one does not
 exist for it. Shards, checkpoints and replay-buffer parts all go through these two methods.
 
+Outages: every read and write of object storage is retried, with exponential backoff (tenacity), while the store
+cannot be reached, for up to ``retry_seconds`` (``storage.s3.retry_seconds``); after that the error names the URI and
+the endpoint. A shard being streamed is read again from the row group where the outage hit it
+(:meth:`Storage.retrying`).
+
 :func:`join`, :func:`is_local` and :func:`local_path` are the only places that look at a URI's scheme.
 """
 
@@ -27,13 +32,26 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
 
-from orchestrator.errors import LifelongError
+from orchestrator.errors import LifelongError, one_line
+
+T = TypeVar("T")
+# What a store that cannot be reached raises, as botocore, aiobotocore, aiohttp and pyarrow (curl) word it.
+UNREACHABLE = ("Could not connect", "Connection refused", "NETWORK_CONNECTION", "EndpointConnectionError",
+               "ConnectTimeout", "Connect timeout", "ReadTimeout", "Connection reset", "ConnectionResetError",
+               "ServerDisconnected", "ServiceUnavailable", "SlowDown", "curlCode: 7", "curlCode: 28")
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says that the store could not be reached (worth retrying), rather than what it answered
+    (a missing key, a refused credential, a bad request)."""
+    text = f"{type(error).__name__}: {error}"
+    return any(marker in text for marker in UNREACHABLE)
 
 
 class StorageError(LifelongError):
@@ -57,6 +75,7 @@ class Storage:
         region: S3 region (None: ``us-east-1``).
         profile: AWS profile to take credentials from.
         key, secret, token: explicit credentials (None: the default AWS credential chain). Masked in ``repr``.
+        retry_seconds: how long reads and writes of object storage are retried while it cannot be reached.
     """
 
     endpoint_url: str | None = None
@@ -65,6 +84,7 @@ class Storage:
     key: str | None = field(default=None, repr=False)
     secret: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    retry_seconds: float = 60.0
 
     @classmethod
     def from_settings(cls, s3: Any | None = None, env: Mapping[str, str] | None = None) -> Storage:
@@ -81,7 +101,8 @@ class Storage:
                                 env.get("AWS_ENDPOINT_URL")),
             region=_first(getattr(s3, "region", None), env.get("AWS_REGION"), env.get("AWS_DEFAULT_REGION")),
             profile=_first(getattr(s3, "profile", None), env.get("AWS_PROFILE")),
-            key=secret("access_key_id"), secret=secret("secret_access_key"), token=secret("session_token"))
+            key=secret("access_key_id"), secret=secret("secret_access_key"), token=secret("session_token"),
+            retry_seconds=float(getattr(s3, "retry_seconds", 60.0)))
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -137,6 +158,29 @@ class Storage:
                 return frozen.access_key, frozen.secret_key, frozen.token
         return None, None, None
 
+    def retrying(self, uri: str, fn: Callable[[], T]) -> T:
+        """``fn()``, called again with exponential backoff (0.5 s doubling, at most 5 s apart) while it fails
+        because object storage cannot be reached, for up to ``retry_seconds`` in all (local paths: once).
+
+        Raises:
+            StorageError: the store stayed unreachable for ``retry_seconds`` (naming ``uri`` and the endpoint).
+            Exception: whatever else ``fn`` raises, at once.
+        """
+        if is_local(uri) or self.retry_seconds <= 0:
+            return fn()
+        import tenacity
+
+        retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(unreachable), reraise=True,
+                                    stop=tenacity.stop_after_delay(self.retry_seconds),
+                                    wait=tenacity.wait_exponential(multiplier=0.5, max=5))
+        try:
+            return retryer(fn)
+        except Exception as e:  # noqa: BLE001 - only an outage is rewritten
+            if not unreachable(e):
+                raise
+            raise StorageError(f"cannot reach {uri}{self._where()} for {self.retry_seconds:g} s "
+                               f"(storage.s3.retry_seconds): {one_line(str(e))[:200]}") from None
+
     # ---------------------------------------------------------------- whole objects
 
     def exists(self, uri: str) -> bool:
@@ -150,7 +194,9 @@ class Storage:
 
     def _exists_on(self, fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bool:
         try:
-            return bool(fs.exists(path))
+            return bool(self.retrying(uri, lambda: fs.exists(path)))
+        except StorageError:
+            raise
         except Exception as e:  # noqa: BLE001 - s3fs/botocore raise many unrelated types
             raise StorageError(f"cannot reach {uri}{self._where()}: {e}") from None
 
@@ -162,9 +208,11 @@ class Storage:
         """
         fs, path = self.fsspec(uri)
         try:
-            return bytes(fs.cat_file(path))
+            return bytes(self.retrying(uri, lambda: fs.cat_file(path)))
         except FileNotFoundError:
             raise StorageError(f"{uri} does not exist") from None
+        except StorageError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise StorageError(f"cannot read {uri}{self._where()}: {e}") from None
 
@@ -179,18 +227,24 @@ class Storage:
         if not overwrite and self._exists_on(fs, path, uri):
             raise ObjectExistsError(f"{uri} already exists; refusing to overwrite it")
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
+
+        def put() -> None:
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
             if parent:
                 fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(tmp, data)
             fs.mv(tmp, path)
+
+        try:
+            self.retrying(uri, put)
         except BaseException as e:
             try:
                 if fs.exists(tmp):
                     fs.rm(tmp)
             except Exception:  # noqa: BLE001 - best effort; the original error matters
                 pass
+            if isinstance(e, StorageError):
+                raise
             if isinstance(e, Exception):
                 raise StorageError(f"cannot write {uri}{self._where()}: {e}") from None
             raise

@@ -24,6 +24,23 @@ DIGITS = {  # the embedded default's stream (scikit-learn's digits), small enoug
 }
 
 
+# Three domains of about a second of training each, with in-stage checkpoints every 200 steps and one restart allowed
+# after a dead worker: the run the fault tests disturb (tests/reliability/conftest.py runs it once undisturbed).
+EVERY = 200
+LONG = {**DIGITS, "domains": DIGITS["domains"][:3],
+        "training": {**DIGITS["training"], "epochs": 100, "batch_size": 16, "max_failures": 1,
+                     "checkpoint_every_n_steps": EVERY}}
+
+
+def partial_step(run_dir: Path, stage: int) -> tuple[int, float] | None:
+    """``(step, unix time written)`` of the newest in-stage checkpoint of ``stage``, or None."""
+    latest = run_dir / f"stage-{stage}" / "partial" / "LATEST"
+    try:
+        return int(latest.read_text().removeprefix("step-")), latest.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+
+
 def lifelong(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess:
     """``lifelong <args>`` to completion, output captured."""
@@ -31,16 +48,13 @@ def lifelong(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | 
                           timeout=timeout, env=env)
 
 
-def undisturbed(tmp_path: Path, spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Write ``spec`` as ``<tmp_path>/p.yaml`` and run it once, undisturbed, in a workdir of its own; returns the
-    file and the run's report (what a disturbed run of it is compared with)."""
+def write_spec(tmp_path: Path, spec: dict[str, Any]) -> Path:
+    """``<tmp_path>/p.yaml``."""
     import yaml
 
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(spec))
-    proc = lifelong("run", str(path), "--workdir", str(tmp_path / "w0"), "--no-progress", "--json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return path, json.loads(proc.stdout)
+    return path
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
