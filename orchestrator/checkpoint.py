@@ -30,7 +30,7 @@ import torch
 
 from orchestrator import tensorfile
 from orchestrator.errors import one_line
-from orchestrator.storage import Storage, StorageError, join
+from orchestrator.storage import Storage, join
 
 MODEL_FILE = "model.pt"
 STRATEGY_FILE = "strategy.safetensors"
@@ -98,10 +98,11 @@ def read_lineage(folder: str | Path, storage: Storage | None = None) -> dict[str
 
     Raises:
         FileNotFoundError: if the checkpoint is missing or incomplete (no ``lineage.json``).
+        StorageError: if its storage cannot be reached.
     """
     try:
         return json.loads(_read(folder, LINEAGE_FILE, storage))
-    except (FileNotFoundError, StorageError):
+    except FileNotFoundError:  # only a missing record: a store that cannot be reached stays a StorageError
         raise FileNotFoundError(f"checkpoint {folder} is missing or incomplete (no {LINEAGE_FILE})") from None
 
 
@@ -124,7 +125,7 @@ def _blobs(folder: str | Path, lineage: dict[str, Any], storage: Storage | None)
             raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no {key} for {name}")
         try:
             blobs[name] = _read(folder, name, storage)
-        except (FileNotFoundError, StorageError):
+        except FileNotFoundError:
             raise ValueError(f"checkpoint {folder}: {name} is missing") from None
         if hashlib.sha256(blobs[name]).hexdigest() != lineage[key]:
             raise ValueError(f"checkpoint {folder}: {name} does not match the sha256 in {LINEAGE_FILE}")
@@ -142,7 +143,7 @@ def load_trainer_state(folder: str | Path, lineage: dict[str, Any], storage: Sto
         raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no trainer_sha256 for {TRAINER_FILE}")
     try:
         blob = _read(folder, TRAINER_FILE, storage)
-    except (FileNotFoundError, StorageError):
+    except FileNotFoundError:
         raise ValueError(f"checkpoint {folder}: {TRAINER_FILE} is missing") from None
     if hashlib.sha256(blob).hexdigest() != lineage["trainer_sha256"]:
         raise ValueError(f"checkpoint {folder}: {TRAINER_FILE} does not match the sha256 in {LINEAGE_FILE}")
@@ -188,7 +189,7 @@ class InStageCheckpoints:
     def _latest_name(self) -> str | None:
         try:
             return self.storage.read_bytes(join(self.root, "LATEST")).decode().strip() or None
-        except (StorageError, UnicodeDecodeError):
+        except (FileNotFoundError, UnicodeDecodeError):
             return None
 
     def save(self, step: int, model_state: dict[str, torch.Tensor], strategy_states: list[dict[str, Any]],

@@ -167,6 +167,43 @@ def extend(run_id: RunIdArg, domain: Annotated[list[str], typer.Option(
     _continue(run_id, [], pairs, workdir, data_root, progress, address, json_out)
 
 
+@app.command()
+def watch(prefix: Annotated[str, typer.Argument(help="Where new domains land: PREFIX/<name>/manifest.json (an s3:// "
+                                                     "URI or a folder).")],
+          run_id: Annotated[str, typer.Option("--run", help="The finished run to extend (its id).")],
+          interval: Annotated[float, typer.Option("--interval", min=0.1,
+                                                  help="Seconds between two looks at the prefix.")] = 30.0,
+          workdir: WorkdirOpt = Path("lifelong-runs"), data_root: DataRootOpt = None, progress: ProgressOpt = True,
+          address: AddressOpt = None) -> None:
+    """Extend a finished run whenever new domains land under PREFIX: every --interval seconds, the folders under
+    PREFIX whose manifest.json is committed and whose domain the run lacks are appended, in name order, as `lifelong
+    extend` would. A domain still being written (no manifest yet) is never taken. Stops cleanly on Ctrl+C
+    (SIGINT)."""
+    from orchestrator.resume import find_run, read_record, run_pipeline_raw
+    from orchestrator.storage import Storage
+    from orchestrator.watch import landed
+
+    console = stderr_console()
+    refused: dict[str, str] = {}
+    try:
+        run_dir = find_run(workdir.resolve(), run_id)
+        console.print(f"watching {prefix} for new domains of run {run_id} (every {interval:g} s; Ctrl+C stops)",
+                      highlight=False)
+        while True:
+            pipeline = Pipeline.model_validate(run_pipeline_raw(run_dir, read_record(run_dir)))
+            known = {d.name for d in pipeline.domains} | {d.uri for d in pipeline.domains if d.uri}
+            new = landed(prefix, Storage.from_settings(pipeline.storage.s3), known, refused,
+                         lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))
+            if new:
+                console.print(f"watch: {', '.join(n for n, _ in new)} landed; extending run {run_id}", highlight=False)
+                _continue(run_id, [], new, workdir, data_root, progress, address, False)
+            time.sleep(interval)
+    except LifelongError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print(f"watch stopped; run {run_id} is as the last extension left it", highlight=False)
+
+
 def _continue(run_id: str, overrides: list[str], domains: list[tuple[str, str]], workdir: Path,
               data_root: Optional[str], progress: bool, address: Optional[str], json_out: bool) -> None:
     """``resume`` (no ``domains``) or ``extend``: check, then run the rest of the run."""

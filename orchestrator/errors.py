@@ -37,7 +37,8 @@ class TrainingError(LifelongError):
 
 
 def one_line(text: str,
-             markers: tuple[str, ...] = ("TrainingError: ", "ShardError: ", "LifelongError: ")) -> str:
+             markers: tuple[str, ...] = ("TrainingError: ", "ShardError: ", "StorageError: ",
+                                         "LifelongError: ")) -> str:
     """The innermost message of an error's text (a Ray task's traceback, Ray Train's error, ``"Type: message"``),
     on one line: what follows the last of ``markers`` if any occurs, else the last non-empty line."""
     for marker in markers:

@@ -34,7 +34,7 @@ from orchestrator.errors import LifelongError
 from orchestrator.models import build_model
 from orchestrator.plan import StagePlan
 from orchestrator.spec import DomainSpec, Pipeline, apply_overrides, flatten, load_pipeline, validate_raw
-from orchestrator.storage import Storage, StorageError, join
+from orchestrator.storage import Storage, join
 
 RECORD_FILE = "run.json"
 PIPELINE_FILE = "pipeline.json"
@@ -154,7 +154,7 @@ def prepare_resume(run_id: str, workdir: Path, overrides: Sequence[str] = (),
     if domains and not finished:
         raise LifelongError(f"run {run_id} has not finished: lifelong resume {run_id} first, then extend it")
     _check_spec_file(record)
-    raw = json.loads((run_dir / PIPELINE_FILE).read_text())
+    raw = run_pipeline_raw(run_dir, record)
     refused = [o.partition("=")[0].strip() for o in overrides
                if not o.partition("=")[0].strip().startswith(OPERATIONAL_FIELDS)]
     if refused:
@@ -164,6 +164,27 @@ def prepare_resume(run_id: str, workdir: Path, overrides: Sequence[str] = (),
     raw["domains"] = [*raw["domains"], *(DomainSpec(name=n, uri=u).model_dump(mode="json") for n, u in domains)]
     pipeline = validate_raw(raw, f"{run_dir / PIPELINE_FILE} + " + ("--domain" if domains else "--set"))
     return pipeline, Resumption(record, run_dir, len(raw["domains"]) - len(domains) if domains else None)
+
+
+def run_pipeline_raw(run_dir: Path, record: RunRecord) -> dict[str, Any]:
+    """The run's ``pipeline.json`` as a raw spec, with the S3 secrets it masked taken from the spec file it was
+    started from (with its ``--set`` overrides) when that file still exists, else left unset (the AWS environment
+    then provides them)."""
+    raw = json.loads((run_dir / PIPELINE_FILE).read_text())
+    s3 = (raw.get("storage") or {}).get("s3") or {}
+    masked = [k for k, v in s3.items() if isinstance(v, str) and set(v) == {"*"}]
+    if not masked:
+        return raw
+    source = None
+    if Path(record.spec_file).is_file():
+        try:
+            source = load_pipeline(record.spec_file, list(record.overrides)).storage.s3
+        except LifelongError:
+            source = None
+    for key in masked:
+        secret = getattr(source, key, None)
+        s3[key] = secret.get_secret_value() if secret is not None else None
+    return raw
 
 
 def _check_spec_file(record: RunRecord) -> None:
@@ -307,7 +328,7 @@ def _completed(folder: str, plan: StagePlan) -> dict[str, Any]:
     """A committed stage's ``_COMPLETED`` record ({} if the run died between the commit and the record)."""
     try:
         return json.loads(plan.storage.read_bytes(join(folder, COMPLETED_FILE)))
-    except (FileNotFoundError, StorageError, ValueError):
+    except (FileNotFoundError, ValueError):
         return {}
 
 

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from orchestrator.errors import ShardError
 from orchestrator.manifest import FORMAT, parse
-from orchestrator.storage import Storage, is_local, join, local_path
+from orchestrator.storage import Storage, StorageError, is_local, join, local_path
 
 if TYPE_CHECKING:  # the data path (read tasks) stays free of the spec's imports (torch, via the strategies)
     from orchestrator.spec import Pipeline, SourceSpec
@@ -452,14 +452,22 @@ def read_manifest(uri: str, storage: Storage | None = None) -> dict[str, Any]:
 
     Raises:
         ShardError: if it is missing or not a valid manifest (naming the file and the first field at fault).
+        StorageError: if its store stays unreachable for ``retry_seconds``.
     """
-    fs, root = (storage or Storage.from_settings()).fsspec(uri)
+    store = storage or Storage.from_settings()
+    fs, root = store.fsspec(uri)
     path = join(root, MANIFEST)
-    try:
+
+    def read() -> Any:
         with fs.open(path, "r") as f:
-            manifest = json.load(f)
+            return json.load(f)
+
+    try:
+        manifest = store.retrying(join(uri, MANIFEST), read)
     except FileNotFoundError:
         raise ShardError(f"missing manifest {join(uri, MANIFEST)}") from None
+    except StorageError:
+        raise  # the store stayed unreachable: the error names it
     except (OSError, json.JSONDecodeError) as e:
         raise ShardError(f"corrupt manifest {join(uri, MANIFEST)}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -29,6 +29,7 @@ the endpoint. A shard being streamed is read again from the row group where the 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -60,6 +61,10 @@ class StorageError(LifelongError):
 
 class ObjectExistsError(StorageError, FileExistsError):
     """A write was refused because its target exists (nothing committed is ever overwritten)."""
+
+
+class MissingObjectError(StorageError, FileNotFoundError):
+    """A read found nothing at its URI (as opposed to a store it could not reach)."""
 
 
 def _first(*values: str | None) -> str | None:
@@ -170,9 +175,14 @@ class Storage:
             return fn()
         import tenacity
 
+        def warn(state: tenacity.RetryCallState) -> None:  # once per outage, on stderr (the driver's, a worker's log)
+            if state.attempt_number == 1:
+                print(f"lifelong: cannot reach {uri}{self._where()}; retrying for up to {self.retry_seconds:g} s",
+                      file=sys.stderr, flush=True)
+
         retryer = tenacity.Retrying(retry=tenacity.retry_if_exception(unreachable), reraise=True,
                                     stop=tenacity.stop_after_delay(self.retry_seconds),
-                                    wait=tenacity.wait_exponential(multiplier=0.5, max=5))
+                                    wait=tenacity.wait_exponential(multiplier=0.5, max=5), before_sleep=warn)
         try:
             return retryer(fn)
         except Exception as e:  # noqa: BLE001 - only an outage is rewritten
@@ -204,13 +214,14 @@ class Storage:
         """The whole content of ``uri``.
 
         Raises:
-            StorageError: if it is missing or unreadable.
+            MissingObjectError: if it does not exist (a :class:`StorageError` and a ``FileNotFoundError``).
+            StorageError: if it cannot be read (the store unreachable for ``retry_seconds``, a refused credential).
         """
         fs, path = self.fsspec(uri)
         try:
             return bytes(self.retrying(uri, lambda: fs.cat_file(path)))
         except FileNotFoundError:
-            raise StorageError(f"{uri} does not exist") from None
+            raise MissingObjectError(f"{uri} does not exist") from None
         except StorageError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -248,6 +259,21 @@ class Storage:
             if isinstance(e, Exception):
                 raise StorageError(f"cannot write {uri}{self._where()}: {e}") from None
             raise
+
+    def list_folders(self, uri: str) -> list[str]:
+        """The URIs of the folders (prefixes, on object storage) directly under ``uri``, in name order; [] if
+        ``uri`` does not exist.
+
+        Raises:
+            StorageError: if the store stays unreachable for ``retry_seconds``.
+        """
+        fs, path = self.fsspec(uri)
+        try:
+            entries = self.retrying(uri, lambda: fs.ls(path, detail=True))
+        except FileNotFoundError:
+            return []
+        names = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
+        return [join(uri, name) for name in sorted(names)]
 
     def remove(self, uri: str) -> None:
         """Delete ``uri`` and everything under it, if it exists (best effort: a failure leaves it in place).

@@ -70,8 +70,9 @@ def test_interrupted_s3_write_leaves_no_object(s3_bucket: str, monkeypatch: pyte
 def test_unreachable_endpoint_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
-    storage = Storage(endpoint_url="http://127.0.0.1:9", region="us-east-1")
-    with pytest.raises(StorageError, match=r"cannot reach s3://nobucket/x \(endpoint http://127.0.0.1:9\)"):
+    storage = Storage(endpoint_url="http://127.0.0.1:9", region="us-east-1", retry_seconds=1)
+    with pytest.raises(StorageError, match=r"cannot reach s3://nobucket/x \(endpoint http://127.0.0.1:9\) for 1 s "
+                                           r"\(storage.s3.retry_seconds\)"):
         storage.exists("s3://nobucket/x")
 
 

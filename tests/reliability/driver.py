@@ -24,6 +24,11 @@ DIGITS = {  # the embedded default's stream (scikit-learn's digits), small enoug
 }
 
 
+PERMUTED = {**DIGITS, "scenario": "domain_il",  # one label set, so that a new domain leaves the model's shape as it is
+            "domains": [{"name": f"perm-{i}", "source": {"kind": "sklearn_digits", "permutation_seed": i}}
+                        for i in range(4)],
+            "training": {**DIGITS["training"], "epochs": 5}}
+
 # Three domains of about a second of training each, with in-stage checkpoints every 200 steps and one restart allowed
 # after a dead worker: the run the fault tests disturb (tests/reliability/conftest.py runs it once undisturbed).
 EVERY = 200
@@ -119,6 +124,18 @@ class Driver:
             assert self.proc.poll() is None, f"the driver exited with {self.proc.returncode}: {self.output()[-3000:]}"
             time.sleep(0.05)  # polling the event log, not waiting for it
         raise AssertionError(f"timed out after {timeout} s: {self.output()[-3000:]}")
+
+    def wait_for_output(self, text: str, timeout: float = 300) -> None:
+        """Poll the driver's output until it holds ``text``.
+
+        Raises:
+            AssertionError: the driver exited first, or ``timeout`` seconds passed (with its output).
+        """
+        deadline = time.time() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, f"the driver exited with {self.proc.returncode}: {self.output()[-3000:]}"
+            assert time.time() < deadline, f"timed out after {timeout} s: {self.output()[-3000:]}"
+            time.sleep(0.05)  # polling the output, not waiting for it
 
     def kill(self) -> float:
         """SIGKILL the driver and every process of its session at once; returns the unix time of the kill."""

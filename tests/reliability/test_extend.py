@@ -6,39 +6,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import yaml
 
-from tests.reliability.driver import DIGITS, error_lines, lifelong, tree
+from tests.reliability.driver import PERMUTED, error_lines, lifelong, tree
 
-PERMUTED = {**DIGITS, "scenario": "domain_il",  # one label set, so that a new domain leaves the model's shape as it is
-            "domains": [{"name": f"perm-{i}", "source": {"kind": "sklearn_digits", "permutation_seed": i}}
-                        for i in range(4)],
-            "training": {**DIGITS["training"], "epochs": 5}}
-
-
-def test_extend_appends_a_domain_to_a_finished_run(tmp_path: Path) -> None:
-    workdir = tmp_path / "w"
-    four, three = tmp_path / "four.yaml", tmp_path / "three.yaml"
-    four.write_text(yaml.safe_dump(PERMUTED))
+def test_extend_appends_a_domain_to_a_finished_run(tmp_path: Path, full_permuted: dict[str, Any]) -> None:
+    workdir, expected = tmp_path / "w", full_permuted
+    three = tmp_path / "three.yaml"
     three.write_text(yaml.safe_dump({**PERMUTED, "domains": PERMUTED["domains"][:3]}))
-    full = lifelong("run", str(four), "--workdir", str(workdir), "--no-progress", "--json", cwd=tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    expected = json.loads(full.stdout)
     first = lifelong("run", str(three), "--workdir", str(workdir), "--no-progress", "--json", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     run = json.loads(first.stdout)
     run_dir = Path(run["run_dir"])
 
-    new_uri = str(workdir / "shards" / "p" / "perm-3")  # built by the 4-domain run
+    new_uri = str(Path(expected["workdir"]) / "shards" / "p" / "perm-3")  # built by the 4-domain run
     before = tree(workdir)
-    for bad, culprit in ((["--domain", f"perm-0={new_uri}"], "perm-0"), (["--domain", "perm-3"], "NAME=URI")):
+    for bad, culprit in ((["--domain", f"perm-0={new_uri}"], "perm-0"), (["--domain", "perm-3"], "NAME=URI"),
+                         (["--domain", f"perm-3={workdir}/nowhere"], "nowhere")):
         refused = lifelong("extend", run["run_id"], *bad, "--workdir", str(workdir), cwd=tmp_path)
         assert refused.returncode == 2 and len(error_lines(refused)) == 1, refused.stderr
         assert culprit in error_lines(refused)[0]
     assert tree(workdir) == before
+    # A tampered strategy file (one bit of stage 1's) is caught by its sha256 before anything is read or written.
+    strategy = run_dir / "stage-1" / "checkpoint" / "strategy.safetensors"
+    original = strategy.read_bytes()
+    strategy.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    before = tree(workdir)
+    refused = lifelong("extend", run["run_id"], "--domain", f"perm-3={new_uri}", "--workdir", str(workdir),
+                       cwd=tmp_path)
+    assert refused.returncode == 2 and len(error_lines(refused)) == 1, refused.stderr
+    assert "strategy.safetensors does not match the sha256" in error_lines(refused)[0]
+    assert str(strategy.parent) in error_lines(refused)[0] and tree(workdir) == before
+    strategy.write_bytes(original)
 
     extended = lifelong("extend", run["run_id"], "--domain", f"perm-3={new_uri}", "--workdir", str(workdir),
                         "--no-progress", "--json", cwd=tmp_path)
@@ -62,8 +65,7 @@ def test_extend_appends_a_domain_to_a_finished_run(tmp_path: Path) -> None:
     assert parents[0].info.status == "FINISHED" and float(parents[0].data.metrics["ACC"]) == report["acc"]
     assert parents[0].data.params["domains.3.name"] == "perm-3"
     assert sorted(r.data.tags["lifelong.stage"] for r in runs if r is not parents[0]) == ["0", "1", "2", "3"]
-    versions = {int(v.tags["lifelong.stage"]): v
-                for v in client.search_model_versions("name='p'") if v.tags["lifelong.run_id"] == run["run_id"]}
+    versions = {int(v.tags["lifelong.stage"]): v for v in client.search_model_versions("name='p'")}
     assert sorted(versions) == [0, 1, 2, 3]
     assert versions[3].tags["lifelong.parent_version"] == str(versions[2].version)
     assert versions[3].tags["lifelong.parent_checkpoint"] == run["stages"][2]["checkpoint"]
