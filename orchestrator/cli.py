@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from importlib.resources import files
@@ -178,13 +179,17 @@ def watch(prefix: Annotated[str, typer.Argument(help="Where new domains land: PR
     """Extend a finished run whenever new domains land under PREFIX: every --interval seconds, the folders under
     PREFIX whose manifest.json is committed and whose domain the run lacks are appended, in name order, as `lifelong
     extend` would. A domain still being written (no manifest yet) is never taken. Stops cleanly on Ctrl+C
-    (SIGINT)."""
+    (SIGINT) or SIGTERM."""
     from orchestrator.resume import find_run, read_record, run_pipeline_raw
     from orchestrator.storage import Storage
     from orchestrator.watch import landed
 
     console = stderr_console()
     refused: dict[str, str] = {}
+    # A watcher is a service: SIGINT (even when its parent shell started it ignoring SIGINT) and SIGTERM (a service
+    # manager's stop) both end it between two looks, or interrupt an extension as Ctrl+C interrupts a run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_dir = find_run(workdir.resolve(), run_id)
         console.print(f"watching {prefix} for new domains of run {run_id} (every {interval:g} s; Ctrl+C stops)",

@@ -399,9 +399,12 @@ class ProgressBar(Listener):
         self.bar.update(self.task, completed=self.done)
         if not self.enabled:
             stats = result.stats
+            resumed = (f"; continued from its in-stage checkpoint at step {stats['resumed_at_step']}"
+                       if stats.get("resumed_at_step") else "")
             self.console.print(f"stage {stage.task_id + 1}/{self.stages} {stage.domain}: committed in "
                                f"{self.walls[-1]:.1f} s (training {stats.get('train_seconds', float('nan')):.1f} s, "
-                               f"{stats.get('samples_per_second', float('nan')):,.0f} samples/s)", highlight=False)
+                               f"{stats.get('samples_per_second', float('nan')):,.0f} samples/s{resumed})",
+                               highlight=False)
 
     def stage_restored(self, stage: StageSpec, result: StageResult) -> None:
         """Count a stage committed by an earlier attempt as done (or print ``stage k/T <domain>: restored``)."""
