@@ -14,15 +14,15 @@ and commits it. Every other concern is a :class:`Listener` in its own module, an
   ``lifelong extend`` can hand the engine what a run has already done (:class:`Restored`).
 
 A resumed or extended run's :class:`RunInfo` carries its committed work: the engine does not run a committed stage
-again but announces it with ``stage_restored``, and each listener takes the restored stages and cells its own way (the
-evaluation computes only the cells that are missing, MLflow reuses the stage runs, the report includes them).
+again but announces it with ``stage_restored``, and each listener takes the restored stages and cells its own way
+(the evaluation computes only the cells that are missing, MLflow reuses the stage runs, the report includes them).
 
 Events, in order: ``run_started``; per stage ``before_stage``, then ``stage_restored`` for a committed stage, or
-``stage_started``, ``progress`` (many), then ``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a row of R is complete; ``curve_evaluated``
-whenever a snapshot of the model in training has been scored (continual evaluation, ``evaluation.every_n_steps``);
-``run_finished`` after the last stage (listeners finish their own work there: the evaluation waits for the last
-row); ``run_stopped`` instead if a listener ended the run early on purpose, or the process was interrupted (Ctrl+C,
-or SIGINT from `lifelong stop`).
+``stage_started``, ``progress`` (many), then ``stage_committed`` or ``stage_failed``; ``row_evaluated`` whenever a
+row of R is complete; ``curve_evaluated`` whenever a snapshot of the model in training has been scored
+(continual evaluation, ``evaluation.every_n_steps``); ``run_finished`` after the last stage (listeners finish
+their own work there: the evaluation waits for the last row); ``run_stopped`` instead if a listener ended the run
+early on purpose, or the process was interrupted (Ctrl+C, or SIGINT from `lifelong stop`).
 """
 
 from __future__ import annotations
@@ -263,7 +263,8 @@ def run_stages(run: RunInfo, runner: StageRunner, listener: Listener) -> list[St
     """Run the stages of ``run.plan`` in order on ``runner``, each from the previous one's checkpoint; a stage in
     ``run.restored`` is not run again (``stage_restored``), and the next one starts from its checkpoint.
 
-    Returns the committed stages, restored ones included (fewer than T if a listener stopped the run through :meth:`Listener.should_stop`).
+    Returns the committed stages, restored ones included (fewer than T if a listener stopped the run through
+    :meth:`Listener.should_stop`).
 
     Raises:
         TrainingError: ``stage k (<domain>) failed: <why>``, after ``stage_failed`` reached the listeners.

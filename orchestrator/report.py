@@ -29,7 +29,7 @@ from orchestrator.engine import Cell, CurvePoint, Listener, RunInfo, StageResult
 from orchestrator.metrics import cl_metrics, lm_metrics, lm_stability_gap, stability_gap
 from orchestrator.plan import StageSpec
 from orchestrator.stage import Progress
-from orchestrator.storage import join
+from orchestrator.storage import join, replace_file
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -178,8 +178,9 @@ def save_curve(report: dict[str, Any], path: Path) -> Path:
 
 
 def save_json(report: dict[str, Any], path: Path) -> Path:
-    """Write the report as indented JSON and return the path."""
-    path.write_text(json.dumps(report, indent=1))
+    """Write the report as indented JSON, in one step (:func:`orchestrator.storage.replace_file`), and return the
+    path."""
+    replace_file(path, json.dumps(report, indent=1).encode())
     return path
 
 
@@ -322,8 +323,9 @@ class ReportBuilder(Listener):
     def report(self) -> dict[str, Any]:
         """``pipeline``, ``strategy``, ``scenario``, ``domains``, ``stages``, ``R`` (T x T), ``b`` (T), and
         :func:`orchestrator.metrics.cl_metrics`'s ``acc``, ``bwt``, ``fwt``, ``forgetting``, ``avg_forgetting``
-        (None and empty lists for a training-only run), ``skipped_batches`` (all stages); with continual evaluation, ``curve`` (its points, by global
-        step) and ``stability`` (:func:`orchestrator.metrics.stability_gap`). For text domains, R holds next-token
+        (None and empty lists for a training-only run), ``skipped_batches`` (all stages); with continual
+        evaluation, ``curve`` (its points, by global step) and ``stability``
+        (:func:`orchestrator.metrics.stability_gap`). For text domains, R holds next-token
         accuracies and the report adds ``P`` (T x T perplexities), ``P_b``, ``bits_per_token`` (the last row's mean
         negative log-likelihood in bits) and :func:`orchestrator.metrics.lm_metrics`."""
         report = {**self.header, "stages": self.stages,

@@ -29,12 +29,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from orchestrator.checkpoint import LINEAGE_FILE, load_checkpoint, read_lineage, verify_checkpoint
-from orchestrator.engine import Cell, CurvePoint, Listener, Restored, StageResult
+from orchestrator.engine import Cell, CurvePoint, Listener, Restored, RunInfo, StageResult
 from orchestrator.errors import LifelongError
 from orchestrator.models import build_model
 from orchestrator.plan import StagePlan
 from orchestrator.spec import DomainSpec, Pipeline, apply_overrides, flatten, load_pipeline, validate_raw
-from orchestrator.storage import Storage, join
+from orchestrator.storage import Storage, join, replace_file
 
 RECORD_FILE = "run.json"
 PIPELINE_FILE = "pipeline.json"
@@ -46,7 +46,8 @@ OPERATIONAL_FIELDS = ("training.on_nonfinite", "training.max_failures", "trainin
                       "training.threads_per_worker", "training.cpus_per_worker", "training.resources",
                       "training.cache_mb", "training.checkpoint_every_n_steps", "evaluation.num_actors",
                       "evaluation.cpus_per_actor", "evaluation.gpus_per_actor", "evaluation.resources",
-                      "evaluation.batch_size", "evaluation.max_lag", "evaluation.max_queued_snapshots")
+                      "evaluation.batch_size", "evaluation.max_lag", "evaluation.max_queued_snapshots",
+                      "evaluation.max_actor_restarts", "storage.s3.retry_seconds")
 
 
 class RunRecord(BaseModel):
@@ -90,11 +91,8 @@ class Resumption:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (a temporary file beside it, then renamed onto it): a
-    reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON to ``path`` in one step (:func:`orchestrator.storage.replace_file`)."""
+    replace_file(path, json.dumps(obj, indent=1).encode())
 
 
 def read_record(run_dir: Path) -> RunRecord:
@@ -216,7 +214,7 @@ class CommittedWork(Listener):
         self.path = path
         self.written: set[Cell] = set()
 
-    def run_started(self, run: Any) -> None:
+    def run_started(self, run: RunInfo) -> None:
         """Remember the cells already on file."""
         self.written = set(run.restored.cells)
 
@@ -262,7 +260,7 @@ def read_committed(plan: StagePlan, init_checkpoint: str, run_dir: Path) -> Rest
         parent = checkpoint
     cells: dict[tuple[int, int], Cell] = {}
     points: list[CurvePoint] = []
-    for record in _records(run_dir / CELLS_FILE):
+    for record in committed_records(run_dir / CELLS_FILE):
         if "cell" in record:
             c = Cell(**record["cell"])
             if (c.row == -1 or c.row in stages) and c.col < plan.num_stages:
@@ -332,7 +330,7 @@ def _completed(folder: str, plan: StagePlan) -> dict[str, Any]:
         return {}
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+def committed_records(path: Path) -> list[dict[str, Any]]:
     """The complete JSON lines of ``cells.jsonl`` (none if it does not exist)."""
     if not path.exists():
         return []

@@ -315,6 +315,21 @@ class Storage:
         return f" (endpoint {self.endpoint_url})" if self.endpoint_url else ""
 
 
+def replace_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to the local file ``path`` in one step: a temporary file beside it, then renamed onto it, so
+    that a reader (or a crash) sees the old content or the new one, never half of one (the run's own records:
+    ``run.json``, ``pipeline.json``, ``report.json``, ``_COMPLETED``)."""
+    target = os.fspath(path)
+    tmp = f"{target}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def is_local(uri: str | os.PathLike[str]) -> bool:
     """True for a plain path or a ``file://`` URI, False for object storage and other fsspec URIs."""
     text = os.fspath(uri)

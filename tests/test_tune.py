@@ -242,7 +242,7 @@ def poison_test_splits(shards_root: Path) -> None:
 @pytest.mark.e2e
 def test_objective_never_reads_a_test_split(tmp_path: Path, data_root: Path) -> None:
     raw = spec(num_samples=1)
-    raw["tune"]["space"] = {"strategy.ratio": {"grid": [0.2, 0.8]}}
+    raw["tune"]["space"] = {"strategy.ratio": {"grid": [0.8]}}
     before = run_search(tmp_path, tmp_path / "w", "--data-root", str(data_root), raw=raw)
     poison_test_splits(tmp_path / "w" / "shards" / "tune-split")
     after = run_search(tmp_path, tmp_path / "w", "--data-root", str(data_root), raw=raw)
@@ -297,10 +297,10 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path: Pa
 @pytest.mark.e2e
 def test_optuna_search(tmp_path: Path, data_root: Path) -> None:
     pytest.importorskip("optuna")
-    raw = spec(num_samples=3, search="optuna", asha={"enabled": False})
+    raw = spec(num_samples=2, search="optuna", asha={"enabled": False})
     raw["tune"]["space"] = {"strategy.ratio": {"uniform": [0.1, 0.9]}, "strategy.buffer_size": {"choice": [100, 200]}}
     board = run_search(tmp_path, tmp_path / "w", "--data-root", str(data_root), raw=raw)
-    assert len(board["rows"]) == 3 and all(r["status"] == "finished" for r in board["rows"])
+    assert len(board["rows"]) == 2 and all(r["status"] == "finished" for r in board["rows"])
     assert all(0.1 <= r["config"]["strategy.ratio"] <= 0.9 for r in board["rows"])
     assert board["best"]["objective"] == max(r["objective"] for r in board["rows"])
 

@@ -29,11 +29,11 @@ PERMUTED = {**DIGITS, "scenario": "domain_il",  # one label set, so that a new d
                         for i in range(4)],
             "training": {**DIGITS["training"], "epochs": 5}}
 
-# Three domains of about a second of training each, with in-stage checkpoints every 200 steps and one restart allowed
+# Three domains of about 0.7 s of training each, with in-stage checkpoints every 200 steps and one restart allowed
 # after a dead worker: the run the fault tests disturb (tests/reliability/conftest.py runs it once undisturbed).
 EVERY = 200
 LONG = {**DIGITS, "domains": DIGITS["domains"][:3],
-        "training": {**DIGITS["training"], "epochs": 100, "batch_size": 16, "max_failures": 1,
+        "training": {**DIGITS["training"], "epochs": 60, "batch_size": 16, "max_failures": 1,
                      "checkpoint_every_n_steps": EVERY}}
 
 
