@@ -23,6 +23,8 @@ from orchestrator.errors import LifelongError, SpecError
 from orchestrator.spec import FILE_KINDS, Pipeline, SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
+    from orchestrator.dag import RunOptions
+    from orchestrator.resume import Resumption
     from orchestrator.tuning import TuneSummary
 
 app = typer.Typer(help="Ray-distributed continual training: pipelines of domains, CL strategies, MLflow lineage.",
@@ -108,8 +110,8 @@ def run(
     _run_and_report(spec, options, json_out, imports_done)
 
 
-def _run_and_report(spec: Pipeline, options: Any, json_out: bool, imports_done: float,
-                    resumption: Any = None) -> None:
+def _run_and_report(spec: Pipeline, options: RunOptions, json_out: bool, imports_done: float,
+                    resumption: Resumption | None = None) -> None:
     """Run (or continue) a pipeline, shut Ray down, and print the report (and with ``json_out`` its JSON)."""
     from orchestrator.dag import run as run_pipeline
     from orchestrator.report import print_report

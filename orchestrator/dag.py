@@ -38,7 +38,7 @@ from orchestrator.engine import Listener, Listeners, Restored, RunInfo, RunStopp
 from orchestrator.errors import LifelongError, ShardError, check_reachable
 from orchestrator.evaluation import EvaluationScheduler
 from orchestrator.lineage import BackgroundTracker, MlflowStages, RunRef, tracking_target
-from orchestrator.models import build_model
+from orchestrator.models import build_model, model_factory
 from orchestrator.schedules import save_schedule_plot
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers, validate_shards
 from orchestrator.registry import ModelRegistry
@@ -196,6 +196,7 @@ def run(pipeline: Pipeline, options: RunOptions, resumption: Resumption | None =
     """
     timeline = {"run_start": time.time()}
     strategies = bind(pipeline, pipeline.name)
+    model_factory(pipeline.model)  # a user factory that does not import is refused before anything is written
     storage = Storage.from_settings(pipeline.storage.s3)
     domains = prepare_domains(pipeline, options, storage, lambda m: options.console.print(f"[dim]{m}[/dim]"))
     timeline["ray_init_start"] = time.time()

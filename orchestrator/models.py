@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,6 +149,26 @@ class CNN(nn.Module):
         return self.head(self.features(x.reshape(x.shape[0], *self.input_shape)))
 
 
+BUILT_IN_MODELS = ("mlp", "cnn", "gpt", "hf")
+
+
+def model_factory(spec: ModelSpec) -> Callable[..., Any] | None:
+    """The user factory that ``spec.name`` names as ``package.module:factory`` (imported from that explicit path
+    only), or None for a built-in model. A run calls it before it writes anything, so that a path that does not
+    import is refused first.
+
+    Raises:
+        LifelongError: if the module or the attribute cannot be imported (naming ``model.name`` and the path).
+    """
+    if spec.name in BUILT_IN_MODELS:
+        return None
+    module_name, _, attr = spec.name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise LifelongError(f"model.name: cannot import model factory '{spec.name}': {e}") from None
+
+
 def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
     """Build the model named by ``spec`` for inputs ``[B, *input_shape]`` and ``num_outputs`` logits (a language
     model: token blocks of ``input_shape = (context + 1,)`` and a vocabulary of ``num_outputs``).
@@ -167,11 +189,8 @@ def build_model(spec: ModelSpec, input_shape: tuple[int, ...], num_outputs: int)
 
         assert spec.hf is not None
         return HFCausalLM(num_outputs, spec.hf.config, spec.hf.path)
-    module_name, _, attr = spec.name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise LifelongError(f"model.name: cannot import model factory '{spec.name}': {e}") from None
+    factory = model_factory(spec)
+    assert factory is not None
     model = factory(input_shape=input_shape, num_outputs=num_outputs, **spec.params)
     if not isinstance(model, nn.Module):
         raise LifelongError(f"model.name: factory '{spec.name}' returned {type(model).__name__}, not nn.Module")

@@ -168,7 +168,8 @@ class Storage:
         because object storage cannot be reached, for up to ``retry_seconds`` in all (local paths: once).
 
         Raises:
-            StorageError: the store stayed unreachable for ``retry_seconds`` (naming ``uri`` and the endpoint).
+            StorageError: the store stayed unreachable for ``retry_seconds``, or no credentials were found (naming
+                ``uri`` and the endpoint).
             Exception: whatever else ``fn`` raises, at once.
         """
         if is_local(uri) or self.retry_seconds <= 0:
@@ -185,7 +186,11 @@ class Storage:
                                     wait=tenacity.wait_exponential(multiplier=0.5, max=5), before_sleep=warn)
         try:
             return retryer(fn)
-        except Exception as e:  # noqa: BLE001 - only an outage is rewritten
+        except Exception as e:  # noqa: BLE001 - only an outage and missing credentials are rewritten
+            if "Credentials" in type(e).__name__ or "Unable to locate credentials" in str(e):
+                raise StorageError(f"no AWS credentials to reach {uri}{self._where()}: set AWS_ACCESS_KEY_ID and "
+                                   "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or storage.s3 "
+                                   f"({type(e).__name__})") from None
             if not unreachable(e):
                 raise
             raise StorageError(f"cannot reach {uri}{self._where()} for {self.retry_seconds:g} s "

@@ -1,5 +1,6 @@
 """End to end on a real S3 endpoint: ``lifelong run pipelines/split_mnist.yaml`` with its shards, checkpoints,
-strategy state and Parquet replay buffer all on the loopback S3 server, through the CLI as a user runs it."""
+strategy state and Parquet replay buffer all on the loopback S3 server, through the CLI as a user runs it; the AWS
+secret key and session token it was given appear in no log line, record or file."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_split_mnist_runs_with_everything_on_s3(s3_endpoint: str, data_root: Path, tmp_path: Path) -> None:
     bucket = f"lifelong-{uuid.uuid4().hex[:8]}"
     secret = f"s3cr3t-{uuid.uuid4().hex}"  # moto accepts any credentials; this one must never be written anywhere
+    token = f"t0ken-{uuid.uuid4().hex}"  # nor this session token
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
                  aws_secret_access_key=secret).create_bucket(Bucket=bucket)
     # The standard AWS environment: pyarrow ignores AWS_ENDPOINT_URL, so reaching the server at all shows that the
     # endpoint is passed through explicitly to every reader and writer (driver, workers, Ray Data, evaluators).
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1",
-               AWS_ENDPOINT_URL=s3_endpoint)
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY=secret, AWS_SESSION_TOKEN=token,
+               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=s3_endpoint)
     workdir = tmp_path / "work"
     res = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "run", str(REPO / "pipelines/split_mnist.yaml"), "--json",
@@ -65,8 +67,14 @@ def test_split_mnist_runs_with_everything_on_s3(s3_endpoint: str, data_root: Pat
     assert sum(len(read_part(storage, p["uri"])["y"]) for p in parts) == 1100
     assert report["R"][4][0] > 0.5 and report["acc"] > 0.6  # replay from the S3 buffer remembers domain 0
 
-    # The secret reached no log, no report, no MLflow database and no file of the run.
-    assert secret not in res.stdout + res.stderr
-    for path in workdir.rglob("*"):
-        if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+    # The secret key and the session token reached no log line, no report, no event log, no MLflow database (params,
+    # tags, registered versions, artifacts) and no file of the run, here or in the bucket (lineage records, manifests).
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key=secret)
+    for hidden in (secret, token):
+        assert hidden not in res.stdout + res.stderr
+        for path in workdir.rglob("*"):
+            if path.is_file():
+                assert hidden.encode() not in path.read_bytes(), path
+        for key in keys:
+            assert hidden.encode() not in client.get_object(Bucket=bucket, Key=key)["Body"].read(), key
