@@ -118,18 +118,26 @@ def verify_checkpoint(folder: str | Path, storage: Storage | None = None) -> Non
 
 
 def _blobs(folder: str | Path, lineage: dict[str, Any], storage: Storage | None) -> dict[str, bytes]:
-    """The checkpoint's two files, each checked against its sha256 in ``lineage``."""
-    blobs = {}
-    for name, key in ((MODEL_FILE, "model_sha256"), (STRATEGY_FILE, "strategy_sha256")):
-        if not lineage.get(key):
-            raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no {key} for {name}")
-        try:
-            blobs[name] = _read(folder, name, storage)
-        except FileNotFoundError:
-            raise ValueError(f"checkpoint {folder}: {name} is missing") from None
-        if hashlib.sha256(blobs[name]).hexdigest() != lineage[key]:
-            raise ValueError(f"checkpoint {folder}: {name} does not match the sha256 in {LINEAGE_FILE}")
-    return blobs
+    """The checkpoint's model and strategy files, each checked against its sha256 in ``lineage``."""
+    return {name: _checked(folder, lineage, storage, name, key)
+            for name, key in ((MODEL_FILE, "model_sha256"), (STRATEGY_FILE, "strategy_sha256"))}
+
+
+def _checked(folder: str | Path, lineage: dict[str, Any], storage: Storage | None, name: str, key: str) -> bytes:
+    """The bytes of the checkpoint's file ``name``, refused unless they match the sha256 ``lineage[key]``.
+
+    Raises:
+        ValueError: the file is missing, the record has no such digest, or the bytes do not match it.
+    """
+    if not lineage.get(key):
+        raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no {key} for {name}")
+    try:
+        blob = _read(folder, name, storage)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {folder}: {name} is missing") from None
+    if hashlib.sha256(blob).hexdigest() != lineage[key]:
+        raise ValueError(f"checkpoint {folder}: {name} does not match the sha256 in {LINEAGE_FILE}")
+    return blob
 
 
 def load_trainer_state(folder: str | Path, lineage: dict[str, Any], storage: Storage | None = None) -> dict[str, Any]:
@@ -139,15 +147,7 @@ def load_trainer_state(folder: str | Path, lineage: dict[str, Any], storage: Sto
     Raises:
         ValueError: the file is missing, unrecorded, changed or not a tensor file (naming it).
     """
-    if not lineage.get("trainer_sha256"):
-        raise ValueError(f"checkpoint {folder}: {LINEAGE_FILE} records no trainer_sha256 for {TRAINER_FILE}")
-    try:
-        blob = _read(folder, TRAINER_FILE, storage)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {folder}: {TRAINER_FILE} is missing") from None
-    if hashlib.sha256(blob).hexdigest() != lineage["trainer_sha256"]:
-        raise ValueError(f"checkpoint {folder}: {TRAINER_FILE} does not match the sha256 in {LINEAGE_FILE}")
-    return tensorfile.loads(blob)
+    return tensorfile.loads(_checked(folder, lineage, storage, TRAINER_FILE, "trainer_sha256"))
 
 
 def load_checkpoint(folder: str | Path, storage: Storage | None = None

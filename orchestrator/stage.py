@@ -339,7 +339,7 @@ class _Loop:
     skip_nonfinite: bool
     in_stage: InStage | None
     stats: dict[str, Any]
-    planned: int
+    planned: int  # epochs, the strategies' extra ones included once asked
 
 
 def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
@@ -384,26 +384,30 @@ def fit_task(ctx: StageContext, strategies: list[Strategy], epochs: int,
     ctx.train_model.train()
     at = in_stage.restore() if in_stage is not None else None
     start = time.perf_counter()
-    stats: dict[str, Any] = {"epoch_loss": [], "epoch_seconds": [], "samples": 0, "first_batch_at": float("nan"),
-                             "skipped_batches": 0, "resumed_at_step": 0}
+    stats = _fresh_stats()
     planned, epoch = (epochs, 0) if at is None else _continue_from(ctx, at, stats)
     loop = _Loop(emit, progress_every, start, every, snap, skip_nonfinite, in_stage, stats, planned)
-    while epoch < planned:
+    while epoch < loop.planned:
         ctx.epoch = epoch
         loss = _train_epoch(ctx, strategies, loop, at if at is not None and at.epoch == epoch else None)
         stats["epoch_loss"].append(loss)
         stats["epoch_seconds"].append(time.perf_counter() - start - sum(stats["epoch_seconds"]))
         emit(Progress(ctx.task_id, "epoch", epoch, ctx.step, stats["samples"], loss, time.perf_counter() - start))
         epoch += 1
-        if epoch == epochs and planned == epochs:  # the planned epochs are done: the strategies may ask for more
-            planned += max([s.extra_epochs(ctx) for s in strategies], default=0)
-            loop.planned = planned
+        if epoch == epochs == loop.planned:  # the planned epochs are done: the strategies may ask for more
+            loop.planned += max([s.extra_epochs(ctx) for s in strategies], default=0)
     if every:  # the task's end (the accuracy the stability gap is measured against)
         snap(stats["epoch_loss"][-1] if stats["epoch_loss"] else float("nan"), "snapshot_end")
     for s in strategies:
         s.after_task(ctx)
     stats["train_seconds"] = time.perf_counter() - start
     return stats
+
+
+def _fresh_stats() -> dict[str, Any]:
+    """:func:`fit_task`'s statistics before its first batch."""
+    return {"epoch_loss": [], "epoch_seconds": [], "samples": 0, "first_batch_at": float("nan"),
+            "skipped_batches": 0, "resumed_at_step": 0}
 
 
 def _continue_from(ctx: StageContext, at: Position, stats: dict[str, Any]) -> tuple[int, int]:
@@ -476,11 +480,10 @@ def train_step(ctx: StageContext, strategies: list[Strategy], batch: Batch,
             s.loss(ctx, batch, outputs, terms)
         loss = terms.total()
     finite = bool(torch.isfinite(loss))
-    if skip_nonfinite:
-        if ctx.world_size > 1:
-            finite = float(ctx.all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=ctx.device))) == 0.0
-        if not finite:
-            return None
+    if skip_nonfinite and ctx.world_size > 1:  # every worker skips the batch that any of them could not use
+        finite = float(ctx.all_reduce_sum(torch.tensor([0.0 if finite else 1.0], device=ctx.device))) == 0.0
+    if not finite and skip_nonfinite:
+        return None
     if not finite:
         raise TrainingError(f"domain {ctx.task_id}: loss is {loss.item()} at epoch {ctx.epoch}, step {ctx.step}")
     ctx.optimizer.zero_grad(set_to_none=True)
