@@ -215,7 +215,7 @@ def _continue(run_id: str, overrides: list[str], domains: list[tuple[str, str]],
               data_root: Optional[str], progress: bool, address: Optional[str], json_out: bool) -> None:
     """``resume`` (no ``domains``) or ``extend``: check, then run the rest of the run."""
     from orchestrator.dag import RunOptions
-    from orchestrator.resume import prepare_resume
+    from orchestrator.resume import prepare_resume, tracking_uri
     from orchestrator.spec import bind
 
     imports_done = time.time()
@@ -223,11 +223,12 @@ def _continue(run_id: str, overrides: list[str], domains: list[tuple[str, str]],
     try:
         spec, resumption = prepare_resume(run_id, workdir.resolve(), overrides, domains)
         bind(spec, "pipeline.json")
+        uri = tracking_uri(resumption.record, spec)
     except LifelongError as e:
         _fail(e)
     record = resumption.record
     search = [Path(record.spec_file).parent] if record.spec_file else []
-    options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=record.tracking_uri,
+    options = RunOptions(workdir=workdir.resolve(), data_root=data_root, tracking_uri=uri,
                          address=address, search_from=[*search, Path.cwd()], console=console, show_progress=progress,
                          spec_file=Path(record.spec_file) if record.spec_file else None,
                          overrides=record.overrides)

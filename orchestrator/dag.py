@@ -43,6 +43,7 @@ from orchestrator.schedules import save_schedule_plot
 from orchestrator.plan import Domain, Resources, StagePlan, bind, check_stream, check_workers, validate_shards
 from orchestrator.registry import ModelRegistry
 from orchestrator.report import EventLog, ProgressBar, ReportBuilder, save_curve, save_heatmap, save_json
+from orchestrator.redact import redact_uri
 from orchestrator.resume import (CELLS_FILE, COMPLETED_FILE, PIPELINE_FILE, RECORD_FILE, CommittedWork, Resumption,
                                  check_extension, committed_prefix, new_record, read_committed, read_record, write_json)
 from orchestrator.spec import Pipeline, SourceSpec, flatten
@@ -255,7 +256,7 @@ def _tracked_run(plan: StagePlan, options: RunOptions, runner: StageRunner, time
         timeline.update(workers_ready=runner.ready_at() or float("nan"),
                         first_batch=report["stages"][0]["first_batch_at"], report_written=time.time())
         report.update(wall_seconds=timeline["report_written"] - timeline["run_start"], run_dir=str(run_dir),
-                      run_id=run_id, tracking_uri=tracker.uri, timeline=timeline)
+                      run_id=run_id, tracking_uri=redact_uri(tracker.uri), timeline=timeline)
         _write_report(report, run_dir, tracker, parent, events)
         status = "FINISHED"
     except (RunStopped, KeyboardInterrupt, SystemExit):  # stopped by a listener, Ctrl+C or `lifelong stop`

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from orchestrator.errors import LifelongError, check_reachable
+from orchestrator.redact import redact_command, redact_uri
 from orchestrator.spec import bind, load_pipeline
 
 T = TypeVar("T")
@@ -127,7 +128,8 @@ class Submission:
     Attributes:
         job_id: the job's submission id (``lifelong-<pipeline>-<UTC time>-<4 random hex digits>``), also the name of the run's MLflow
             parent run. address: the Jobs API it was sent to. pipeline: the pipeline's name. entrypoint: the
-            command the job runs. tracking: where the run's MLflow records go, as the job will see it.
+            command the job runs, as it may be shown (secrets in it are ``***``). tracking: where the run's MLflow
+            records go, as the job will see it (a password in the URI is ``***``).
     """
 
     job_id: str
@@ -215,7 +217,8 @@ def submit(request: SubmitRequest) -> Submission:
                 metadata={"lifelong.pipeline": spec.name, "lifelong.spec_sha256": spec.spec_hash()}))
     tracking = (request.tracking_uri or spec.tracking.uri
                 or f"sqlite:///{request.workdir.rstrip('/')}/mlflow.db on the node of the job's driver")
-    return Submission(job_id, jobs_address(request.address), spec.name, entrypoint, tracking)
+    return Submission(job_id, jobs_address(request.address), spec.name, redact_command(shlex.join(argv)),
+                      redact_uri(tracking))
 
 
 @dataclass(frozen=True)
@@ -224,8 +227,9 @@ class JobState:
 
     Attributes:
         job_id: the submission id. status: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED. message: Ray's message
-            (why a job failed, for one). entrypoint: the command. start_time, end_time: seconds since the epoch
-            (None until known). driver_node_id: the node the job's driver ran on ("" until known).
+            (why a job failed, for one). entrypoint: the command (secrets in it ``***``). start_time, end_time:
+            seconds since the epoch (None until known). driver_node_id: the node the job's driver ran on ("" until
+            known).
     """
 
     job_id: str
@@ -257,8 +261,9 @@ def _state(client: Any, job_id: str) -> JobState:
     """The job's state from an open ``JobSubmissionClient``."""
     with _job_errors(job_id):
         info = client.get_job_info(job_id)
-    return JobState(job_id, str(getattr(info.status, "value", info.status)), info.message or "", info.entrypoint,
-                    _seconds(info.start_time), _seconds(info.end_time), info.driver_node_id or "")
+    return JobState(job_id, str(getattr(info.status, "value", info.status)), info.message or "",
+                    redact_command(info.entrypoint), _seconds(info.start_time), _seconds(info.end_time),
+                    info.driver_node_id or "")
 
 
 def _seconds(ms: int | None) -> float | None:

@@ -33,6 +33,7 @@ from orchestrator.engine import Cell, CurvePoint, Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError, check_reachable
 from orchestrator.metrics import SeenSoFar
 from orchestrator.plan import StageSpec
+from orchestrator.redact import redact_text, redact_uri
 from orchestrator.spec import Pipeline
 from orchestrator.storage import is_local, local_path
 from orchestrator.stage import Progress
@@ -97,6 +98,9 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # MLflow prints "View run ... at: <tracking URI>" on stdout when a run on a server ends: that would break
+        # `--json` output and print a password the URI may hold. The CLI names the run itself (redacted).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         from mlflow import MlflowClient
 
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..." lines
@@ -104,7 +108,7 @@ class Tracker:
         server = urlparse(uri)
         if server.scheme in ("http", "https") and server.hostname:
             check_reachable(server.hostname, server.port or (443 if server.scheme == "https" else 80),
-                            f"MLflow tracking URI {uri}")
+                            f"MLflow tracking URI {redact_uri(uri)}")
         try:
             create_sqlite_store(uri)
             self.client = MlflowClient(tracking_uri=uri)
@@ -112,7 +116,8 @@ class Tracker:
             self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
                 experiment, artifact_location=artifact_location(uri))
         except Exception as e:  # noqa: BLE001 - any backend failure means the URI is unusable
-            raise LifelongError(f"MLflow tracking URI {uri} is unreachable: {str(e).splitlines()[0][:200]}") from None
+            raise LifelongError(f"MLflow tracking URI {redact_uri(uri)} is unreachable: "
+                                f"{redact_text(str(e).splitlines()[0][:200])}") from None
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         """Create a run (a child of ``parent_id`` if given) and return its id."""

@@ -33,6 +33,7 @@ from orchestrator.engine import Cell, CurvePoint, Listener, Restored, RunInfo, S
 from orchestrator.errors import LifelongError
 from orchestrator.models import build_model
 from orchestrator.plan import StagePlan
+from orchestrator.redact import is_redacted, redact_overrides, redact_uri, restore_secrets
 from orchestrator.spec import DomainSpec, Pipeline, apply_overrides, flatten, load_pipeline, validate_raw
 from orchestrator.storage import Storage, join, replace_file
 
@@ -47,7 +48,8 @@ OPERATIONAL_FIELDS = ("training.on_nonfinite", "training.max_failures", "trainin
                       "training.cache_mb", "training.checkpoint_every_n_steps", "evaluation.num_actors",
                       "evaluation.cpus_per_actor", "evaluation.gpus_per_actor", "evaluation.resources",
                       "evaluation.batch_size", "evaluation.max_lag", "evaluation.max_queued_snapshots",
-                      "evaluation.max_actor_restarts", "storage.s3.retry_seconds")
+                      "evaluation.max_actor_restarts", "storage.s3.retry_seconds", "storage.s3.access_key_id",
+                      "storage.s3.secret_access_key", "storage.s3.session_token", "storage.s3.profile")
 
 
 class RunRecord(BaseModel):
@@ -165,24 +167,34 @@ def prepare_resume(run_id: str, workdir: Path, overrides: Sequence[str] = (),
 
 
 def run_pipeline_raw(run_dir: Path, record: RunRecord) -> dict[str, Any]:
-    """The run's ``pipeline.json`` as a raw spec, with the S3 secrets it masked taken from the spec file it was
-    started from (with its ``--set`` overrides) when that file still exists, else left unset (the AWS environment
-    then provides them)."""
+    """The run's ``pipeline.json`` as a raw spec, with the secrets it masked (S3 keys, a URI's password) taken from
+    the spec file it was started from (with its recorded ``--set`` overrides) when that file still exists, else
+    left unset (the AWS environment then provides them)."""
     raw = json.loads((run_dir / PIPELINE_FILE).read_text())
-    s3 = (raw.get("storage") or {}).get("s3") or {}
-    masked = [k for k, v in s3.items() if isinstance(v, str) and set(v) == {"*"}]
-    if not masked:
-        return raw
     source = None
     if Path(record.spec_file).is_file():
         try:
-            source = load_pipeline(record.spec_file, list(record.overrides)).storage.s3
+            source = load_pipeline(record.spec_file, list(record.overrides)).model_dump()
         except LifelongError:
             source = None
-    for key in masked:
-        secret = getattr(source, key, None)
-        s3[key] = secret.get_secret_value() if secret is not None else None
-    return raw
+    return restore_secrets(raw, source)
+
+
+def tracking_uri(record: RunRecord, pipeline: Pipeline) -> str:
+    """The MLflow tracking URI a resumed run reconnects to: the recorded one, or, if lifelong took a password out
+    of it when recording, ``MLFLOW_TRACKING_URI`` or the spec's ``tracking.uri`` where that is the same URI with
+    its password.
+
+    Raises:
+        LifelongError: the recorded URI had a password and neither gives it back.
+    """
+    if not is_redacted(record.tracking_uri):
+        return record.tracking_uri
+    for candidate in (os.environ.get("MLFLOW_TRACKING_URI"), pipeline.tracking.uri):
+        if candidate and redact_uri(candidate) == record.tracking_uri:
+            return candidate
+    raise LifelongError(f"run {record.run_id}: its MLflow tracking URI {record.tracking_uri} had a password, which "
+                        "lifelong does not record; set MLFLOW_TRACKING_URI to the full URI")
 
 
 def _check_spec_file(record: RunRecord) -> None:
@@ -345,8 +357,9 @@ def committed_records(path: Path) -> list[dict[str, Any]]:
 
 def new_record(run_id: str, pipeline: Pipeline, spec_file: Path | None, overrides: Sequence[str], tracking_uri: str,
                experiment: str) -> RunRecord:
-    """The ``run.json`` of a new run."""
+    """The ``run.json`` of a new run; its secrets (a ``--set`` of one, a URI's password) are not recorded."""
     return RunRecord(run_id=run_id, pipeline=pipeline.name, spec_file=str(spec_file.resolve()) if spec_file else "",
-                     overrides=tuple(overrides), spec=pipeline.model_dump(mode="json"), tracking_uri=tracking_uri,
+                     overrides=redact_overrides(overrides), spec=pipeline.model_dump(mode="json"),
+                     tracking_uri=redact_uri(tracking_uri),
                      experiment=experiment, created=time.time())
 

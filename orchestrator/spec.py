@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, SecretStr, ValidationError,
+                      field_validator, model_validator)
 
 from orchestrator.errors import SpecError
+from orchestrator.redact import MASK, is_secret_key, redact_uri
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-_SECRET_KEYS = re.compile(r"(secret|password|token|access_key|key_id|credential)", re.IGNORECASE)
+# A URI that may carry a password (``http://user:PASSWORD@host``): its JSON dump (run records, MLflow params, the
+# spec hash) never does.
+UriField = Annotated[str, PlainSerializer(redact_uri, return_type=str, when_used="json")]
 
 
 class _Strict(BaseModel):
@@ -334,7 +337,7 @@ class TrackingSpec(_Strict):
     """MLflow tracking. ``uri`` defaults to ``sqlite:///<absolute workdir>/mlflow.db``; each committed stage becomes
     a version of the registered model ``registered_model`` (default: the pipeline's name)."""
 
-    uri: str | None = None
+    uri: UriField | None = None
     experiment: str | None = None
     registered_model: str | None = Field(None, min_length=1, max_length=200,
                                          description="registered model that each stage's model is a version of")
@@ -344,7 +347,7 @@ class S3Spec(_Strict):
     """S3(-compatible) settings; each unset field falls back to the standard AWS environment (``AWS_ENDPOINT_URL``,
     ``AWS_REGION``, ``AWS_PROFILE``, the default credential chain). Secrets are never logged."""
 
-    endpoint_url: str | None = None
+    endpoint_url: UriField | None = None
     region: str | None = None
     profile: str | None = None
     access_key_id: SecretStr | None = None
@@ -644,7 +647,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, str]:
-    """Flatten a nested spec into ``{"a.b.c": "value"}`` strings for MLflow params, masking secret-looking keys."""
+    """Flatten a nested spec into ``{"a.b.c": "value"}`` strings for MLflow params: secret-named fields are ``***``,
+    URIs lose their password (:mod:`orchestrator.redact`)."""
     out: dict[str, str] = {}
     if isinstance(d, dict):
         for k, v in d.items():
@@ -654,10 +658,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, f"{prefix}{i}."))
     else:
         key = prefix.rstrip(".")
-        if d is not None and _SECRET_KEYS.search(key.rsplit(".", 1)[-1]):
-            out[key] = "***"
+        if d is not None and is_secret_key(key):
+            out[key] = MASK
         else:
-            out[key] = json.dumps(d) if isinstance(d, list) else str(d)
+            out[key] = redact_uri(json.dumps(d) if isinstance(d, list) else str(d))
     return out
 
 

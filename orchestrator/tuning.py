@@ -43,8 +43,9 @@ from ray.tune import Callback
 from orchestrator.engine import Cell, Listener, RunInfo, RunStopped
 from orchestrator.errors import LifelongError, SpecError, one_line
 from orchestrator.metrics import SeenSoFar
-from orchestrator.spec import (Dimension, Pipeline, TuneSpec, apply_overrides, bind, parse_yaml, set_value,
-                               validate_raw)
+from orchestrator.redact import hide_secrets, redact_uri, restore_secrets
+from orchestrator.spec import (Dimension, Pipeline, TuneSpec, apply_overrides, bind, load_pipeline, parse_yaml,
+                               set_value, validate_raw)
 from orchestrator.storage import Storage
 
 SETTINGS_FILE = "lifelong-tune.json"
@@ -432,16 +433,20 @@ def summarise(results: Any, num_domains: int, experiment_dir: Path, tune_run_id:
 
 def export_best(raw: dict[str, Any], best: TrialRow, path: Path, note: str) -> Path:
     """Write the best trial's pipeline as YAML at ``path`` (atomically): the user's spec without ``tune:``, with
-    the trial's values set at their keys (the evaluation split stays the user's, ``test`` by default).
+    the trial's values set at their keys (the evaluation split stays the user's, ``test`` by default). Secrets are
+    left out (S3 keys, a URI's password; a comment names them): the file runs with them taken from the environment.
 
     Raises:
         StorageError: if ``path`` already exists (nothing written is ever overwritten).
     """
-    spec = json.loads(json.dumps(raw))
+    spec, removed = hide_secrets(json.loads(json.dumps(raw)), drop=True)
     spec.pop("tune", None)
     for key, value in best.config.items():
         set_value(spec, key, value, "--export")
     validate_raw(spec, str(path))
+    if removed:
+        note += (f"\n# secrets left out (lifelong never writes them): {', '.join(removed)}; the AWS_* and "
+                 "MLFLOW_TRACKING_* environment variables supply them")
     text = f"# {note}\n" + yaml.safe_dump(spec, sort_keys=False)
     Storage.from_settings().write_bytes(str(path), text.encode())
     return path
@@ -480,14 +485,16 @@ class TuneRequest:
 
 
 def write_request(request: TuneRequest, experiment_dir: Path, extra: Mapping[str, Any]) -> None:
-    """Save the request and ``extra`` (the MLflow tune run, the workdir) as ``lifelong-tune.json``."""
-    blob = {"yaml_text": request.yaml_text, "overrides": list(request.overrides), "source": request.source,
-            "spec_sha256": request.spec_sha256, **extra}
+    """Save the request and ``extra`` (the MLflow tune run, the workdir) as ``lifelong-tune.json``: the spec with
+    its ``--set`` overrides applied and its secrets masked (:func:`orchestrator.redact.hide_secrets`)."""
+    blob = {"spec": hide_secrets(request.raw())[0], "source": request.source, "spec_sha256": request.spec_sha256,
+            **extra}
     Storage.from_settings().write_bytes(str(experiment_dir / SETTINGS_FILE), json.dumps(blob, indent=1).encode())
 
 
 def read_request(experiment_dir: Path) -> tuple[TuneRequest, dict[str, Any]]:
-    """The saved request of a search and its extra fields.
+    """The saved request of a search and its extra fields; the secrets it masked are taken again from the spec
+    file it was started from, if that still exists (else from the environment).
 
     Raises:
         LifelongError: ``--resume <dir>``: not a search folder of ``lifelong tune``, or its spec changed.
@@ -495,14 +502,20 @@ def read_request(experiment_dir: Path) -> tuple[TuneRequest, dict[str, Any]]:
     path = experiment_dir / SETTINGS_FILE
     try:
         blob = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        if "yaml_text" in blob:  # saved by lifelong before secrets were masked there: the spec as written
+            blob["spec"] = TuneRequest(blob.pop("yaml_text"), tuple(blob.pop("overrides")), blob["source"]).raw()
+        masked, source, sha = blob.pop("spec"), blob.pop("source"), blob.pop("spec_sha256")
+    except (OSError, ValueError, KeyError) as e:
         raise LifelongError(f"--resume {experiment_dir}: not a lifelong tune folder ({SETTINGS_FILE}: "
                             f"{getattr(e, 'strerror', None) or e})") from None
-    request = TuneRequest(blob.pop("yaml_text"), tuple(blob.pop("overrides")), blob.pop("source"),
-                          blob.pop("spec_sha256"))
-    if request.pipeline().spec_hash() != request.spec_sha256:
+    if validate_raw(masked, str(path)).spec_hash() != sha:
         raise LifelongError(f"--resume {experiment_dir}: the saved spec no longer validates to the same pipeline")
-    return request, blob
+    try:
+        secrets = load_pipeline(source).model_dump() if Path(source).is_file() else None
+    except LifelongError:
+        secrets = None
+    raw = restore_secrets(masked, secrets)
+    return TuneRequest(yaml.safe_dump(raw, sort_keys=False), (), source, sha), blob
 
 
 def timestamp() -> str:
@@ -602,7 +615,7 @@ def _tune_run(request: TuneRequest, pipeline: Pipeline, options: TuneOptions,
                                                 "lifelong.spec_sha256": pipeline.spec_hash()})
     tracker.log_params(run_id, flatten(pipeline.model_dump(mode="json", exclude_none=True)))
     write_request(TuneRequest(request.yaml_text, request.overrides, request.source, pipeline.spec_hash()),
-                  experiment_dir, {"tune_run_id": run_id, "tracking_uri": uri})
+                  experiment_dir, {"tune_run_id": run_id, "tracking_uri": redact_uri(uri)})
     return experiment_dir, run_id, tracker
 
 

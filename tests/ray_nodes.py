@@ -114,7 +114,7 @@ def processes_under(temps: list[Path]) -> list[int]:
     return sorted(mine)
 
 
-def stop_processes(victims: list[int], grace_s: float = 10.0) -> list[int]:
+def stop_processes(victims: list[int], grace_s: float = 3.0) -> list[int]:
     """SIGTERM to ``victims`` (collected once, before their children are re-parented), SIGKILL to those left after
     ``grace_s`` seconds (Ray's agents may ignore SIGTERM). Returns the ids still alive (zombies aside) after that."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -1,8 +1,9 @@
 """A pipeline submitted to a real two-node Ray cluster through the Jobs API (`lifelong submit | status | logs |
 stop`): the job runs `lifelong run` on the cluster, its MLflow parent run is named after the job, a stopped job's
 runs end KILLED, training and evaluation placed on different nodes give the R of a local run (with MLflow on a real
-server, and `lineage` and `audit` of that run checked against the bucket), and bad input (a bad pipeline, a missing
-token, an unknown job, a dead address) is refused with one error line before anything reaches the cluster."""
+server, and `lineage` and `audit` of that run checked against the bucket), `lifelong tune --address` spreads its
+trials over the nodes, and bad input (a bad pipeline, a missing token, an unknown job, a dead address) is refused
+with one error line before anything reaches the cluster."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import yaml
 
 from tests.mlflow_server import MlflowServer
 from tests.ray_nodes import RayNodes, free_port
+from tests.test_tune import run_search
+from tests.test_tune import spec as tune_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -243,3 +246,25 @@ def check_lineage_and_audit(tmp_path: Path, run: Any, s3: Any, bucket: str, env:
         mismatches = [line for line in bad.stderr.splitlines() if line.startswith("MISMATCH")]
         assert bad.returncode == 1 and len(mismatches) == 1 and f"s3://{bucket}/{key}" in mismatches[0], bad.stderr
         assert "audit FAILED: 1 of" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_trials_spread_over_the_nodes_of_a_cluster(tmp_path: Path, data_root: Path, ray_two_nodes: RayNodes,
+                                                    mlflow_server: MlflowServer) -> None:
+    """`lifelong tune --address`: trials run on the cluster's nodes: each trial reserves 1.5 of a node's 2 CPUs,
+    so the two concurrent trials cannot share a node. Each trial logs its MLflow run, from its node, to a real MLflow server."""
+    from mlflow import MlflowClient
+
+    raw = tune_spec(num_samples=1, max_concurrent_trials=2, trial_cpus=0.5, asha={"enabled": False})
+    raw["tune"]["space"] = {"strategy.ratio": {"grid": [0.3, 0.7]}}
+    raw["training"].update(cpus_per_worker=0.75, threads_per_worker=1)
+    assert 0.5 + 0.75 + raw["evaluation"]["cpus_per_actor"] > ray_two_nodes.num_cpus / 2
+    board = run_search(tmp_path, tmp_path / "w", "--data-root", str(data_root), "--address", ray_two_nodes.address,
+                       "--tracking-uri", mlflow_server.uri, raw=raw, env=ray_two_nodes.env)
+    assert [r["status"] for r in board["rows"]] == ["finished", "finished"], [r["error"] for r in board["rows"]]
+    assert sorted(r["node_id"] for r in board["rows"]) == sorted(ray_two_nodes.node_ids)
+    client = MlflowClient(mlflow_server.uri)
+    trials = client.search_runs([client.get_experiment_by_name("tune-split").experiment_id],
+                                f"tags.mlflow.parentRunId = '{board['tune_run_id']}'")
+    assert sorted(r.info.run_name for r in trials) == sorted(f"trial-{r['trial_id']}" for r in board["rows"])
+    assert all(r.info.status == "FINISHED" and "ACC" in r.data.metrics for r in trials)
