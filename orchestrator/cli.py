@@ -63,7 +63,11 @@ def _scenario(spec: Pipeline) -> str:
 
 
 def _fail(err: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+    """Print ``err`` as the one ``error:`` line (a password in any URI it names is ``***``) and exit with code 2."""
+    from orchestrator.redact import redact_text
+
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {redact_text(str(err))}", highlight=False,
+                               soft_wrap=True)
     raise typer.Exit(code=2)
 
 

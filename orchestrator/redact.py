@@ -82,7 +82,8 @@ def redact_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not is_secret_key(key.strip()):
-            kept.append(f"{key}{sep}{redact_uri(value.strip())}" if sep else item)
+            shown = redact_uri(value.strip())
+            kept.append(item if shown == value.strip() else f"{key}{sep}{shown}")
     return tuple(kept)
 
 

@@ -36,6 +36,7 @@ from orchestrator.engine import Listener, RunInfo, StageResult
 from orchestrator.errors import LifelongError
 from orchestrator.lineage import BackgroundTracker, MlflowStages, Tracker
 from orchestrator.plan import StageSpec
+from orchestrator.redact import redact_uri
 from orchestrator.spec import Pipeline, flatten
 from orchestrator.storage import Storage
 
@@ -235,7 +236,7 @@ def client_for(uri: str) -> Any:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per lineage.json read
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise LifelongError(f"no MLflow store at {uri}: pass --tracking-uri (or --workdir) of the run")
+        raise LifelongError(f"no MLflow store at {redact_uri(uri)}: pass --tracking-uri (or --workdir) of the run")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -304,7 +305,7 @@ def run_models(client: Any, ref: str) -> list[StageModel]:
                                         filter_string=f"tags.`{TAG}run_id` = '{run_id}'", max_results=10000)
     models = [m for m in found if m.model_type == MODEL_TYPE]
     if not models:
-        raise LifelongError(f"no registered stage model of a run '{ref}' at {client.tracking_uri}")
+        raise LifelongError(f"no registered stage model of a run '{ref}' at {redact_uri(client.tracking_uri)}")
     return sorted((read_model(client, m.model_id) for m in models), key=lambda m: m.stage)
 
 

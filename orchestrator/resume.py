@@ -33,7 +33,7 @@ from orchestrator.engine import Cell, CurvePoint, Listener, Restored, RunInfo, S
 from orchestrator.errors import LifelongError
 from orchestrator.models import build_model
 from orchestrator.plan import StagePlan
-from orchestrator.redact import is_redacted, redact_overrides, redact_uri, restore_secrets
+from orchestrator.redact import is_redacted, is_secret_key, redact_overrides, redact_uri, restore_secrets
 from orchestrator.spec import DomainSpec, Pipeline, apply_overrides, flatten, load_pipeline, validate_raw
 from orchestrator.storage import Storage, join, replace_file
 
@@ -128,9 +128,11 @@ def find_run(workdir: Path, run_id: str) -> Path:
 def spec_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The dotted fields (as MLflow params name them) whose values differ between two pipeline dumps. A field only
     one dump has counts if it is inside a list (a domain or strategy added or removed); otherwise it is a field that
-    one version of lifelong has and the other lacks (a new setting's default), which the user did not change."""
+    one version of lifelong has and the other lacks (a new setting's default), which the user did not change.
+    Secret fields never count: lifelong does not record them (a ``--set`` of one is not in ``run.json``), and a
+    rotated key changes nothing a stage computed."""
     a, b = flatten(before), flatten(after)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not is_secret_key(k)
                   and (k in a and k in b or any(part.isdigit() for part in k.split("."))))
 
 

@@ -40,6 +40,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 from orchestrator.errors import LifelongError, one_line
+from orchestrator.redact import redact_uri
 
 T = TypeVar("T")
 # What a store that cannot be reached raises, as botocore, aiobotocore, aiohttp and pyarrow (curl) word it.
@@ -317,7 +318,7 @@ class Storage:
         return folder
 
     def _where(self) -> str:
-        return f" (endpoint {self.endpoint_url})" if self.endpoint_url else ""
+        return f" (endpoint {redact_uri(self.endpoint_url)})" if self.endpoint_url else ""
 
 
 def replace_file(path: str | os.PathLike[str], data: bytes) -> None:

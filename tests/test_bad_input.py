@@ -85,9 +85,11 @@ def test_unreachable_ray_cluster(tmp_path: Path) -> None:
 
 def test_unreachable_tracking_server(tmp_path: Path) -> None:
     spec = digits_spec(tmp_path)
-    proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), "--tracking-uri", "http://127.0.0.1:1",
-                    cwd=tmp_path)
-    assert_clean_failure(proc, tmp_path / "w", "MLflow tracking URI http://127.0.0.1:1 is unreachable", "refused")
+    proc = lifelong("run", str(spec), "--workdir", str(tmp_path / "w"), "--tracking-uri",
+                    "http://alice:pa55w0rd@127.0.0.1:1", cwd=tmp_path)
+    assert_clean_failure(proc, tmp_path / "w", "MLflow tracking URI http://alice:***@127.0.0.1:1 is unreachable",
+                         "refused")
+    assert "pa55w0rd" not in proc.stdout + proc.stderr
 
 
 def test_custom_resource_the_cluster_lacks(tmp_path: Path) -> None:

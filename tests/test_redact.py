@@ -15,7 +15,7 @@ import yaml
 from orchestrator.errors import LifelongError
 from orchestrator.redact import (is_secret_key, redact_command, redact_overrides, redact_text, redact_uri,
                                  restore_secrets)
-from orchestrator.resume import new_record, tracking_uri
+from orchestrator.resume import new_record, spec_changes, tracking_uri
 from orchestrator.spec import flatten, load_pipeline, validate_raw
 from orchestrator.tuning import TrialRow, TuneRequest, export_best, read_request, write_request
 
@@ -83,11 +83,17 @@ def test_spec_dumps_and_mlflow_params_hold_no_secret() -> None:
 
 def test_run_record_keeps_no_secret_and_resume_gets_the_tracking_uri_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pipeline = validate_raw(SPEC, "p.yaml")
-    record = new_record("r1", pipeline, None, [f"storage.s3.session_token={TOKEN}", "training.epochs=2"],
-                        SPEC["tracking"]["uri"], "p")
+    spec_file = tmp_path / "p.yaml"
+    spec_file.write_text(yaml.safe_dump({**SPEC, "storage": {}}))
+    overrides = [f"storage.s3.session_token={TOKEN}", "training.epochs=2"]
+    pipeline = load_pipeline(spec_file, overrides)
+    record = new_record("r1", pipeline, spec_file, overrides, SPEC["tracking"]["uri"], "p")
     assert_hidden(record.model_dump_json())
     assert record.overrides == ("training.epochs=2",) and record.tracking_uri.endswith(":***@mlflow.internal:5000")
+    # A resume compares the spec file with its recorded overrides to the recorded spec: the secret --set that was
+    # not recorded is no change (nor would a rotated key be).
+    assert spec_changes(record.spec, load_pipeline(spec_file, list(record.overrides)).model_dump(mode="json")) == []
+    pipeline = validate_raw(SPEC, "p.yaml")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking_uri(record, pipeline) == SPEC["tracking"]["uri"]  # from the spec (restored from its file)
     bare = validate_raw({k: v for k, v in SPEC.items() if k != "tracking"}, "p.yaml")
