@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.errors import LifelongError, SpecError
+from orchestrator.redact import redact_text
 from orchestrator.spec import FILE_KINDS, Pipeline, SourceSpec, load_pipeline, read_spec_file
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ def _scenario(spec: Pipeline) -> str:
 
 def _fail(err: Exception) -> None:
     """Print ``err`` as the one ``error:`` line (a password in any URI it names is ``***``) and exit with code 2."""
-    from orchestrator.redact import redact_text
-
     Console(stderr=True).print(f"[bold red]error:[/bold red] {redact_text(str(err))}", highlight=False,
                                soft_wrap=True)
     raise typer.Exit(code=2)

@@ -217,7 +217,7 @@ def submit(request: SubmitRequest) -> Submission:
                 metadata={"lifelong.pipeline": spec.name, "lifelong.spec_sha256": spec.spec_hash()}))
     tracking = (request.tracking_uri or spec.tracking.uri
                 or f"sqlite:///{request.workdir.rstrip('/')}/mlflow.db on the node of the job's driver")
-    return Submission(job_id, jobs_address(request.address), spec.name, redact_command(shlex.join(argv)),
+    return Submission(job_id, jobs_address(request.address), spec.name, redact_command(entrypoint),
                       redact_uri(tracking))
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from orchestrator.errors import LifelongError
-from orchestrator.spec import ModelSpec
+from orchestrator.spec import BUILT_IN_MODELS, ModelSpec
 from strategies.base import head_cross_entropy as criterion
 from strategies.base import masked_logits
 
@@ -147,9 +147,6 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` or ``[B, C*H*W]`` -> ``[B, num_outputs]`` logits."""
         return self.head(self.features(x.reshape(x.shape[0], *self.input_shape)))
-
-
-BUILT_IN_MODELS = ("mlp", "cnn", "gpt", "hf")
 
 
 def model_factory(spec: ModelSpec) -> Callable[..., Any] | None:

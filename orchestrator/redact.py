@@ -35,6 +35,12 @@ def is_secret_key(name: str) -> bool:
 def redact_uri(uri: str) -> str:
     """``uri`` with the password of its user part and the values of secret-named query parameters replaced by
     ``***`` (``http://alice:***@host:5000/?token=***``); any other string comes back unchanged."""
+    return _scrub(uri, MASK)
+
+
+def _scrub(uri: str, mask: str | None) -> str:
+    """``uri`` with its password and secret-named query values replaced by ``mask``, or, with ``mask`` None, left
+    out (``http://alice@host:5000/``); ``uri`` itself if it holds neither or is not a URI."""
     try:
         parts = urlsplit(uri)
         password = parts.password
@@ -43,12 +49,13 @@ def redact_uri(uri: str) -> str:
     netloc = parts.netloc
     if password is not None:
         userinfo, _, host = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{host}"
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:{mask}@{host}" if mask is not None else f"{user}@{host}" if user else host
     query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(is_secret_key(k) for k, _ in pairs):
-            query = urlencode([(k, MASK if is_secret_key(k) else v) for k, v in pairs], safe="*")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(is_secret_key(k) for k, _ in pairs):
+        query = urlencode([(k, mask if is_secret_key(k) else v) for k, v in pairs
+                           if mask is not None or not is_secret_key(k)], safe="*")
     if netloc == parts.netloc and query == parts.query:
         return uri
     return urlunsplit(parts._replace(netloc=netloc, query=query))
@@ -133,14 +140,7 @@ def hide_secrets(raw: Any, drop: bool = False, prefix: str = "") -> tuple[Any, l
         return [v for v, _ in items], [k for _, inner in items for k in inner]
     if not isinstance(raw, str) or redact_uri(raw) == raw:
         return raw, hidden
-    label = f"{prefix.rstrip('.')} (credentials in the URI)"
-    if not drop:
-        return redact_uri(raw), [label]
-    parts = urlsplit(raw)
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not is_secret_key(k)])
-    return urlunsplit(parts._replace(netloc=f"{user}@{host}" if user else host, query=query)), [label]
+    return _scrub(raw, None if drop else MASK), [f"{prefix.rstrip('.')} (credentials in the URI)"]
 
 
 def is_masked(value: Any) -> bool:

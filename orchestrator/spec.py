@@ -149,6 +149,7 @@ class HFSpec(_Strict):
 
 
 LANGUAGE_MODELS = ("gpt", "hf")
+BUILT_IN_MODELS = ("mlp", "cnn", *LANGUAGE_MODELS)  # any other model.name is a package.module:factory
 
 
 class ModelSpec(_Strict):
@@ -174,7 +175,7 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in ("mlp", "cnn", *LANGUAGE_MODELS) and not re.match(r"^[\w.]+:\w+$", v):
+        if v not in BUILT_IN_MODELS and not re.match(r"^[\w.]+:\w+$", v):
             raise ValueError(f"unknown model '{v}': use 'mlp', 'cnn', 'gpt', 'hf' or an import path "
                              f"'package.module:factory'")
         return v

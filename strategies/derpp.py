@@ -24,8 +24,7 @@ import torch
 from pydantic import Field
 
 from strategies.base import Batch, LossTerms, StageContext, Strategy
-from strategies.buffer import (Reservoir, SharedBuffer, local_capacity, restore_sampler,
-                               sampler_state)
+from strategies.buffer import Reservoir, SharedBuffer, local_capacity, restore_sampler, sampler_state
 from strategies.replay import RehearsalConfig
 
 
